@@ -1,0 +1,3 @@
+"""jaxclr: SimCLR pretraining and evaluation in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Host-side input pipelines (see input_pipeline.py for the contract)."""
