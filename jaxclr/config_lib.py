@@ -54,8 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
   # 'digits' (embedded), 'synthetic', 'folder:/path', 'npz:/path.npz'.
   c.dataset = "imagenet2012"
   c.data_dir = ml_collections.config_dict.placeholder(str)
-  c.train_split = "train"
-  c.eval_split = "validation"
+  # None: the dataset's own default (pretraining 'train', or 'unlabelled' for
+  # stl10; eval 'validation' for ImageNet, 'test' for CIFAR/STL-10/digits).
+  c.train_split = ml_collections.config_dict.placeholder(str)
+  c.eval_split = ml_collections.config_dict.placeholder(str)
+  # TFDS access: 'auto' (array_record -> random access; tfrecord -> in memory
+  # when small, else a layout-dependent stream), 'random', 'memory', 'stream'.
+  c.data_access = "auto"
   c.image_size = 224
   c.batch_size = 4096  # Global, in images (each image gives two views).
   c.shuffle_buffer_multiplier = 10  # tf.data streaming fallback only.

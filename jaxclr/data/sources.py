@@ -1,0 +1,341 @@
+"""Random-access image sources: example i -> (image, label), by `config.dataset`.
+
+Kinds of `Source.kind`:
+  'array':   `images` is a uint8 array [N, H, W, 3] in memory.
+  'encoded': `get_encoded(i)` gives encoded JPEG/PNG bytes (TFDS array_record).
+  'files':   `paths[i]` is an image file, decoded with PIL (errors tolerated).
+  'stream':  TFDS tfrecord-only build too big for memory; no random access.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import logging
+import os
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from jaxclr.data import errors
+from jaxclr.data import synthetic
+
+DataError = errors.DataError
+
+# TFDS splits smaller than this (decoded) are loaded into memory when the
+# build is tfrecord-only, which keeps them random-access and layout-invariant.
+MAX_IN_MEMORY_BYTES = 3 * 2**30
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")
+
+# TFDS names we know, with (pretraining split, eval split).
+TFDS_DEFAULT_SPLITS = {
+    "imagenet2012": ("train", "validation"),
+    "imagenet2012_subset/1pct": ("train", "validation"),
+    "imagenet2012_subset/10pct": ("train", "validation"),
+    "cifar10": ("train", "test"),
+    "cifar100": ("train", "test"),
+    "stl10": ("unlabelled", "test"),
+}
+LOCAL_DEFAULT_SPLITS = {"digits": ("train", "test"),
+                        "synthetic": ("train", "train")}
+
+
+@dataclasses.dataclass
+class Source:
+  name: str
+  kind: str
+  num_examples: int
+  num_classes: int  # 0 when unlabelled.
+  labels: Optional[np.ndarray]  # int32 [N], -1 unlabelled; None: 'encoded'/'stream'.
+  images: Optional[np.ndarray] = None  # 'array'
+  paths: Optional[Sequence[str]] = None  # 'files'
+  get_encoded: Optional[Callable[[int], tuple]] = None  # 'encoded': (bytes, label)
+  make_stream: Optional[Callable] = None  # 'stream': (index, count) -> tf.data
+  skipped: Sequence[str] = ()  # 'files': unreadable files left out.
+
+
+def default_splits(dataset: str) -> tuple[str, str]:
+  if dataset in TFDS_DEFAULT_SPLITS:
+    return TFDS_DEFAULT_SPLITS[dataset]
+  if dataset in LOCAL_DEFAULT_SPLITS:
+    return LOCAL_DEFAULT_SPLITS[dataset]
+  return ("train", "train")  # folder:/npz:/other TFDS names.
+
+
+def resolve_split(config, split: Optional[str], which: str) -> str:
+  """`split`, or the config's, or the dataset's default for `which`."""
+  if split is None:
+    split = config.train_split if which == "train" else config.eval_split
+  if split is None:
+    split = default_splits(config.dataset)[0 if which == "train" else 1]
+  return split
+
+
+# ---------------------------------------------------------------- digits
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_SPLIT_SEED = 20261123  # Fixed: the split never depends on config.seed.
+
+
+@functools.lru_cache(maxsize=None)
+def _digits_all() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """All 1,797 digits as uint8 [N, 32, 32, 3], labels, and the test mask."""
+  from PIL import Image
+  from sklearn import datasets
+  d = datasets.load_digits()
+  small = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)  # [N, 8, 8]
+  big = np.stack([np.asarray(Image.fromarray(im).resize((32, 32),
+                                                        Image.BICUBIC))
+                  for im in small])
+  images = np.repeat(big[..., None], 3, axis=-1)
+  labels = d.target.astype(np.int32)
+  # Stratified: within each class a fixed permutation; first 25% are test.
+  rng = np.random.default_rng(DIGITS_SPLIT_SEED)
+  test = np.zeros(len(labels), bool)
+  for c in range(10):
+    idx = np.flatnonzero(labels == c)
+    idx = idx[rng.permutation(len(idx))]
+    test[idx[:int(round(DIGITS_TEST_FRACTION * len(idx)))]] = True
+  return images, labels, test
+
+
+def digits_source(split: str) -> Source:
+  images, labels, test = _digits_all()
+  if split not in ("train", "test", "all"):
+    raise DataError(f"digits has no split {split!r}; valid: 'train', 'test', "
+                    "'all'")
+  sel = {"train": ~test, "test": test, "all": np.ones_like(test)}[split]
+  return Source("digits", "array", int(sel.sum()), 10, labels[sel],
+                images=images[sel])
+
+
+# ---------------------------------------------------------------- npz
+def npz_source(path: str, split: str) -> Source:
+  if split not in ("train", "all"):
+    raise DataError(f"npz:{path} has a single split; use 'train' (got "
+                    f"{split!r})")
+  if not os.path.isfile(path):
+    raise DataError(f"npz file {path!r} not found (dataset 'npz:{path}')")
+  try:
+    with np.load(path) as f:
+      if "images" not in f:
+        raise DataError(f"{path} has no 'images' array (found "
+                        f"{sorted(f.files)}); expected images [N,H,W,3] uint8 "
+                        "and optional labels [N]")
+      images = f["images"]
+      labels = f["labels"] if "labels" in f else None
+  except (OSError, ValueError) as e:
+    if isinstance(e, DataError):
+      raise
+    raise DataError(f"cannot read npz file {path!r}: {e}") from e
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise DataError(f"{path}: 'images' must be uint8 [N, H, W, 3]; got "
+                    f"{images.dtype} {list(images.shape)}")
+  if len(images) == 0:
+    raise DataError(f"{path}: 'images' is empty")
+  if labels is None:
+    labels, num_classes = np.full(len(images), -1, np.int32), 0
+  else:
+    labels = np.asarray(labels).astype(np.int32).reshape(-1)
+    if labels.shape[0] != len(images):
+      raise DataError(f"{path}: {labels.shape[0]} labels for {len(images)} "
+                      "images")
+    num_classes = int(labels.max()) + 1
+  return Source(f"npz:{path}", "array", len(images), num_classes, labels,
+                images=images)
+
+
+# ---------------------------------------------------------------- folder
+def _readable_header(path: str) -> Optional[str]:
+  """None if PIL can identify the image, else the reason."""
+  from PIL import Image
+  try:
+    with Image.open(path) as im:
+      im.size  # pylint: disable=pointless-statement
+      if im.width < 1 or im.height < 1:
+        return "empty image"
+  except Exception as e:  # pylint: disable=broad-except
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+@functools.lru_cache(maxsize=8)
+def folder_source(root: str, split: str = "train") -> Source:
+  """Images under `root` (recursive); first-level sub-folders become labels.
+
+  Unreadable files (PIL cannot read the header) are logged with their path,
+  counted, and left out of the index, so the index (and hence every batch) is
+  fixed before training starts.
+  """
+  if split not in ("train", "all"):
+    raise DataError(f"folder:{root} has a single split; use 'train' (got "
+                    f"{split!r})")
+  if not os.path.isdir(root):
+    raise DataError(f"folder {root!r} does not exist (dataset "
+                    f"'folder:{root}')")
+  files = []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    dirnames.sort()
+    files += [os.path.join(dirpath, f) for f in sorted(filenames)
+              if f.endswith(IMAGE_EXTENSIONS)]
+  if not files:
+    raise DataError(f"folder {root!r} holds no image files "
+                    f"({', '.join(IMAGE_EXTENSIONS[:3])} searched recursively)")
+  good, skipped = [], []
+  for f in files:
+    reason = _readable_header(f)
+    if reason is None:
+      good.append(f)
+    else:
+      skipped.append(f)
+      logging.warning("Skipping unreadable image %s (%s)", f, reason)
+  if skipped:
+    logging.warning("folder:%s: skipped %d unreadable of %d files", root,
+                    len(skipped), len(files))
+  if not good:
+    raise DataError(f"folder {root!r}: none of its {len(files)} image files "
+                    f"is readable (first: {skipped[0]})")
+  rel_top = [os.path.relpath(f, root).split(os.sep) for f in good]
+  if all(len(r) > 1 for r in rel_top):
+    classes = sorted({r[0] for r in rel_top})
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[r[0]] for r in rel_top], np.int32)
+    num_classes = len(classes)
+  else:
+    labels, num_classes = np.full(len(good), -1, np.int32), 0
+  return Source(f"folder:{root}", "files", len(good), num_classes, labels,
+                paths=tuple(good), skipped=tuple(skipped))
+
+
+def decode_file(path: bytes) -> tuple[np.ndarray, bool]:
+  """uint8 [h, w, 3] from an image file; a grey 8x8 image and False on error.
+
+  Files pass a header check when indexed; a body that fails to decode later
+  (e.g. truncated) is logged and replaced, so an epoch never crashes midway.
+  """
+  from PIL import Image
+  path = path.decode() if isinstance(path, bytes) else path
+  try:
+    with Image.open(path) as im:
+      return np.asarray(im.convert("RGB")), True
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Failed to decode %s (%s); using a grey image", path, e)
+    return np.full((8, 8, 3), 128, np.uint8), False
+
+
+# ---------------------------------------------------------------- synthetic
+def synthetic_source(config) -> Source:
+  n, k = config.synthetic.num_examples, config.synthetic.num_classes
+  images = np.stack([
+      np.rint(synthetic.example_image(config.seed, i, config.image_size) * 255)
+      .astype(np.uint8) for i in range(n)])
+  labels = np.array([synthetic.example_label(config.seed, i, k)
+                     for i in range(n)], np.int32)
+  return Source("synthetic", "array", n, max(k, 0), labels, images=images)
+
+
+# ---------------------------------------------------------------- tfds
+def _prepare_hint(name: str, data_dir: str) -> str:
+  base = name.split("/")[0]
+  cmd = (f"tfds build {name} --data_dir={data_dir} "
+         "--file_format=array_record")
+  if base.startswith("imagenet2012"):
+    return (f"ImageNet needs a manual download: put ILSVRC2012_img_train.tar "
+            f"and ILSVRC2012_img_val.tar (from https://image-net.org) in "
+            f"{data_dir}/downloads/manual/, then run: {cmd}")
+  return f"prepare it once (this downloads) with: {cmd}"
+
+
+def tfds_source(name: str, data_dir: Optional[str], split: str,
+                access: str = "auto") -> Source:
+  """A TFDS split: array_record -> random access; tfrecord -> memory/stream."""
+  import tensorflow_datasets as tfds
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or \
+      os.path.expanduser("~/tensorflow_datasets")
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"unknown TFDS dataset {name!r} ({e}); valid names "
+                    f"include {sorted(TFDS_DEFAULT_SPLITS)}, 'digits', "
+                    "'synthetic', 'folder:/path', 'npz:/path.npz'") from e
+  features = builder.info.features
+  has_label = "label" in features
+  num_classes = features["label"].num_classes if has_label else 0
+
+  if access in ("auto", "random"):
+    try:
+      ds = builder.as_data_source(
+          split=split, decoders={"image": tfds.decode.SkipDecoding()})
+    except Exception as e:  # pylint: disable=broad-except
+      if not builder.is_prepared():
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in data_dir {data_dir} "
+            f"(looked for {builder.data_dir}); training never downloads. "
+            + _prepare_hint(name, data_dir)) from e
+      if access == "random":
+        raise DataError(
+            f"{name!r} in {builder.data_dir} is not an array_record build, so "
+            f"it has no random access ({e}); rebuild with: "
+            f"tfds build {name} --data_dir={data_dir} "
+            "--file_format=array_record, or set data_access='auto'") from e
+    else:
+      def get(i):
+        ex = ds[int(i)]
+        return ex["image"], int(ex["label"]) if has_label else -1
+      return Source(name, "encoded", len(ds), num_classes, None,
+                    get_encoded=get)
+
+  if not builder.is_prepared():
+    raise DataError(
+        f"TFDS dataset {name!r} is not prepared in data_dir {data_dir} "
+        f"(looked for {builder.data_dir}); training never downloads. "
+        + _prepare_hint(name, data_dir))
+  if split not in builder.info.splits:
+    raise DataError(f"{name!r} has no split {split!r}; valid: "
+                    f"{sorted(builder.info.splits)}")
+  n = builder.info.splits[split].num_examples
+  shape = features["image"].shape
+  decoded_bytes = n * (np.prod(shape) if None not in shape else 10**9)
+  if access in ("auto", "memory") and decoded_bytes <= MAX_IN_MEMORY_BYTES:
+    arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    labels = (arrays["label"].astype(np.int32) if has_label
+              else np.full(n, -1, np.int32))
+    return Source(name, "array", n, num_classes, labels,
+                  images=arrays["image"])
+  if access == "memory":
+    raise DataError(f"{name}:{split} needs {decoded_bytes / 2**30:.1f} GiB "
+                    "decoded; too big for data_access='memory'")
+
+  def make_stream(index, count, seed):
+    import tensorflow as tf
+    sub = tfds.split_for_jax_process(split, process_index=index,
+                                     process_count=count, drop_remainder=True)
+    return builder.as_dataset(
+        split=sub, shuffle_files=True,
+        decoders={"image": tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=False,
+                                    interleave_cycle_length=16),
+    ).map(lambda ex: (ex["image"], tf.cast(ex.get("label", -1), tf.int32)))
+  return Source(name, "stream", n, num_classes, None, make_stream=make_stream)
+
+
+# ---------------------------------------------------------------- dispatch
+def make_source(config, split: str) -> Source:
+  """The source of `config.dataset` for `split` (DataError on a bad value)."""
+  name = config.dataset
+  if name == "digits":
+    return digits_source(split)
+  if name == "synthetic":
+    return synthetic_source(config)
+  if name.startswith("npz:"):
+    return npz_source(name[4:], split)
+  if name.startswith("folder:"):
+    return folder_source(os.path.abspath(name[7:]), split)
+  if ":" in name or not name:
+    raise DataError(f"dataset {name!r}: unknown prefix; valid: 'folder:/path',"
+                    " 'npz:/path.npz', a TFDS name, 'digits', 'synthetic'")
+  access = config.get("data_access", "auto")
+  if access not in ("auto", "random", "memory", "stream"):
+    raise DataError(f"data_access={access!r}; valid: 'auto', 'random', "
+                    "'memory', 'stream'")
+  return tfds_source(name, config.data_dir, split, access)

@@ -1,0 +1,262 @@
+"""Tests for jaxclr/data: sources, sharding, determinism, TFDS mock pipelines."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from jaxclr import config_lib
+from jaxclr.data import input_pipeline as ip
+from jaxclr.data import sources
+
+
+def _config(dataset="digits", image_size=32, batch_size=16, **aug):
+  c = config_lib.base_config()
+  c.dataset, c.image_size, c.batch_size = dataset, image_size, batch_size
+  c.augment.use_blur = False
+  c.augment.color_jitter_strength = 0.5
+  c.augment.update(aug)
+  return c
+
+
+def _take(config, start_step, n, index=0, count=1):
+  it = ip.pretrain_batches(config, start_step=start_step, process_index=index,
+                           process_count=count)
+  return [next(it) for _ in range(n)]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sources():
+  ip.clear_caches()
+  yield
+  ip.clear_caches()
+
+
+# ------------------------------------------------------------------ digits
+def test_digits_split_is_stratified_disjoint_and_complete():
+  from sklearn.datasets import load_digits
+  y_all = load_digits().target
+  tr, te = sources.digits_source("train"), sources.digits_source("test")
+  assert tr.num_examples + te.num_examples == 1797 == len(y_all)
+  assert tr.images.shape == (tr.num_examples, 32, 32, 3)
+  assert tr.images.dtype == np.uint8
+  for c in range(10):
+    n_c = int((y_all == c).sum())
+    assert int((te.labels == c).sum()) == int(round(0.25 * n_c))
+    assert int((tr.labels == c).sum()) == n_c - int(round(0.25 * n_c))
+  # Disjoint: no test image equals a train image at the same... use hashes.
+  _, _, test_mask = sources._digits_all()
+  assert test_mask.sum() == te.num_examples
+  # Gray digits: the three channels are equal.
+  np.testing.assert_array_equal(tr.images[..., 0], tr.images[..., 2])
+
+
+def test_digits_pretrain_batch_format():
+  c = _config()
+  info = ip.dataset_info(c)
+  assert info == ip.DatasetInfo("digits", 1347, 10)
+  b = _take(c, 0, 1)[0]
+  assert b["images"].shape == (16, 2, 32, 32, 3)
+  assert b["images"].dtype == np.float32
+  assert b["labels"].dtype == np.int32 and b["example_ids"].dtype == np.int32
+  assert 0.0 <= b["images"].min() and b["images"].max() <= 1.0
+  # Labels are those of the examples named by example_ids.
+  np.testing.assert_array_equal(
+      b["labels"], sources.digits_source("train").labels[b["example_ids"]])
+  # The two views of each image differ.
+  diff = np.abs(b["images"][:, 0] - b["images"][:, 1]).mean(axis=(1, 2, 3))
+  assert (diff > 1e-3).all()
+
+
+def test_eval_arrays_digits_deterministic_and_unaugmented():
+  c = _config()
+  x, y = ip.eval_arrays(c, "test")
+  x2, y2 = ip.eval_arrays(c, "test")
+  np.testing.assert_array_equal(x, x2)
+  np.testing.assert_array_equal(y, y2)
+  te = sources.digits_source("test")
+  assert x.shape == (te.num_examples, 32, 32, 3) and x.dtype == np.float32
+  np.testing.assert_allclose(x, te.images / 255.0, atol=1e-6)  # No crop <=32.
+  np.testing.assert_array_equal(y, te.labels)
+
+
+def test_eval_batches_padding_and_process_slices():
+  c = _config()
+  n = sources.digits_source("test").num_examples  # 450
+  per_proc = [list(ip.eval_batches(c, "test", 128, p, 2)) for p in range(2)]
+  assert len(per_proc[0]) == len(per_proc[1]) == -(-n // 128)
+  ids = np.concatenate([np.concatenate([b0["example_ids"], b1["example_ids"]])
+                        for b0, b1 in zip(*per_proc)])
+  mask = np.concatenate([np.concatenate([b0["mask"], b1["mask"]])
+                         for b0, b1 in zip(*per_proc)])
+  np.testing.assert_array_equal(ids[mask], np.arange(n))
+  assert (ids[~mask] == -1).all() and mask.sum() == n
+  last = per_proc[1][-1]
+  assert (last["images"][~last["mask"]] == 0).all()
+
+
+# ------------------------------------------------------------------ layout
+def test_same_global_batch_on_one_or_two_processes_and_after_resume():
+  c = _config()
+  one = _take(c, 0, 3)
+  two = [_take(c, 0, 3, index=p, count=2) for p in range(2)]
+  for t in range(3):
+    for key in ("images", "labels", "example_ids"):
+      np.testing.assert_array_equal(
+          one[t][key], np.concatenate([two[0][t][key], two[1][t][key]]))
+  # Process slices are disjoint.
+  assert not set(two[0][0]["example_ids"]) & set(two[1][0]["example_ids"])
+  resumed = _take(c, 2, 1)[0]
+  for key in ("images", "labels", "example_ids"):
+    np.testing.assert_array_equal(resumed[key], one[2][key])
+
+
+def test_epoch_covers_each_example_once_and_drops_remainder():
+  n, b = 1347, 256
+  steps = n // b
+  ids = np.concatenate([ip.global_example_ids(0, t, b, n) for t in range(steps)])
+  assert len(set(ids)) == steps * b and ids.min() >= 0 and ids.max() < n
+  nxt = ip.global_example_ids(0, steps, b, n)  # Next epoch: a new order.
+  assert not np.array_equal(nxt, ip.global_example_ids(0, 0, b, n))
+
+
+def test_bad_layout_and_values_raise_data_error():
+  c = _config(batch_size=15)
+  with pytest.raises(ip.DataError, match="batch_size=15.*process_count=2"):
+    next(ip.pretrain_batches(c, start_step=0, process_index=0,
+                             process_count=2))
+  c = _config(brightness_impl="v3")
+  with pytest.raises(ip.DataError, match="brightness_impl"):
+    next(ip.pretrain_batches(c, start_step=0, process_index=0,
+                             process_count=1))
+  c = _config(dataset="nope:/x")
+  with pytest.raises(ip.DataError, match="nope:/x"):
+    ip.dataset_info(c)
+  with pytest.raises(ip.DataError, match="'train', 'test'"):
+    ip.eval_arrays(_config(), "validation")
+
+
+# ------------------------------------------------------------------ npz
+def test_npz_source(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (40, 20, 24, 3), dtype=np.uint8)
+  labels = np.arange(40) % 4
+  path = str(tmp_path / "d.npz")
+  np.savez(path, images=images, labels=labels)
+  c = _config(dataset=f"npz:{path}", image_size=16, batch_size=8)
+  assert ip.dataset_info(c) == ip.DatasetInfo(f"npz:{path}", 40, 4)
+  b = _take(c, 0, 1)[0]
+  assert b["images"].shape == (8, 2, 16, 16, 3)
+  np.testing.assert_array_equal(b["labels"], labels[b["example_ids"]])
+  x, y = ip.eval_arrays(c, "train")
+  assert x.shape == (40, 16, 16, 3)
+  np.testing.assert_array_equal(y, labels)
+  bad = str(tmp_path / "bad.npz")
+  np.savez(bad, pixels=images)
+  with pytest.raises(ip.DataError, match="no 'images' array"):
+    ip.dataset_info(_config(dataset=f"npz:{bad}"))
+  np.savez(bad, images=images.astype(np.float32))
+  with pytest.raises(ip.DataError, match="uint8"):
+    ip.dataset_info(_config(dataset=f"npz:{bad}"))
+
+
+# ------------------------------------------------------------------ folder
+def _write_folder(root, rng):
+  paths = []
+  for cls in ("cat", "dog"):
+    os.makedirs(root / cls)
+    for i in range(6):
+      arr = rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)
+      ext = "png" if i % 2 else "jpg"
+      p = root / cls / f"{i}.{ext}"
+      Image.fromarray(arr).save(p)
+      paths.append(str(p))
+  (root / "dog" / "garbage.jpg").write_bytes(b"not an image at all")
+  (root / "dog" / "empty.png").write_bytes(b"")
+  # Valid header, truncated body: passes indexing, fails at decode time.
+  big = rng.integers(0, 256, (200, 200, 3), dtype=np.uint8)
+  Image.fromarray(big).save(root / "cat" / "big.jpg", quality=95)
+  good = (root / "cat" / "big.jpg").read_bytes()
+  os.remove(root / "cat" / "big.jpg")
+  (root / "cat" / "truncated.jpg").write_bytes(good[:len(good) // 2])
+  return paths
+
+
+def test_folder_source_labels_skips_and_survives_bad_files(tmp_path):
+  _write_folder(tmp_path, np.random.default_rng(1))
+  src = sources.folder_source(str(tmp_path))
+  assert sorted(os.path.basename(p) for p in src.skipped) == [
+      "empty.png", "garbage.jpg"]
+  assert src.num_examples == 13 and src.num_classes == 2
+  for p, label in zip(src.paths, src.labels):
+    assert label == (0 if "/cat/" in p else 1)
+  c = _config(dataset=f"folder:{tmp_path}", image_size=24, batch_size=13)
+  b = _take(c, 0, 2)  # A full epoch and more, including the truncated file.
+  assert b[0]["images"].shape == (13, 2, 24, 24, 3)
+  assert sorted(b[0]["example_ids"]) == list(range(13))
+  assert np.isfinite(b[1]["images"]).all()
+  img, ok = sources.decode_file(str(tmp_path / "cat" / "truncated.jpg"))
+  assert not ok and img.shape == (8, 8, 3)
+
+
+def test_empty_and_missing_folders_raise(tmp_path):
+  with pytest.raises(ip.DataError, match="holds no image files"):
+    ip.dataset_info(_config(dataset=f"folder:{tmp_path}"))
+  with pytest.raises(ip.DataError, match="does not exist"):
+    ip.dataset_info(_config(dataset=f"folder:{tmp_path}/nothere"))
+
+
+# ------------------------------------------------------------------ tfds
+@pytest.mark.parametrize("name,size", [("imagenet2012", 48), ("cifar10", 32)])
+def test_tfds_mock_pipeline(name, size):
+  n = 20
+  c = _config(dataset=name, image_size=size, batch_size=8)
+  c.data_dir = "/tmp/jaxclr-no-such-dir"
+  with tfds.testing.mock_data(num_examples=n):
+    info = ip.dataset_info(c)
+    assert info.num_train_examples == n
+    assert info.num_classes == (1000 if name == "imagenet2012" else 10)
+    one = _take(c, 0, 3)  # Steps 0, 1 = epoch 0 (drop-remainder), 2 = epoch 1.
+    two = [_take(c, 0, 2, index=p, count=2) for p in range(2)]
+    ev = next(ip.eval_batches(c, None, 8))
+  b = one[0]
+  assert b["images"].shape == (8, 2, size, size, 3)
+  assert b["images"].dtype == np.float32
+  assert 0.0 <= b["images"].min() and b["images"].max() <= 1.0
+  assert (np.abs(b["images"][:, 0] - b["images"][:, 1]).max(axis=(1, 2, 3))
+          > 0).all()
+  epoch0 = np.concatenate([one[0]["example_ids"], one[1]["example_ids"]])
+  assert len(set(epoch0)) == 16  # 4 of 20 dropped by drop-remainder.
+  for t in range(2):
+    p0, p1 = two[0][t]["example_ids"], two[1][t]["example_ids"]
+    assert not set(p0) & set(p1)
+    np.testing.assert_array_equal(np.concatenate([p0, p1]),
+                                  one[t]["example_ids"])
+    np.testing.assert_array_equal(
+        np.concatenate([two[0][t]["images"], two[1][t]["images"]]),
+        one[t]["images"])
+  assert ev["images"].shape == (8, size, size, 3) and ev["mask"].all()
+  np.testing.assert_array_equal(ev["example_ids"], np.arange(8))
+
+
+def test_tfds_not_prepared_names_dir_and_command(tmp_path):
+  c = _config(dataset="cifar10")
+  c.data_dir = str(tmp_path)
+  with pytest.raises(ip.DataError) as e:
+    ip.dataset_info(c)
+  msg = str(e.value)
+  assert str(tmp_path) in msg and "tfds build cifar10" in msg
+  c.dataset = "imagenet2012"
+  with pytest.raises(ip.DataError, match="ILSVRC2012_img_train.tar"):
+    ip.dataset_info(c)
+  assert not any(tmp_path.iterdir()) or all(
+      p.name in ("cifar10", "imagenet2012", "downloads")
+      for p in tmp_path.iterdir())
+
+
+def test_stl10_pretrains_on_unlabelled_split():
+  c = _config(dataset="stl10")
+  assert sources.resolve_split(c, None, "train") == "unlabelled"
+  assert sources.resolve_split(c, None, "eval") == "test"
