@@ -1,0 +1,180 @@
+"""Augmentation statistics (host TF ops) and device ops vs TF's kernels."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from jaxclr import config_lib
+from jaxclr.data import augment
+from jaxclr.data import device_augment
+
+
+def _aug(**kw):
+  a = config_lib.base_config().augment
+  a.update(kw)
+  return a
+
+
+def _binomial_ok(k, n, p, z=4.5):
+  return abs(k - n * p) <= z * math.sqrt(n * p * (1 - p))
+
+
+def _simulate_tf_crop(rng, H, W, n):
+  """Independent NumPy model of sample_distorted_bounding_box (reference §4.2)."""
+  areas, aspects = [], []
+  for _ in range(n):
+    for _ in range(100):
+      a = rng.uniform(3 / 4, 4 / 3)
+      h_min = int(np.rint(math.sqrt(0.08 * W * H / a)))
+      h_max = int(np.rint(math.sqrt(W * H / a)))
+      while np.rint(h_max * a) > W:
+        h_max -= 1
+      h_max = min(h_max, H)
+      if h_max < h_min:
+        continue
+      h = rng.integers(h_min, h_max + 1)
+      w = int(np.rint(h * a))
+      area = h * w
+      if area < 0.08 * W * H or area > W * H or w > W or h > H or w < 1:
+        continue
+      if area < 0.1 * W * H:
+        continue
+      areas.append(area / (W * H))
+      aspects.append(w / h)
+      break
+    else:
+      areas.append(1.0)
+      aspects.append(W / H)
+  return np.array(areas), np.array(aspects)
+
+
+def test_crop_area_and_aspect_match_tf_sampler_model():
+  H = W = 224
+  aug = _aug()
+  n = 3000
+
+  def box(i):
+    s = augment.view_seed(0, 0, i, 0)
+    _, size = augment.crop_window(tf.constant([H, W, 3]), s, aug)
+    return size
+
+  sizes = np.stack(list(tf.data.Dataset.range(n).map(box).as_numpy_iterator()))
+  h, w = sizes[:, 0].astype(float), sizes[:, 1].astype(float)
+  area = h * w / (H * W)
+  aspect = w / h
+  assert area.min() >= 0.1 - 1e-9 and area.max() <= 1.0
+  # Rounding w = rint(h * a) moves the aspect by at most 0.5 / h.
+  assert (aspect <= 4 / 3 + 0.5 / h + 1e-9).all()
+  assert (aspect >= 3 / 4 - 0.5 / h - 1e-9).all()
+  sim_area, sim_aspect = _simulate_tf_crop(np.random.default_rng(0), H, W, n)
+  # Means agree within ~4 standard errors of the difference.
+  se = math.sqrt(area.var() / n + sim_area.var() / n)
+  assert abs(area.mean() - sim_area.mean()) < 4 * se, (area.mean(),
+                                                       sim_area.mean())
+  se = math.sqrt(aspect.var() / n + sim_aspect.var() / n)
+  assert abs(aspect.mean() - sim_aspect.mean()) < 4 * se
+  # Height is uniform in [h_min, h_max], so small areas are common:
+  # the expected share below half the image is far from uniform-in-area.
+  for q in (0.25, 0.5, 0.75):
+    assert abs(np.quantile(area, q) - np.quantile(sim_area, q)) < 0.04
+
+
+def _colour_image():
+  rng = np.random.default_rng(0)
+  return tf.constant(rng.uniform(0.1, 0.9, (16, 16, 3)), tf.float32)
+
+
+def _distort_many(aug, n):
+  img = _colour_image()
+
+  def f(i):
+    return augment.color_distort(img, augment.view_seed(1, 2, i, 0), aug)
+  out = np.stack(list(tf.data.Dataset.range(n).map(f).as_numpy_iterator()))
+  return img.numpy(), out
+
+
+def test_jitter_and_grayscale_frequencies():
+  n = 600
+  img, out = _distort_many(_aug(grayscale_prob=0.0), n)
+  changed = np.abs(out - img).max(axis=(1, 2, 3)) > 1e-4
+  assert _binomial_ok(changed.sum(), n, 0.8), changed.mean()
+  _, out = _distort_many(_aug(color_jitter_prob=0.0), n)
+  gray = (np.abs(out[..., 0] - out[..., 1]).max(axis=(1, 2)) < 1e-6) & (
+      np.abs(out[..., 1] - out[..., 2]).max(axis=(1, 2)) < 1e-6)
+  assert _binomial_ok(gray.sum(), n, 0.2), gray.mean()
+  # Both on: grayscale is independent of the jitter coin.
+  _, out = _distort_many(_aug(), n)
+  gray = np.abs(out[..., 0] - out[..., 2]).max(axis=(1, 2)) < 1e-6
+  assert _binomial_ok(gray.sum(), n, 0.2)
+
+
+def test_brightness_factor_range_simclrv2():
+  # The multiplicative factor is U[1 - 0.8s, 1 + 0.8s] (s = 0.5 here).
+  lo, hi = 1 - 0.8 * 0.5, 1 + 0.8 * 0.5
+  fs = np.array([float(augment._uniform(augment.view_seed(0, 0, i, 0),
+                                        augment._BRIGHT, lo, hi))
+                 for i in range(200)])
+  assert fs.min() >= lo and fs.max() <= hi
+  assert fs.min() < lo + 0.05 and fs.max() > hi - 0.05
+
+
+def test_eval_centre_crop_matches_formula():
+  rng = np.random.default_rng(3)
+  img = rng.uniform(0, 1, (80, 64, 3)).astype(np.float32)
+  side = int(np.rint(0.875 * 64))  # 56
+  oy, ox = ((80 - side) + 1) // 2, ((64 - side) + 1) // 2
+  out = augment.eval_image(img, side).numpy()
+  np.testing.assert_array_equal(out, img[oy:oy + side, ox:ox + side])
+  np.testing.assert_array_equal(augment.eval_image(img, 56).numpy(), out)
+  small = rng.uniform(0, 1, (32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(augment.eval_image(small, 32).numpy(), small)
+
+
+def test_blur_kernel_sizes_match_reference():
+  assert 2 * augment.blur_kernel_radius(224) + 1 == 23
+  assert 2 * augment.blur_kernel_radius(32) + 1 == 3
+
+
+# --------------------------------------------------------------- device ops
+def test_device_colour_ops_match_tf_kernels():
+  x = _colour_image()
+  xj = jnp.asarray(x.numpy())
+  for f in (0.4, 1.0, 1.6):
+    np.testing.assert_allclose(device_augment.adjust_contrast(xj, f),
+                               tf.image.adjust_contrast(x, f), atol=1e-5)
+    np.testing.assert_allclose(device_augment.adjust_saturation(xj, f),
+                               tf.image.adjust_saturation(x, f), atol=1e-4)
+  for d in (-0.2, 0.05, 0.3):
+    np.testing.assert_allclose(device_augment.adjust_hue(xj, d),
+                               tf.image.adjust_hue(x, d), atol=1e-4)
+  np.testing.assert_allclose(device_augment.to_grayscale(xj),
+                             augment.to_grayscale(x), atol=1e-5)
+  np.testing.assert_allclose(device_augment.gaussian_blur(xj, 1.3, 2),
+                             augment.gaussian_blur(x, 1.3, 2), atol=1e-5)
+
+
+def test_device_augment_is_keyed_per_example_and_frequencies():
+  aug = _aug(color_jitter_strength=0.5, use_blur=False, grayscale_prob=0.0)
+  n = 400
+  img = np.asarray(_colour_image())
+  images = jnp.broadcast_to(img, (n, 2) + img.shape)
+  ids = jnp.arange(n)
+  rng = jax.random.key(0)
+  fn = jax.jit(device_augment.make_augment_fn(aug))
+  out = np.asarray(fn(images, ids, rng, 7))
+  assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+  changed = np.abs(out - img).max(axis=(2, 3, 4)) > 1e-4  # [n, 2]
+  assert _binomial_ok(changed.sum(), 2 * n, 0.8)
+  # A permuted, smaller batch (another layout) gives the same per-example views.
+  perm = np.random.default_rng(0).permutation(n)[:37]
+  sub = np.asarray(fn(images[perm], ids[perm], rng, 7))
+  np.testing.assert_allclose(sub, out[perm], atol=1e-6)
+  # Another step gives different views.
+  assert not np.allclose(np.asarray(fn(images, ids, rng, 8)), out)
+  aug_g = _aug(color_jitter_prob=0.0, use_blur=False)
+  out = np.asarray(device_augment.augment_views(images, ids, rng, aug_g, 0))
+  gray = np.abs(out[..., 0] - out[..., 2]).max(axis=(2, 3)) < 1e-6
+  assert _binomial_ok(gray.sum(), 2 * n, 0.2)
