@@ -1,7 +1,7 @@
-"""Shared config schema for jaxclr pretraining.
+"""The config schema for jaxclr pretraining, shared by every configs/*.py.
 
 Every hyperparameter that SIMCLR_REFERENCE.md names has a field here with the
-paper's default; the per-dataset files (imagenet.py, cifar10.py, default.py)
+paper's default; the files in configs/ (imagenet.py, cifar10.py, default.py)
 override what differs. Derived values (scaled learning rate, step counts) are
 never stored here: `jaxclr.optim.training_plan` computes them in one place.
 """
@@ -86,7 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ---- Model (section 5) ----
   c.model = ml_collections.ConfigDict(dict(
       depth=50,
-      width_multiplier=1,
+      width_multiplier=1.0,
       cifar_stem=ml_collections.config_dict.placeholder(bool),  # None: image_size <= 32.
       num_proj_layers=3,  # 3 = SimCLRv2 head; 2 = SimCLRv1.
       proj_out_dim=128,
@@ -119,4 +119,104 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = -1  # > 0: periodic kNN evaluation (labelled data only).
   c.nonfinite_policy = "stop"  # 'stop' or 'skip' the update.
   c.mesh_axis_type = "explicit"  # 'explicit' or 'auto' data axis.
+  # Resume a workdir whose config.json differs in fields that change results.
+  c.allow_config_mismatch = False
   return c
+
+
+class ConfigError(ValueError):
+  """An invalid configuration (user error: reported in one line, no traceback)."""
+
+
+DEPTHS = (18, 34, 50, 101, 152, 200)
+COMPUTE_DTYPES = ("float32", "bfloat16")
+BUILTIN_DATASETS = ("imagenet2012", "imagenet2012_subset/1pct",
+                    "imagenet2012_subset/10pct", "cifar10", "cifar100", "stl10",
+                    "digits", "synthetic")
+DATASET_PREFIXES = ("folder:", "npz:")
+
+
+def _check(ok: bool, message: str):
+  if not ok:
+    raise ConfigError(message)
+
+
+def _positive(config, name: str, value):
+  _check(value > 0, f"{name}={value!r} must be > 0")
+
+
+def _probability(name: str, value):
+  _check(0.0 <= value <= 1.0, f"{name}={value!r} must be a probability in [0, 1]")
+
+
+def _range(name: str, value, lo: float, hi: float):
+  _check(len(value) == 2 and lo <= value[0] <= value[1] <= hi,
+         f"{name}={tuple(value)!r} must be (min, max) with "
+         f"{lo} <= min <= max <= {hi}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every field a run reads, before any data loading or compilation.
+
+  Raises:
+    ConfigError naming the bad value and what would be valid.
+  """
+  ds = config.dataset
+  _check(ds in BUILTIN_DATASETS or ds.startswith(DATASET_PREFIXES)
+         or ds.startswith("tfds:"),
+         f"dataset={ds!r} is unknown; valid: {', '.join(BUILTIN_DATASETS)}, "
+         "'tfds:<name>', 'folder:/path/to/images' or 'npz:/path/to/file.npz'")
+  _check(not ds.startswith(DATASET_PREFIXES) or len(ds.split(":", 1)[1]) > 0,
+         f"dataset={ds!r} needs a path after the colon")
+  m = config.model
+  _check(m.depth in DEPTHS, f"model.depth={m.depth!r} is unknown; valid: {DEPTHS}")
+  _positive(config, "model.width_multiplier", m.width_multiplier)
+  _check(m.num_proj_layers >= 1,
+         f"model.num_proj_layers={m.num_proj_layers!r} must be >= 1 "
+         "(2 = SimCLRv1 head, 3 = SimCLRv2 head)")
+  _positive(config, "model.proj_out_dim", m.proj_out_dim)
+  _check(m.compute_dtype in COMPUTE_DTYPES,
+         f"model.compute_dtype={m.compute_dtype!r}; valid: {COMPUTE_DTYPES}")
+  _check(0.0 <= m.bn_momentum < 1.0,
+         f"model.bn_momentum={m.bn_momentum!r} must be in [0, 1)")
+  _positive(config, "model.bn_epsilon", m.bn_epsilon)
+  _check(config.image_size >= 8,
+         f"image_size={config.image_size!r} must be >= 8 pixels")
+  _positive(config, "batch_size", config.batch_size)
+  _positive(config, "temperature", config.temperature)
+  _positive(config, "learning_rate", config.learning_rate)
+  _check(config.learning_rate_scaling in ("linear", "sqrt"),
+         f"learning_rate_scaling={config.learning_rate_scaling!r}; "
+         "valid: 'linear', 'sqrt'")
+  _check(config.weight_decay >= 0,
+         f"weight_decay={config.weight_decay!r} must be >= 0")
+  _check(0.0 <= config.momentum < 1.0,
+         f"momentum={config.momentum!r} must be in [0, 1)")
+  _positive(config, "trust_coefficient", config.trust_coefficient)
+  if config.num_train_steps <= 0:
+    _positive(config, "num_epochs (or set num_train_steps > 0)",
+              config.num_epochs)
+    _check(config.warmup_epochs < config.num_epochs,
+           f"warmup_epochs={config.warmup_epochs!r} must be shorter than "
+           f"num_epochs={config.num_epochs!r}")
+  _check(config.warmup_epochs >= 0,
+         f"warmup_epochs={config.warmup_epochs!r} must be >= 0")
+  for name in ("log_every_steps", "checkpoint_every_steps",
+               "max_checkpoints_to_keep"):
+    _positive(config, name, config[name])
+  _check(config.nonfinite_policy in ("stop", "skip"),
+         f"nonfinite_policy={config.nonfinite_policy!r}; valid: 'stop', 'skip'")
+  _check(config.mesh_axis_type in ("explicit", "auto"),
+         f"mesh_axis_type={config.mesh_axis_type!r}; valid: 'explicit', 'auto'")
+  a = config.augment
+  _range("augment.crop_area_range", a.crop_area_range, 1e-3, 1.0)
+  _range("augment.crop_aspect_ratio_range", a.crop_aspect_ratio_range, 1e-2, 1e2)
+  _probability("augment.crop_min_object_covered", a.crop_min_object_covered)
+  _check(a.color_jitter_strength >= 0,
+         f"augment.color_jitter_strength={a.color_jitter_strength!r} must be >= 0")
+  for name in ("color_jitter_prob", "grayscale_prob", "blur_prob"):
+    _probability(f"augment.{name}", a[name])
+  _check(a.brightness_impl in ("simclrv1", "simclrv2"),
+         f"augment.brightness_impl={a.brightness_impl!r}; "
+         "valid: 'simclrv1' (additive), 'simclrv2' (multiplicative)")
+  _range("augment.blur_sigma_range", a.blur_sigma_range, 1e-6, 1e3)

@@ -116,15 +116,18 @@ def _one_view(x, key, aug):
   return x
 
 
-def augment_views(images, example_ids, rng, augment_config, step):
+def augment_views(images, example_ids, rng, step, augment_config):
   """Colour/grayscale/blur of both views, keyed per example.
+
+  The trainer binds the config: partial(augment_views, augment_config=...)
+  and calls it as augment_fn(images, example_ids, rng, step) inside its jit.
 
   Args:
     images: float [B, 2, H, W, 3] in [0, 1] (host crop + flip only).
     example_ids: int [B], the batch's example ids.
     rng: a JAX key (typed or raw), e.g. from config.seed.
-    augment_config: config.augment.
     step: the train step (int or traced scalar).
+    augment_config: config.augment (static Python values).
   Returns:
     float32 [B, 2, H, W, 3] in [0, 1].
   """
@@ -144,4 +147,4 @@ def make_augment_fn(augment_config):
 
 
 def _bound(images, example_ids, rng, step, *, augment_config):
-  return augment_views(images, example_ids, rng, augment_config, step)
+  return augment_views(images, example_ids, rng, step, augment_config)

@@ -1,0 +1,47 @@
+"""SimCLR on ImageNet: the paper's default setting (P1 section 2.3).
+
+  python -m jaxclr.main --config configs/imagenet.py --workdir DIR \
+      --config.data_dir=/path/to/tensorflow_datasets
+
+ResNet-50, B=4096, LARS lr 0.3 x B/256 (peak 4.8), wd 1e-6, tau=0.1,
+100 epochs (31,279 steps) with 10 warmup epochs (3,127 steps), colour
+strength 1.0 + blur, 2-layer projection head (v1). The paper reports 64.5%
+linear top-1 after 100 epochs (Table B.1: 64.6 linear-LR / 64.5 sqrt-LR).
+
+Variants (as config arguments, e.g. configs/imagenet.py:epochs=1000):
+  * 1000 epochs (P1 Table 6: 69.3% R-50, 74.2% R-50 2x with width=2).
+  * SimCLRv2: v2 -> 3-layer head, wd 1e-4, lr 0.1 x sqrt(B) (6.4 at B=4096),
+    800 epochs with 5% warmup (the maintainers' description; no memory bank).
+"""
+
+from jaxclr import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, depth=50, width=1.0, batch=4096,
+                             epochs=100, v2=False)
+  c = config_lib.base_config()
+  c.dataset = "imagenet2012"
+  c.image_size = 224
+  c.batch_size = arg.batch
+  c.num_epochs = arg.epochs
+  c.model.depth = arg.depth
+  c.model.width_multiplier = arg.width
+  c.model.num_proj_layers = 2
+  c.learning_rate = 0.3
+  c.learning_rate_scaling = "linear"
+  c.weight_decay = 1e-6
+  c.temperature = 0.1
+  c.warmup_epochs = 10.0
+  c.augment.color_jitter_strength = 1.0
+  c.augment.use_blur = True
+  c.model.compute_dtype = "bfloat16"
+  if arg.v2:
+    c.model.num_proj_layers = 3
+    c.weight_decay = 1e-4
+    c.learning_rate = 0.1
+    c.learning_rate_scaling = "sqrt"
+    c.warmup_epochs = 0.05 * arg.epochs
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 1000
+  return c

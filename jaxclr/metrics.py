@@ -1,0 +1,99 @@
+"""Metric output: clu writers (TensorBoard + console) and metrics.jsonl.
+
+Only process 0 writes. Values arrive here already on the host: the trainer
+fetches device metrics once per log interval, never per step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+from absl import logging
+from clu import metric_writers
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _format_eta(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def truncate_jsonl(path: str, last_step: int):
+  """Drops records past `last_step` (written by a run that was then resumed
+  from an earlier checkpoint, so they describe updates that were redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [l for l in lines if l.strip() and json.loads(l)["step"] <= last_step]
+  if len(kept) != len(lines):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+  """Writes scalars to TensorBoard, metrics.jsonl and a console progress line."""
+
+  def __init__(self, workdir: str, *, is_primary: bool, total_steps: int,
+               batch_size: int, start_step: int = 0):
+    self.is_primary = is_primary
+    self.total_steps = total_steps
+    self.batch_size = batch_size
+    self.writer = metric_writers.create_default_writer(
+        workdir, just_logging=not is_primary, asynchronous=True)
+    self.jsonl_path = os.path.join(workdir, METRICS_FILE)
+    if is_primary:
+      truncate_jsonl(self.jsonl_path, start_step)
+    self._last_time = time.time()
+    self._last_step = start_step
+
+  def log_train(self, step: int, scalars: Mapping[str, float]) -> dict:
+    """Logs one record; adds steps/s, images/s and the ETA from wall time."""
+    now = time.time()
+    elapsed = max(now - self._last_time, 1e-9)
+    steps_done = max(step - self._last_step, 1)
+    steps_per_sec = steps_done / elapsed
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()},
+              "steps_per_sec": steps_per_sec,
+              "images_per_sec": steps_per_sec * self.batch_size}
+    self._last_time, self._last_step = now, step
+    if self.is_primary:
+      self.writer.write_scalars(step, {f"train/{k}": v for k, v in record.items()
+                                       if k != "step"})
+      with open(self.jsonl_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+      eta = (self.total_steps - step) / steps_per_sec
+      logging.info(
+          "step %d/%d | loss %.4f | contrast_acc %.3f | lr %.4g | "
+          "%.2f steps/s | %.0f img/s | ETA %s", step, self.total_steps,
+          record.get("loss", float("nan")),
+          record.get("contrast_acc", float("nan")),
+          record.get("learning_rate", float("nan")), steps_per_sec,
+          record["images_per_sec"], _format_eta(eta))
+    return record
+
+  def log_scalars(self, step: int, scalars: Mapping[str, float]):
+    if self.is_primary:
+      self.writer.write_scalars(step, dict(scalars))
+      with open(self.jsonl_path, "a") as f:
+        f.write(json.dumps({"step": int(step),
+                            **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+  def reset_timer(self, step: int):
+    """Excludes compilation or evaluation time from the next throughput."""
+    self._last_time, self._last_step = time.time(), step
+
+  def close(self):
+    self.writer.flush()
+    self.writer.close()

@@ -1,0 +1,60 @@
+"""Projection head and linear classifier (SIMCLR_REFERENCE.md 5.5, 5.6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxclr.models.resnet import make_batch_norm
+
+# Both heads use N(0, 0.01) kernels, as the official code does.
+head_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+class ProjectionHead(nn.Module):
+  """[Dense(no bias) -> BN -> ReLU] x (L-1) -> Dense(out, no bias) -> BN(no beta).
+
+  num_layers=3 is SimCLRv2's head, 2 is SimCLRv1's. Returns every layer's
+  output, [out_0, ..., out_{L-1}], so fine-tuning can pick an intermediate
+  layer (SimCLRv2's ft_proj_selector); the last one is z.
+  """
+  num_layers: int = 3
+  out_dim: int = 128
+  bn_momentum: float = 0.9
+  bn_epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h, train: bool):
+    norm = make_batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
+    outputs = []
+    x = h
+    mid_dim = h.shape[-1]
+    for j in range(self.num_layers - 1):
+      x = nn.Dense(mid_dim, use_bias=False, dtype=self.dtype,
+                   param_dtype=jnp.float32, kernel_init=head_kernel_init,
+                   name=f"dense{j}")(x)
+      x = nn.relu(norm(name=f"bn{j}")(x))
+      outputs.append(x)
+    last = self.num_layers - 1
+    x = nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
+                 param_dtype=jnp.float32, kernel_init=head_kernel_init,
+                 name=f"dense{last}")(x)
+    x = norm(use_bias=False, name=f"bn{last}")(x)
+    outputs.append(x)
+    return outputs
+
+
+class LinearHead(nn.Module):
+  """Dense(num_classes) with bias, no BN: the (online) linear probe."""
+  num_classes: int
+  zero_init: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    init = nn.initializers.zeros if self.zero_init else head_kernel_init
+    return nn.Dense(self.num_classes, kernel_init=init,
+                    param_dtype=jnp.float32, dtype=jnp.float32)(
+                        x.astype(jnp.float32))

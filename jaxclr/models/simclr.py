@@ -1,0 +1,63 @@
+"""The SimCLR network: encoder f, projection head g, optional online probe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxclr.models.heads import LinearHead, ProjectionHead
+from jaxclr.models.resnet import ResNet
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class SimCLRModel(nn.Module):
+  """images [B, H, W, 3] -> dict(h, proj (list per head layer), z, logits).
+
+  `logits` (the online linear probe, TF2's lineareval_while_pretraining) sees
+  stop_gradient(h), so it never shapes the representation.
+  """
+  encoder: ResNet
+  head: ProjectionHead
+  num_classes: int = 0  # 0: no probe.
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    h = self.encoder(images, train=train)
+    proj = self.head(h, train=train)
+    out = {"h": h.astype(jnp.float32), "proj": proj,
+           "z": proj[-1].astype(jnp.float32)}
+    if self.num_classes > 0:
+      out["logits"] = LinearHead(self.num_classes, name="linear_head")(
+          jax.lax.stop_gradient(out["h"]))
+    return out
+
+
+def uses_cifar_stem(model_config, image_size: int) -> bool:
+  if model_config.cifar_stem is None:
+    return image_size <= 32
+  return bool(model_config.cifar_stem)
+
+
+def build_encoder(model_config, image_size: int) -> ResNet:
+  return ResNet(depth=model_config.depth,
+                width_multiplier=model_config.width_multiplier,
+                cifar_stem=uses_cifar_stem(model_config, image_size),
+                bn_momentum=model_config.bn_momentum,
+                bn_epsilon=model_config.bn_epsilon,
+                dtype=COMPUTE_DTYPES[model_config.compute_dtype],
+                name="encoder")
+
+
+def build_model(config, num_classes: int) -> SimCLRModel:
+  """The pretraining network for `config`; num_classes > 0 adds the probe."""
+  m = config.model
+  dtype: Any = COMPUTE_DTYPES[m.compute_dtype]
+  head = ProjectionHead(num_layers=m.num_proj_layers, out_dim=m.proj_out_dim,
+                        bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
+                        dtype=dtype, name="projection_head")
+  return SimCLRModel(encoder=build_encoder(m, config.image_size), head=head,
+                     num_classes=num_classes)

@@ -1,0 +1,1 @@
+"""Meshes, shardings and host-to-global array assembly."""

@@ -1,0 +1,50 @@
+"""One data-parallel mesh over every device of every process.
+
+Parameters are replicated; batches are split along their leading axis over
+the 'data' axis. Batches arrive per process and become global jax.Arrays with
+jax.make_array_from_process_local_data.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+
+
+def make_mesh(axis_type: str = "explicit", devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh named 'data' over `devices` (default: all global devices)."""
+  if axis_type not in AXIS_TYPES:
+    raise ValueError(f"mesh axis type {axis_type!r}; valid: {sorted(AXIS_TYPES)}")
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,),
+                       axis_types=(AXIS_TYPES[axis_type],), devices=devices)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_batch_divides(batch_size: int, mesh, process_count: int | None = None):
+  """Raises ValueError naming the numbers when batch_size cannot be split."""
+  process_count = jax.process_count() if process_count is None else process_count
+  num_devices = mesh.devices.size
+  if batch_size % num_devices or batch_size % process_count:
+    raise ValueError(
+        f"batch_size={batch_size} must be divisible by the number of devices "
+        f"({num_devices}) and of processes ({process_count}); nearest valid: "
+        f"{max(num_devices, batch_size // num_devices * num_devices)}")
+
+
+def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Process-local numpy arrays -> global arrays sharded on their first axis."""
+  sharding = batch_sharded(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local_batch.items()}

@@ -1,0 +1,193 @@
+"""The pretraining job: restore-or-init, the step loop, checkpoints, metrics.
+
+Host synchronisation happens only at log and checkpoint steps (fetching
+metrics and the non-finite flag); every other step just enqueues work.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import queue
+import signal
+import threading
+from typing import Any, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+
+from jaxclr import checkpoint, config_lib, optim, train, workdir as workdir_lib
+from jaxclr.data import input_pipeline
+from jaxclr.metrics import MetricsLogger
+from jaxclr.models.simclr import build_model
+from jaxclr.parallel import sharding
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient became NaN/Inf; nothing poisoned was saved."""
+
+
+class PreemptionFlag:
+  """Set by SIGTERM. Single-process runs act on it at the next step; across
+  processes Orbax's reached_preemption (JAX's preemption sync point) decides,
+  so that every host stops at the same step."""
+
+  def __init__(self):
+    self.event = threading.Event()
+    self._previous = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.event.set()
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
+  """Runs `iterator` in a background thread, `size` items ahead."""
+  q: queue.Queue = queue.Queue(maxsize=size)
+  sentinel = object()
+
+  def worker():
+    try:
+      for item in iterator:
+        q.put(item)
+    except BaseException as e:  # Re-raised in the consumer.
+      q.put(e)
+    q.put(sentinel)
+
+  threading.Thread(target=worker, daemon=True).start()
+  while True:
+    item = q.get()
+    if item is sentinel:
+      return
+    if isinstance(item, BaseException):
+      raise item
+    yield item
+
+
+def describe_run(config, plan: optim.TrainingPlan, mesh) -> str:
+  n_proc = jax.process_count()
+  n_dev = mesh.devices.size
+  return (
+      f"{n_proc} process(es) x {jax.local_device_count()} device(s) "
+      f"({n_dev} total, {jax.devices()[0].platform}); global batch "
+      f"{config.batch_size} images = {config.batch_size // n_proc} per process "
+      f"= {config.batch_size // n_dev} per device (x2 views); "
+      f"{plan.num_examples} examples, {plan.steps_per_epoch} steps/epoch, "
+      f"{plan.total_steps} steps, warmup {plan.warmup_steps}; peak lr "
+      f"{plan.peak_learning_rate:.4g} ({config.learning_rate} "
+      f"{config.learning_rate_scaling}-scaled)")
+
+
+def _check_finite(state, step: int, metrics, store) -> None:
+  first_bad, count = (int(x) for x in jax.device_get(state.nonfinite))
+  if first_bad < 0:
+    return
+  steps = store.all_steps()
+  last_good = (os.path.join(os.fspath(store.directory), str(steps[-1]))
+               if steps else "none")
+  detail = ""
+  if metrics is not None:
+    detail = (f" (loss={metrics.get('total_loss')}, "
+              f"grad_norm={metrics.get('grad_norm')})")
+  raise NonFiniteError(
+      f"Non-finite loss or gradient norm at step {first_bad}{detail}; "
+      f"{count} such step(s). Stopped without saving; last good checkpoint: "
+      f"{last_good}. Lower the learning rate, or set "
+      "--config.nonfinite_policy=skip to skip such updates.")
+
+
+def run(config, workdir: str) -> dict[str, float]:
+  """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
+  config_lib.validate(config)
+  info = input_pipeline.dataset_info(config)
+  plan = optim.training_plan(config, info.num_train_examples)
+  mesh = sharding.make_mesh(config.mesh_axis_type)
+  try:
+    sharding.check_batch_divides(config.batch_size, mesh)
+  except ValueError as e:
+    raise config_lib.ConfigError(str(e)) from None
+  is_primary = jax.process_index() == 0
+  workdir_lib.prepare(workdir, config, is_primary=is_primary)
+  logging.info("jaxclr pretraining: %s", describe_run(config, plan, mesh))
+
+  num_classes = info.num_classes if config.linear_probe else 0
+  model = build_model(config, num_classes)
+  tx = optim.create_optimizer(config, plan)
+  schedule = optim.learning_rate_schedule(plan)
+  repl = sharding.replicated(mesh)
+  init_fn = jax.jit(functools.partial(train.init_train_state, model=model,
+                                      tx=tx, image_size=config.image_size),
+                    out_shardings=repl)
+  init_rng = jax.random.key(config.seed)
+  abstract_state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+      jax.eval_shape(init_fn, init_rng))
+
+  store = checkpoint.CheckpointStore(
+      os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
+      save_every_steps=config.checkpoint_every_steps,
+      max_to_keep=config.max_checkpoints_to_keep)
+  restored = store.restore(abstract_state)
+  if restored is None:
+    state, start_step = init_fn(init_rng), 0
+  else:
+    state, _, start_step = restored
+    logging.info("Resumed from %s/%d.", os.fspath(store.directory), start_step)
+
+  augment_fn = None
+  if config.augment.on_device:
+    from jaxclr.data import device_augment  # pylint: disable=g-import-not-at-top
+    augment_fn = functools.partial(device_augment.augment_views,
+                                   augment_config=config.augment)
+  step_fn = train.make_train_step(
+      config=config, model=model, tx=tx, schedule=schedule, mesh=mesh,
+      state_sharding=repl, batch_sharding=sharding.batch_sharded(mesh),
+      replicated_sharding=repl, augment_fn=augment_fn)
+  batches = prefetch(
+      sharding.global_batch(mesh, b) for b in input_pipeline.pretrain_batches(
+          config, start_step=start_step, process_index=jax.process_index(),
+          process_count=jax.process_count()))
+  logger = MetricsLogger(workdir, is_primary=is_primary,
+                         total_steps=plan.total_steps,
+                         batch_size=config.batch_size, start_step=start_step)
+  preemption = PreemptionFlag()
+  meta = {"dataset": config.dataset, "num_classes": num_classes}
+  last_logged: dict[str, float] = {}
+  try:
+    for step in range(start_step, plan.total_steps):
+      state, metrics = step_fn(state, next(batches))
+      done = step + 1
+      if step == start_step:
+        logger.reset_timer(done)  # Exclude compilation from throughput.
+      if done % config.log_every_steps == 0 or done == plan.total_steps:
+        host_metrics = jax.device_get(metrics)
+        _check_finite(state, done, host_metrics, store)
+        last_logged = logger.log_train(
+            done, {**host_metrics, "epoch": done / plan.steps_per_epoch})
+      if jax.process_count() > 1:
+        preempted = store.reached_preemption(done)
+      else:
+        preempted = preemption.event.is_set()
+      if (done % config.checkpoint_every_steps == 0 or
+          done == plan.total_steps or preempted):
+        _check_finite(state, done, None, store)
+        store.save(done, state, {**meta, "step": done}, force=True)
+      if preempted:
+        store.wait_until_finished()
+        logging.warning("Preempted: saved step %d to %s; re-run the same "
+                        "command to resume.", done, os.fspath(store.directory))
+        break
+    store.wait_until_finished()
+  finally:
+    preemption.restore()
+    store.close()
+    logger.close()
+  return last_logged

@@ -1,0 +1,108 @@
+"""What a workdir holds, and the guard against resuming with another config.
+
+DIR/config.json       the resolved config of the run (written once)
+DIR/checkpoints/<N>/  Orbax checkpoints
+DIR/metrics.jsonl     one JSON record per logged step
+DIR/events.out.*      TensorBoard
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+# Fields that may change between a run and its resumption without changing
+# what the finished steps computed: schedule length, cadence, paths.
+RESUMABLE_CHANGES = frozenset({
+    "num_train_steps", "log_every_steps", "checkpoint_every_steps",
+    "max_checkpoints_to_keep", "eval_every_steps", "data_dir",
+    "allow_config_mismatch", "nonfinite_policy",
+})
+
+
+class WorkdirError(ValueError):
+  """A workdir that cannot be used as asked (user error, no traceback)."""
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, key + "."))
+    else:
+      out[key] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+  """'key: old -> new' for every field that differs and may not change."""
+  a, b = flatten(old), flatten(new)
+  diffs = []
+  for key in sorted(set(a) | set(b)):
+    if key.split(".")[0] in RESUMABLE_CHANGES:
+      continue
+    if a.get(key, "<absent>") != b.get(key, "<absent>"):
+      diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+  return diffs
+
+
+def load_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json())
+
+
+def prepare(workdir: str, config: ml_collections.ConfigDict, *,
+            is_primary: bool) -> None:
+  """Creates the workdir, or checks that its existing config matches.
+
+  The first config.json is never overwritten: a resumed run with a changed
+  config (outside RESUMABLE_CHANGES) is refused, listing the differences,
+  unless config.allow_config_mismatch is set, in which case the new config
+  is written beside it as config.<n>.json.
+  """
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise WorkdirError(f"Cannot create workdir {workdir!r}: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK):
+    raise WorkdirError(f"Workdir {workdir!r} is not writable")
+  new = config_to_dict(config)
+  old = load_config(workdir)
+  if old is not None:
+    diffs = config_differences(old, new)
+    if diffs and not config.get("allow_config_mismatch", False):
+      raise WorkdirError(
+          f"Workdir {workdir!r} holds a run with a different config; "
+          "refusing to resume it with:\n  " + "\n  ".join(diffs) +
+          "\nUse another --workdir, or pass "
+          "--config.allow_config_mismatch=True to resume anyway.")
+    if not is_primary:
+      return
+    if diffs:
+      n = 1
+      while os.path.exists(os.path.join(workdir, f"config.{n}.json")):
+        n += 1
+      path = os.path.join(workdir, f"config.{n}.json")
+    else:
+      path = os.path.join(workdir, "config.resumed.json")
+  else:
+    if not is_primary:
+      return
+    path = os.path.join(workdir, CONFIG_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(new, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
