@@ -175,6 +175,7 @@ def test_device_augment_is_keyed_per_example_and_frequencies():
   # Another step gives different views.
   assert not np.allclose(np.asarray(fn(images, ids, rng, 8)), out)
   aug_g = _aug(color_jitter_prob=0.0, use_blur=False)
-  out = np.asarray(device_augment.augment_views(images, ids, rng, aug_g, 0))
+  out = np.asarray(device_augment.augment_views(images, ids, rng, 0,
+                                               augment_config=aug_g))
   gray = np.abs(out[..., 0] - out[..., 2]).max(axis=(2, 3)) < 1e-6
   assert _binomial_ok(gray.sum(), 2 * n, 0.2)
