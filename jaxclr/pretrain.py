@@ -6,15 +6,15 @@ metrics and the non-finite flag); every other step just enqueues work.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import queue
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
-import numpy as np
 from absl import logging
 
 from jaxclr import checkpoint, config_lib, optim, train, workdir as workdir_lib
@@ -104,6 +104,47 @@ def _check_finite(state, step: int, metrics, store) -> None:
       "--config.nonfinite_policy=skip to skip such updates.")
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """The compiled pieces of a pretraining run on one mesh."""
+  model: Any
+  tx: Any
+  schedule: Any
+  init_fn: Callable  # rng -> TrainState, replicated over the mesh.
+  step_fn: Callable  # (state, global batch) -> (state, metrics); donates state.
+  state_sharding: Any
+
+  def abstract_state(self, rng):
+    """Shapes, dtypes and shardings of the state, for restoring into."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                       sharding=self.state_sharding),
+        jax.eval_shape(self.init_fn, rng))
+
+
+def create_trainer(config, mesh, plan: optim.TrainingPlan,
+                   num_classes: int) -> Trainer:
+  """Model, LARS, schedule, and the jitted init and step for `mesh`."""
+  model = build_model(config, num_classes)
+  tx = optim.create_optimizer(config, plan)
+  schedule = optim.learning_rate_schedule(plan)
+  repl = sharding.replicated(mesh)
+  init_fn = jax.jit(functools.partial(train.init_train_state, model=model,
+                                      tx=tx, image_size=config.image_size),
+                    out_shardings=repl)
+  augment_fn = None
+  if config.augment.on_device:
+    from jaxclr.data import device_augment  # pylint: disable=g-import-not-at-top
+    augment_fn = functools.partial(device_augment.augment_views,
+                                   augment_config=config.augment)
+  step_fn = train.make_train_step(
+      config=config, model=model, tx=tx, schedule=schedule, mesh=mesh,
+      state_sharding=repl, batch_sharding=sharding.batch_sharded(mesh),
+      replicated_sharding=repl, augment_fn=augment_fn)
+  return Trainer(model=model, tx=tx, schedule=schedule, init_fn=init_fn,
+                 step_fn=step_fn, state_sharding=repl)
+
+
 def run(config, workdir: str) -> dict[str, float]:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
   config_lib.validate(config)
@@ -119,38 +160,21 @@ def run(config, workdir: str) -> dict[str, float]:
   logging.info("jaxclr pretraining: %s", describe_run(config, plan, mesh))
 
   num_classes = info.num_classes if config.linear_probe else 0
-  model = build_model(config, num_classes)
-  tx = optim.create_optimizer(config, plan)
-  schedule = optim.learning_rate_schedule(plan)
-  repl = sharding.replicated(mesh)
-  init_fn = jax.jit(functools.partial(train.init_train_state, model=model,
-                                      tx=tx, image_size=config.image_size),
-                    out_shardings=repl)
+  trainer = create_trainer(config, mesh, plan, num_classes)
   init_rng = jax.random.key(config.seed)
-  abstract_state = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-      jax.eval_shape(init_fn, init_rng))
 
   store = checkpoint.CheckpointStore(
       os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
       save_every_steps=config.checkpoint_every_steps,
       max_to_keep=config.max_checkpoints_to_keep)
-  restored = store.restore(abstract_state)
+  restored = store.restore(trainer.abstract_state(init_rng))
   if restored is None:
-    state, start_step = init_fn(init_rng), 0
+    state, start_step = trainer.init_fn(init_rng), 0
   else:
     state, _, start_step = restored
     logging.info("Resumed from %s/%d.", os.fspath(store.directory), start_step)
 
-  augment_fn = None
-  if config.augment.on_device:
-    from jaxclr.data import device_augment  # pylint: disable=g-import-not-at-top
-    augment_fn = functools.partial(device_augment.augment_views,
-                                   augment_config=config.augment)
-  step_fn = train.make_train_step(
-      config=config, model=model, tx=tx, schedule=schedule, mesh=mesh,
-      state_sharding=repl, batch_sharding=sharding.batch_sharded(mesh),
-      replicated_sharding=repl, augment_fn=augment_fn)
+  step_fn = trainer.step_fn
   batches = prefetch(
       sharding.global_batch(mesh, b) for b in input_pipeline.pretrain_batches(
           config, start_step=start_step, process_index=jax.process_index(),

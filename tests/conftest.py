@@ -10,3 +10,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 
 jax.config.update("jax_enable_x64", False)
+
+import tempfile  # noqa: E402
+
+# Identical programs are compiled by several tests (same model, same mesh);
+# the persistent cache lets later ones reuse the executable.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("JAXCLR_TEST_CACHE",
+                                 os.path.join(tempfile.gettempdir(),
+                                              "jaxclr_test_xla_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

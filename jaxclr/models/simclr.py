@@ -21,13 +21,13 @@ class SimCLRModel(nn.Module):
   stop_gradient(h), so it never shapes the representation.
   """
   encoder: ResNet
-  head: ProjectionHead
+  projection_head: ProjectionHead
   num_classes: int = 0  # 0: no probe.
 
   @nn.compact
   def __call__(self, images, train: bool):
     h = self.encoder(images, train=train)
-    proj = self.head(h, train=train)
+    proj = self.projection_head(h, train=train)
     out = {"h": h.astype(jnp.float32), "proj": proj,
            "z": proj[-1].astype(jnp.float32)}
     if self.num_classes > 0:
@@ -59,5 +59,6 @@ def build_model(config, num_classes: int) -> SimCLRModel:
   head = ProjectionHead(num_layers=m.num_proj_layers, out_dim=m.proj_out_dim,
                         bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
                         dtype=dtype, name="projection_head")
-  return SimCLRModel(encoder=build_encoder(m, config.image_size), head=head,
+  return SimCLRModel(encoder=build_encoder(m, config.image_size),
+                     projection_head=head,
                      num_classes=num_classes)

@@ -1,0 +1,127 @@
+"""ResNet and heads: structure, init and parameter counts (SIMCLR_REFERENCE 5)."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxclr import config_lib
+from jaxclr.models import resnet
+from jaxclr.models.simclr import build_model
+
+
+def param_count(depth, width, size, cifar_stem):
+  model = resnet.ResNet(depth=depth, width_multiplier=width,
+                        cifar_stem=cifar_stem)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  return sum(x.size for x in jax.tree.leaves(shapes["params"]))
+
+
+@pytest.mark.parametrize("depth,width,size,stem,expected_millions", [
+    (50, 1, 224, False, 23.5),   # P1 Table 6 lists 24M with the head.
+    (50, 2, 224, False, 94.0),
+    (18, 1, 32, True, 11.2),
+])
+def test_parameter_counts(depth, width, size, stem, expected_millions):
+  assert param_count(depth, width, size, stem) / 1e6 == pytest.approx(
+      expected_millions, abs=0.1)
+
+
+def tiny_config(**model):
+  c = config_lib.base_config()
+  c.image_size = 16
+  c.model.depth = 18
+  c.model.width_multiplier = 0.25
+  c.model.update(model)
+  return c
+
+
+def init(config, num_classes=0):
+  model = build_model(config, num_classes)
+  x = jnp.ones((4, config.image_size, config.image_size, 3))
+  return model, model.init(jax.random.key(0), x, train=True), x
+
+
+def test_last_bn_of_each_block_starts_at_zero_and_convs_have_no_bias():
+  _, variables, _ = init(tiny_config())
+  flat = flax.traverse_util.flatten_dict(variables["params"])
+  last_bn_scales = [v for k, v in flat.items() if k[-2] == "bn2" and
+                    k[-1] == "scale" and k[0] == "encoder"]
+  assert len(last_bn_scales) == 8  # One per basic block of R-18.
+  assert all(np.all(v == 0) for v in last_bn_scales)
+  other_scales = [v for k, v in flat.items()
+                  if k[-1] == "scale" and k[-2] != "bn2"]
+  assert all(np.all(v == 1) for v in other_scales)
+  conv_biases = [k for k in flat if "Conv_0" in k and k[-1] == "bias"]
+  assert conv_biases == []
+
+
+def test_every_group_starts_with_a_projection_shortcut():
+  _, variables, _ = init(tiny_config())
+  enc = variables["params"]["encoder"]
+  for g in range(1, 5):
+    assert "proj_conv" in enc[f"group{g}_block1"]
+    assert "proj_conv" not in enc[f"group{g}_block2"]
+
+
+def test_conv_init_is_fan_in_truncated_normal_scale_one():
+  model = resnet.ResNet(depth=50, width_multiplier=1.0)
+  v = model.init(jax.random.key(1), jnp.ones((1, 32, 32, 3)), train=False)
+  k = np.asarray(v["params"]["group3_block1"]["conv2"]["Conv_0"]["kernel"])
+  fan_in = np.prod(k.shape[:-1])
+  np.testing.assert_allclose(k.std(), np.sqrt(1.0 / fan_in), rtol=0.05)
+  assert np.abs(k).max() <= 2 * np.sqrt(1.0 / fan_in) / 0.8796 + 1e-6
+
+
+@pytest.mark.parametrize("layers", [2, 3])
+def test_projection_head_structure(layers):
+  config = tiny_config(num_proj_layers=layers, proj_out_dim=12)
+  model, variables, x = init(config, num_classes=5)
+  head = variables["params"]["projection_head"]
+  assert sorted(k for k in head if k.startswith("dense")) == [
+      f"dense{j}" for j in range(layers)]
+  assert all("bias" not in head[f"dense{j}"] for j in range(layers))
+  assert set(head[f"bn{layers - 1}"]) == {"scale"}  # Last BN: no beta.
+  assert all(set(head[f"bn{j}"]) == {"scale", "bias"} for j in range(layers - 1))
+  out = model.apply(variables, x, train=False)
+  h_dim = resnet.feature_dim(18, 0.25)
+  assert out["h"].shape == (4, h_dim)
+  assert [p.shape for p in out["proj"]] == [(4, h_dim)] * (layers - 1) + [(4, 12)]
+  assert out["z"].shape == (4, 12) and out["logits"].shape == (4, 5)
+
+
+def test_probe_does_not_backpropagate_into_the_encoder():
+  model, variables, x = init(tiny_config(), num_classes=3)
+
+  def probe_only(params):
+    out, _ = model.apply({**variables, "params": params}, x, train=True,
+                         mutable=["batch_stats"])
+    return jnp.sum(out["logits"] ** 2)
+
+  grads = jax.grad(probe_only)(variables["params"])
+  enc_norm = sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads["encoder"]))
+  head_norm = sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads["linear_head"]))
+  assert float(enc_norm) == 0.0 and float(head_norm) > 0.0
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  config = tiny_config(compute_dtype="bfloat16")
+  model, variables, x = init(config)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  out = model.apply(variables, x, train=False)
+  assert out["proj"][0].dtype == jnp.bfloat16
+  assert out["z"].dtype == jnp.float32  # Loss inputs are upcast.
+  out32 = build_model(tiny_config(), 0).apply(variables, x, train=False)
+  np.testing.assert_allclose(out["h"], out32["h"], rtol=0.05, atol=0.05)
+
+
+def test_imagenet_stem_and_groups_downsample_by_32():
+  model = resnet.ResNet(depth=18, width_multiplier=0.125)
+  x = jnp.ones((1, 64, 64, 3))
+  v = model.init(jax.random.key(0), x, train=False)
+  _, state = model.apply(v, x, train=False, capture_intermediates=True,
+                         mutable=["intermediates"])
+  last_block = state["intermediates"]["group4_block2"]["__call__"][0]
+  assert last_block.shape == (1, 2, 2, 64)  # 64 px / 32, 512 x 0.125 channels

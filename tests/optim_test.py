@@ -1,0 +1,160 @@
+"""LARS and the learning-rate schedule against SimCLR's rules, written out."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxclr import config_lib, optim
+
+
+def simclr_lars_reference(params, grads_per_step, lrs, *, wd, eeta, momentum,
+                          excluded):
+  """SimCLR's classic-momentum LARS (SIMCLR_REFERENCE.md 2.2), in NumPy.
+
+  excluded: names skipped for both weight decay and trust-ratio adaptation.
+  """
+  w = {k: np.array(v, np.float64) for k, v in params.items()}
+  v = {k: np.zeros_like(x) for k, x in w.items()}
+  for grads, lr in zip(grads_per_step, lrs):
+    for k in w:
+      g = np.array(grads[k], np.float64)
+      if k not in excluded:
+        g = g + wd * w[k]
+        w_norm, g_norm = np.linalg.norm(w[k]), np.linalg.norm(g)
+        trust = eeta * w_norm / g_norm if w_norm > 0 and g_norm > 0 else 1.0
+      else:
+        trust = 1.0
+      v[k] = momentum * v[k] + lr * trust * g
+      w[k] = w[k] - v[k]
+  return w
+
+
+def make_config(**overrides):
+  c = config_lib.base_config()
+  for k, val in overrides.items():
+    c[k] = val
+  return c
+
+
+def test_lars_matches_simclr_classic_momentum_with_changing_lr():
+  rng = np.random.default_rng(0)
+  params = {
+      "encoder": {"conv": {"kernel": rng.normal(size=(3, 3, 4, 8))},
+                  "bn": {"scale": rng.normal(size=(8,)),
+                         "bias": rng.normal(size=(8,))}},
+      "linear_head": {"Dense_0": {"kernel": rng.normal(size=(8, 10)),
+                                  "bias": rng.normal(size=(10,))}},
+  }
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  c = make_config(batch_size=512, num_train_steps=6, learning_rate=1.0,
+                  warmup_epochs=1.0, weight_decay=1e-3)
+  plan = optim.training_plan(c, num_examples=1536)  # 3 steps per epoch
+  assert plan.warmup_steps == 3 and plan.total_steps == 6
+  tx = optim.create_optimizer(c, plan)
+  schedule = optim.learning_rate_schedule(plan)
+  opt_state = tx.init(params)
+  grads_seq, lrs = [], []
+  p = params
+  for step in range(6):
+    g = jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p)
+    grads_seq.append(g)
+    lrs.append(float(schedule(step)))
+    updates, opt_state = tx.update(g, opt_state, p)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+  assert len(set(lrs)) == 6  # The LR changes every step.
+
+  def flat(tree):
+    return {"/".join(str(q.key) for q in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  excluded = {"encoder/bn/scale", "encoder/bn/bias", "linear_head/Dense_0/kernel",
+              "linear_head/Dense_0/bias"}
+  expected = simclr_lars_reference(
+      flat(params), [flat(g) for g in grads_seq], lrs, wd=1e-3, eeta=1e-3,
+      momentum=0.9, excluded=excluded)
+  got = flat(p)
+  for k in expected:
+    np.testing.assert_allclose(got[k], expected[k], rtol=2e-5, atol=1e-6,
+                               err_msg=k)
+
+
+def test_lars_mask_excludes_bn_biases_and_probe():
+  params = {"encoder": {"stem_conv": {"Conv_0": {"kernel": jnp.ones((3, 3, 3, 4))}},
+                        "stem_bn": {"scale": jnp.ones(4), "bias": jnp.ones(4)}},
+            "projection_head": {"dense0": {"kernel": jnp.ones((4, 4))}},
+            "linear_head": {"Dense_0": {"kernel": jnp.ones((4, 2)),
+                                        "bias": jnp.ones(2)}}}
+  mask = optim.lars_mask(params)
+  assert mask["encoder"]["stem_conv"]["Conv_0"]["kernel"]
+  assert mask["projection_head"]["dense0"]["kernel"]
+  assert not mask["encoder"]["stem_bn"]["scale"]
+  assert not mask["encoder"]["stem_bn"]["bias"]
+  assert not mask["linear_head"]["Dense_0"]["kernel"]
+  assert not mask["linear_head"]["Dense_0"]["bias"]
+
+
+def hand_schedule(step, peak, warmup, total):
+  if step < warmup:
+    return step / warmup * peak
+  progress = min(step - warmup, total - warmup) / (total - warmup)
+  return peak * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@pytest.mark.parametrize("scaling,base,expected_peak", [
+    ("linear", 0.3, 4.8),      # 0.3 x 4096/256
+    ("sqrt", 0.075, 4.8),      # 0.075 x sqrt(4096)
+])
+def test_imagenet_plan_and_schedule(scaling, base, expected_peak):
+  c = make_config(batch_size=4096, num_epochs=100, warmup_epochs=10.0,
+                  learning_rate=base, learning_rate_scaling=scaling)
+  plan = optim.training_plan(c, num_examples=1281167)
+  assert plan.total_steps == 31279 and plan.warmup_steps == 3127
+  assert plan.peak_learning_rate == pytest.approx(expected_peak)
+  schedule = optim.learning_rate_schedule(plan)
+  mid = (plan.warmup_steps + plan.total_steps) // 2
+  for step in (0, 1, plan.warmup_steps, mid, plan.total_steps - 1,
+               plan.total_steps):
+    np.testing.assert_allclose(
+        float(schedule(step)),
+        hand_schedule(step, expected_peak, 3127, 31279), atol=2e-6,
+        err_msg=f"step {step}")
+  assert float(schedule(0)) == 0.0
+  np.testing.assert_allclose(float(schedule(mid)), expected_peak / 2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("batch,linear,sqrt_", [
+    (256, 0.3, 1.2), (1024, 1.2, 2.4), (8192, 9.6, 6.788)])
+def test_scalings_at_other_batch_sizes(batch, linear, sqrt_):
+  assert optim.scaled_learning_rate(0.3, batch, "linear") == pytest.approx(linear)
+  assert optim.scaled_learning_rate(0.075, batch, "sqrt") == pytest.approx(
+      sqrt_, rel=1e-3)
+
+
+def test_cifar_recipe_step_counts():
+  c = make_config(batch_size=512, num_epochs=1000, warmup_epochs=10.0,
+                  learning_rate=1.0)
+  plan = optim.training_plan(c, num_examples=50000)
+  assert plan.total_steps == 97657 and plan.warmup_steps == 976
+  assert plan.peak_learning_rate == pytest.approx(2.0)
+
+
+def test_num_train_steps_overrides_epochs():
+  c = make_config(batch_size=256, num_epochs=100, num_train_steps=7,
+                  warmup_epochs=0.0)
+  plan = optim.training_plan(c, num_examples=1000)
+  assert plan.total_steps == 7 and plan.warmup_steps == 0
+  schedule = optim.learning_rate_schedule(plan)
+  np.testing.assert_allclose(float(schedule(0)), plan.peak_learning_rate,
+                             rtol=1e-6)
+
+
+def test_probe_l2_penalty_counts_kernel_only():
+  params = {"linear_head": {"Dense_0": {"kernel": jnp.full((2, 3), 2.0),
+                                        "bias": jnp.full((3,), 5.0)}},
+            "encoder": {"k": jnp.ones((4, 4))}}
+  np.testing.assert_allclose(optim.probe_l2_penalty(params, 0.1),
+                             0.1 * 0.5 * 6 * 4.0)
