@@ -23,7 +23,9 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, batch=256, steps=300, on_device=False)
   c = config_lib.base_config()
   c.dataset = "digits"
-  c.image_size = 32
+  # The digits are 8x8 underneath: training at 16 px loses nothing the 32 px
+  # upscale had, and each step costs ~4x less on a CPU.
+  c.image_size = 16
   c.batch_size = arg.batch
   c.num_train_steps = arg.steps
   c.model.depth = 18
