@@ -27,9 +27,14 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   batch_stats: Any
   opt_state: Any
-  # int32 [2]: (first step whose loss or gradient was non-finite, or -1;
-  # how many such steps). Kept on device so the guard never syncs the host.
+  # int32 [3]: (first step whose loss or gradient was non-finite, or -1;
+  # how many such steps; at the first one, NONFINITE_LOSS | NONFINITE_GRAD).
+  # Kept on device so the guard never syncs the host.
   nonfinite: jax.Array
+
+
+NONFINITE_LOSS, NONFINITE_GRAD = 1, 2
+NO_NONFINITE = (-1, 0, 0)
 
 
 def init_train_state(rng, *, model: nn.Module, tx: optax.GradientTransformation,
@@ -41,7 +46,7 @@ def init_train_state(rng, *, model: nn.Module, tx: optax.GradientTransformation,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=variables["batch_stats"],
                     opt_state=tx.init(params),
-                    nonfinite=jnp.array([-1, 0], jnp.int32))
+                    nonfinite=jnp.array(NO_NONFINITE, jnp.int32))
 
 
 def flatten_views(images):
@@ -71,12 +76,15 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                mesh, temperature: float, hidden_norm: bool,
                weight_decay: float, nonfinite_policy: str,
-               augment_fn: Callable | None = None, rng=None):
+               augment_fn: Callable | None = None, rng=None,
+               debug_inject_nan_at_step: int = -1):
   """One SimCLR update on the global batch. Pure in (state, batch).
 
   batch: images [B, 2, H, W, 3] float in [0, 1], labels [B], example_ids [B].
   augment_fn(images, example_ids, rng, step) -> images runs on device when
   the colour/blur augmentations are configured to.
+  debug_inject_nan_at_step > 0 (tests) makes the loss of the update that
+  produces that step NaN; at -1 the program does not contain the check.
   """
   images = batch["images"].astype(jnp.float32)
   if augment_fn is not None:
@@ -98,6 +106,9 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
       probe_loss, probe_acc = probe_loss_and_accuracy(logits, batch["labels"])
       total = total + probe_loss + optim.probe_l2_penalty(params, weight_decay)
       metrics = {**metrics, "probe_loss": probe_loss, "probe_acc": probe_acc}
+    if debug_inject_nan_at_step > 0:
+      total = total * jnp.where(state.step + 1 == debug_inject_nan_at_step,
+                                jnp.nan, 1.0)
     return total, (loss, metrics, new_vars["batch_stats"])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -105,11 +116,17 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
 
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
-  first_bad, num_bad = state.nonfinite[0], state.nonfinite[1]
-  first_bad = jnp.where((first_bad < 0) & ~finite, state.step, first_bad)
-  nonfinite = jnp.stack([first_bad, num_bad + (~finite).astype(jnp.int32)])
+  grad_norm = optax.tree.norm(grads)
+  loss_ok, grad_ok = jnp.isfinite(total), jnp.isfinite(grad_norm)
+  finite = loss_ok & grad_ok
+  first_bad, num_bad, which = (state.nonfinite[0], state.nonfinite[1],
+                               state.nonfinite[2])
+  is_first = (first_bad < 0) & ~finite
+  first_bad = jnp.where(is_first, state.step, first_bad)
+  which = jnp.where(is_first, jnp.where(loss_ok, 0, NONFINITE_LOSS) |
+                    jnp.where(grad_ok, 0, NONFINITE_GRAD), which)
+  nonfinite = jnp.stack([first_bad, num_bad + (~finite).astype(jnp.int32),
+                         which])
   if nonfinite_policy == "stop":
     # Freeze everything from the first bad step on; the host stops the run
     # at its next check without ever saving the poisoned state.
@@ -140,7 +157,8 @@ def make_train_step(*, config, model, tx, schedule, mesh, state_sharding,
       temperature=config.temperature, hidden_norm=config.hidden_norm,
       weight_decay=config.weight_decay,
       nonfinite_policy=config.nonfinite_policy, augment_fn=augment_fn,
-      rng=rng)
+      rng=rng,
+      debug_inject_nan_at_step=config.get("debug_inject_nan_at_step", -1))
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated_sharding),
                  donate_argnums=0)

@@ -1,0 +1,116 @@
+"""The pretraining job end to end on synthetic data: files, checkpoints, resume."""
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jaxclr import checkpoint, config_lib, pretrain, workdir as workdir_lib
+from jaxclr.data import input_pipeline
+from jaxclr.parallel import sharding
+
+
+def tiny_config(**overrides):
+  c = config_lib.base_config()
+  c.dataset = "synthetic"
+  c.synthetic.num_examples = 64
+  c.synthetic.num_classes = 4
+  c.image_size = 8
+  c.batch_size = 16
+  c.model.depth = 18
+  c.model.width_multiplier = 0.125
+  c.model.num_proj_layers = 2
+  c.model.proj_out_dim = 16
+  c.num_train_steps = 4
+  c.warmup_epochs = 0.5
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def restore_state(config, workdir, step=None):
+  mesh = sharding.make_mesh("explicit")
+  info = input_pipeline.dataset_info(config)
+  plan = pretrain.optim.training_plan(config, info.num_train_examples)
+  trainer = pretrain.create_trainer(config, mesh, plan, info.num_classes)
+  store = checkpoint.CheckpointStore(
+      os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), save_every_steps=1,
+      max_to_keep=10)
+  try:
+    state, meta, restored_step = store.restore(
+        trainer.abstract_state(jax.random.key(0)), step=step)
+  finally:
+    store.close()
+  return jax.device_get(state), meta, restored_step
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  last = pretrain.run(tiny_config(), workdir)
+  return workdir, last
+
+
+def test_workdir_contract(straight_run):
+  workdir, last = straight_run
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["model"]["depth"] == 18
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(l) for l in f]
+  assert [r["step"] for r in records] == [1, 2, 3, 4]
+  for key in ("loss", "contrast_acc", "learning_rate", "images_per_sec",
+              "probe_acc", "contrast_entropy"):
+    assert all(np.isfinite(r[key]) for r in records), key
+  assert records[-1]["loss"] == pytest.approx(last["loss"])
+  assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+  # Warmup 0.5 epochs = 2 steps: lr is 0 at step 0, peak at step 2.
+  plan_peak = 0.3 * 16 / 256
+  assert records[0]["learning_rate"] == 0.0  # logged lr is that of step 0
+  assert records[2]["learning_rate"] == pytest.approx(plan_peak, rel=1e-5)
+
+
+def test_checkpoint_holds_the_final_state(straight_run):
+  workdir, _ = straight_run
+  state, meta, step = restore_state(tiny_config(), workdir)
+  assert step == 4 and int(state.step) == 4 and meta["step"] == 4
+  assert list(state.nonfinite) == [-1, 0]
+
+
+def test_resume_from_an_earlier_checkpoint_equals_uninterrupted(
+    straight_run, tmp_path):
+  workdir, _ = straight_run
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(workdir, resumed)
+  # As if the run had been killed after the step-2 checkpoint.
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  pretrain.run(tiny_config(), resumed)
+  want, _, _ = restore_state(tiny_config(), workdir, step=4)
+  got, _, _ = restore_state(tiny_config(), resumed, step=4)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+  with open(os.path.join(resumed, "metrics.jsonl")) as f:
+    steps = [json.loads(l)["step"] for l in f]
+  assert steps == [1, 2, 3, 4]  # Superseded records 3, 4 were replaced.
+
+
+def test_rerun_of_a_finished_workdir_trains_nothing(straight_run):
+  workdir, _ = straight_run
+  before = restore_state(tiny_config(), workdir)[0]
+  assert pretrain.run(tiny_config(), workdir) == {}
+  after = restore_state(tiny_config(), workdir)[0]
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_config_mismatch_is_refused_and_lists_fields(straight_run):
+  workdir, _ = straight_run
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r"model.depth: 18 -> 34[\s\S]*temperature"):
+    pretrain.run(tiny_config(temperature=0.5, model=dict(
+        tiny_config().model.to_dict(), depth=34)), workdir)
