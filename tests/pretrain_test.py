@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxclr import checkpoint, config_lib, pretrain, workdir as workdir_lib
+from jaxclr import checkpoint, config_lib, pretrain, train, workdir as workdir_lib
 from jaxclr.data import input_pipeline
 from jaxclr.parallel import sharding
 
@@ -79,7 +79,7 @@ def test_checkpoint_holds_the_final_state(straight_run):
   workdir, _ = straight_run
   state, meta, step = restore_state(tiny_config(), workdir)
   assert step == 4 and int(state.step) == 4 and meta["step"] == 4
-  assert list(state.nonfinite) == [-1, 0]
+  assert tuple(int(x) for x in state.nonfinite) == train.NO_NONFINITE
 
 
 def test_resume_from_an_earlier_checkpoint_equals_uninterrupted(
