@@ -1,24 +1,56 @@
 """Orbax checkpoints: async saves, restore-or-init, corruption fallback.
 
-Orbax writes each step to a temporary directory and renames it only once
-every process has finished, so an interrupted save never looks like a
-checkpoint. A finalised checkpoint whose files were later damaged is caught at
-restore: it is moved aside (never deleted) and the next newest one is used.
+Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it only
+once every process has finished, so an interrupted save never looks like a
+checkpoint (such leftovers are reported and removed at start-up). With
+max_to_keep, Orbax picks the steps to drop when a save starts but deletes
+them in its finalize thread only after the new step is committed, so a crash
+mid-save leaves max_to_keep + 1 checkpoints, never fewer valid ones.
+
+A committed checkpoint whose files were later damaged is caught at restore:
+TensorStore reports truncated files, and a per-leaf CRC-32 stored in the
+"meta" item catches changed bytes, which TensorStore does not. A damaged
+checkpoint newer than the newest valid one is moved aside (never deleted) and
+the valid one is used. When none can be restored (e.g. the model changed) no
+checkpoint is touched and CheckpointError names the newest one's error.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import zlib
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxclr import workdir as workdir_lib
+
 CORRUPT_PREFIX = "corrupt_"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"
+FINGERPRINT_KEY = "fingerprint"
+
+
+class CheckpointError(workdir_lib.WorkdirError):
+  """No checkpoint in a workdir can be restored (user-facing, one line)."""
+
+
+def fingerprint(state) -> dict[str, int]:
+  """{leaf path: CRC-32 of the leaf's bytes} of a pytree of arrays.
+
+  Computed on the host from this process's copy of each (replicated) array:
+  a compiled on-device hash would cost a compilation per model, while the
+  host copy is what Orbax writes anyway. ~1 s per GB.
+  """
+  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
+  return {jax.tree_util.keystr(path): zlib.crc32(
+              np.ascontiguousarray(np.asarray(leaf)).view(np.uint8))
+          for path, leaf in flat}
 
 
 class CheckpointStore:
@@ -27,6 +59,7 @@ class CheckpointStore:
   def __init__(self, directory, *, save_every_steps: int, max_to_keep: int,
                async_save: bool = True):
     self.directory = epath.Path(directory)
+    self.report_incomplete_saves()
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, save_every_steps), max_to_keep=max_to_keep,
         enable_async_checkpointing=async_save, create=True,
@@ -37,32 +70,69 @@ class CheckpointStore:
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
+  def path(self, step: int) -> str:
+    return os.fspath(self.directory / str(step))
+
   def restore(self, abstract_state, step: int | None = None):
     """Restores `step` (default: the newest valid one).
 
-    Returns (state, meta, step) or None when there is no checkpoint. A latest
-    checkpoint that fails to restore is reported, moved aside and skipped; an
-    explicitly requested step that fails raises.
+    Returns (state, meta, step) or None when there is no checkpoint. Damaged
+    checkpoints newer than the newest valid one are reported by path, moved
+    aside and skipped; an explicitly requested step that fails raises.
+
+    Raises:
+      CheckpointError: checkpoints exist but none can be restored (nothing
+        is moved aside then: the cause is more likely a changed model).
     """
     if step is not None:
       return self._restore_step(abstract_state, step) + (step,)
+    damaged = []
     for candidate in reversed(self.all_steps()):
       try:
         state, meta = self._restore_step(abstract_state, candidate)
-        return state, meta, candidate
       except Exception as e:  # Orbax raises many types for damaged files.
-        path = self.directory / str(candidate)
-        logging.warning("Checkpoint %s is unreadable (%s: %s); falling back "
-                        "to the previous one.", path, type(e).__name__,
-                        str(e).splitlines()[0][:300])
-        self._move_aside(candidate)
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        logging.warning("Checkpoint %s cannot be restored (%s); trying the "
+                        "previous one.", self.path(candidate), reason)
+        damaged.append((candidate, reason))
+        continue
+      for bad, _ in damaged:
+        self._move_aside(bad)
+      if damaged:
+        logging.warning("Resuming from %s, the newest valid checkpoint.",
+                        self.path(candidate))
+      return state, meta, candidate
+    if damaged:
+      raise CheckpointError(
+          f"No checkpoint in {os.fspath(self.directory)} can be restored "
+          f"(newest {self.path(damaged[0][0])}: {damaged[0][1]}); if the "
+          "model or optimizer changed, use a new --workdir")
     return None
 
   def _restore_step(self, abstract_state, step: int):
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         meta=ocp.args.JsonRestore()))
+    expected = (restored.meta or {}).get(FINGERPRINT_KEY)
+    if expected is not None:
+      actual = fingerprint(restored.state)
+      bad = sorted(k for k in set(expected) | set(actual)
+                   if expected.get(k) != actual.get(k))
+      if bad:
+        raise ValueError(f"contents differ from what was saved in "
+                         f"{len(bad)} array(s), first {bad[0]}")
     return restored.state, restored.meta
+
+  def report_incomplete_saves(self) -> list[str]:
+    """Warns about saves that never committed (Orbax removes them)."""
+    if not self.directory.exists():
+      return []
+    found = sorted(os.fspath(p) for p in self.directory.iterdir()
+                   if TMP_SUFFIX in p.name)
+    for path in found:
+      logging.warning("Incomplete checkpoint %s (a save that was interrupted)"
+                      " is ignored.", path)
+    return found
 
   def _move_aside(self, step: int):
     """Renames a damaged checkpoint so later saves of that step can proceed."""
@@ -78,7 +148,11 @@ class CheckpointStore:
 
   def save(self, step: int, state, meta: dict[str, Any], *,
            force: bool = False) -> bool:
-    """Starts an (async) save; with force, saves regardless of the interval."""
+    """Starts an (async) save; with force, saves regardless of the interval.
+
+    The state's fingerprint goes into the meta item, for restore to check.
+    """
+    meta = {**meta, FINGERPRINT_KEY: fingerprint(state)}
     return self.manager.save(
         step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                       meta=ocp.args.JsonSave(meta)),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging as logging_lib
+import re
 import sys
 
 from absl import flags, logging
@@ -15,6 +16,59 @@ from absl import flags, logging
 FLAGS = flags.FLAGS
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3
+# SIGTERM / preemption: a checkpoint at the current step was committed; the
+# same command resumes. Non-zero so that restart-on-failure policies
+# (Kubernetes, SLURM --requeue, shell retry loops) resume the run.
+EXIT_PREEMPTED = 4
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def _fail(message: str):
+  print(f"jaxclr: error: {_one_line(message)}", file=sys.stderr, flush=True)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flags parser for app.run(main, flags_parser=parse_flags).
+
+  Bad flags, unknown --config.* fields (ml_collections raises KeyError /
+  AttributeError with lock_config=True), badly typed overrides and config
+  files that fail to load become one line on stderr and exit status 2,
+  instead of a traceback.
+  """
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    text = str(e)
+    if "Traceback (most recent call last)" in text:  # A config file raised.
+      head = text.split("Traceback (most recent call last)")[0]
+      text = head + text.strip().splitlines()[-1]
+    _fail(text)
+  except (KeyError, AttributeError) as e:
+    raw = e.args[0] if e.args else str(e)
+    raw = raw.args[0] if isinstance(raw, BaseException) and raw.args else raw
+    match = re.search(r"'([^'\\]+)'", str(raw))
+    name = match.group(1) if match else str(raw)
+    hint = re.search(r"Did you mean .*", str(raw))
+    arg = next((a for a in argv[1:] if re.search(
+        rf"[.]{re.escape(name)}(=|$)", a)), name)
+    _fail(f"unknown config field {name!r} in {arg}"
+          + (f"; {hint.group(0)}" if hint else "")
+          + "; fields are those of jaxclr/config_lib.py:base_config()")
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(f"bad command line: {type(e).__name__}: {e}")
+  if "config" in FLAGS:
+    try:
+      if FLAGS.config is not None:  # A file that failed to load raises here.
+        FLAGS.config.get("seed")
+    except Exception as e:  # pylint: disable=broad-except
+      cause = e.__cause__ or e
+      _fail(f"cannot load --config={FLAGS['config'].config_filename}: "
+            f"{_one_line(cause)}")
+  return rest
 
 
 def define_distributed_flags():
@@ -62,9 +116,13 @@ def user_errors_exit():
   except (config_lib.ConfigError, input_pipeline.DataError,
           workdir.WorkdirError) as e:
     logging.flush()
-    print(f"jaxclr: error: {e}", file=sys.stderr, flush=True)
+    print(f"jaxclr: error: {_one_line(e)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
   except pretrain.NonFiniteError as e:
     logging.flush()
-    print(f"jaxclr: error: {e}", file=sys.stderr, flush=True)
+    print(f"jaxclr: error: {_one_line(e)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_DIVERGED)
+  except pretrain.Preempted as e:
+    logging.flush()
+    print(f"jaxclr: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)

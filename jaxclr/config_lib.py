@@ -8,6 +8,8 @@ never stored here: `jaxclr.optim.training_plan` computes them in one place.
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 
@@ -118,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_checkpoints_to_keep = 3
   c.eval_every_steps = -1  # > 0: periodic kNN evaluation (labelled data only).
   c.nonfinite_policy = "stop"  # 'stop' or 'skip' the update.
+  # Tests only: > 0 multiplies the loss of the update that produces step N
+  # by NaN inside the jitted step (absent from the program when -1).
+  c.debug_inject_nan_at_step = -1
   c.mesh_axis_type = "explicit"  # 'explicit' or 'auto' data axis.
   # Resume a workdir whose config.json differs in fields that change results.
   c.allow_config_mismatch = False
@@ -130,10 +135,21 @@ class ConfigError(ValueError):
 
 DEPTHS = (18, 34, 50, 101, 152, 200)
 COMPUTE_DTYPES = ("float32", "bfloat16")
-BUILTIN_DATASETS = ("imagenet2012", "imagenet2012_subset/1pct",
-                    "imagenet2012_subset/10pct", "cifar10", "cifar100", "stl10",
-                    "digits", "synthetic")
+TFDS_DATASETS = ("imagenet2012", "imagenet2012_subset/1pct",
+                 "imagenet2012_subset/10pct", "cifar10", "cifar100", "stl10")
+BUILTIN_DATASETS = TFDS_DATASETS + ("digits", "synthetic")
 DATASET_PREFIXES = ("folder:", "npz:")
+
+
+def tfds_data_dir(config) -> str | None:
+  """Where a TFDS dataset is read from: config.data_dir, else $TFDS_DATA_DIR,
+  else ~/tensorflow_datasets when it exists (the same order as the source)."""
+  if config.get("data_dir"):
+    return config.data_dir
+  if os.environ.get("TFDS_DATA_DIR"):
+    return os.environ["TFDS_DATA_DIR"]
+  default = os.path.expanduser("~/tensorflow_datasets")
+  return default if os.path.isdir(default) else None
 
 
 def _check(ok: bool, message: str):
@@ -155,19 +171,37 @@ def _range(name: str, value, lo: float, hi: float):
          f"{lo} <= min <= max <= {hi}")
 
 
+def _flat_keys(d, prefix=""):
+  for k, v in d.items():
+    if isinstance(v, (dict, ml_collections.ConfigDict)):
+      yield from _flat_keys(v, f"{prefix}{k}.")
+    else:
+      yield f"{prefix}{k}"
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field a run reads, before any data loading or compilation.
 
   Raises:
     ConfigError naming the bad value and what would be valid.
   """
+  unknown = sorted(set(_flat_keys(config)) - set(_flat_keys(base_config())))
+  _check(not unknown, f"unknown config field(s) {', '.join(unknown)}; the "
+         "fields are those of jaxclr/config_lib.py:base_config()")
   ds = config.dataset
-  _check(ds in BUILTIN_DATASETS or ds.startswith(DATASET_PREFIXES)
-         or ds.startswith("tfds:"),
+  _check(isinstance(ds, str) and (ds in BUILTIN_DATASETS or
+                                  ds.startswith(DATASET_PREFIXES)),
          f"dataset={ds!r} is unknown; valid: {', '.join(BUILTIN_DATASETS)}, "
-         "'tfds:<name>', 'folder:/path/to/images' or 'npz:/path/to/file.npz'")
+         "'folder:/path/to/images' or 'npz:/path/to/file.npz'")
   _check(not ds.startswith(DATASET_PREFIXES) or len(ds.split(":", 1)[1]) > 0,
          f"dataset={ds!r} needs a path after the colon")
+  if ds in TFDS_DATASETS:
+    data_dir = tfds_data_dir(config)
+    _check(data_dir is not None,
+           f"dataset={ds!r} is read from a prepared TFDS build but data_dir "
+           "is not set; pass --config.data_dir=DIR (or set TFDS_DATA_DIR)")
+    _check(os.path.isdir(data_dir),
+           f"data_dir={data_dir!r} (for dataset={ds!r}) does not exist")
   m = config.model
   _check(m.depth in DEPTHS, f"model.depth={m.depth!r} is unknown; valid: {DEPTHS}")
   _positive(config, "model.width_multiplier", m.width_multiplier)
@@ -180,7 +214,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(0.0 <= m.bn_momentum < 1.0,
          f"model.bn_momentum={m.bn_momentum!r} must be in [0, 1)")
   _positive(config, "model.bn_epsilon", m.bn_epsilon)
-  _check(config.image_size >= 8,
+  _check(isinstance(config.image_size, int) and config.image_size >= 8,
          f"image_size={config.image_size!r} must be >= 8 pixels")
   _positive(config, "batch_size", config.batch_size)
   _positive(config, "temperature", config.temperature)
@@ -204,6 +238,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for name in ("log_every_steps", "checkpoint_every_steps",
                "max_checkpoints_to_keep"):
     _positive(config, name, config[name])
+  _check(config.debug_inject_nan_at_step == -1 or
+         config.debug_inject_nan_at_step >= 1,
+         f"debug_inject_nan_at_step={config.debug_inject_nan_at_step!r} must "
+         "be -1 (off) or a step >= 1")
   _check(config.nonfinite_policy in ("stop", "skip"),
          f"nonfinite_policy={config.nonfinite_policy!r}; valid: 'stop', 'skip'")
   _check(config.mesh_axis_type in ("explicit", "auto"),

@@ -28,20 +28,37 @@ class NonFiniteError(RuntimeError):
   """The loss or gradient became NaN/Inf; nothing poisoned was saved."""
 
 
-class PreemptionFlag:
-  """Set by SIGTERM. Single-process runs act on it at the next step; across
-  processes Orbax's reached_preemption (JAX's preemption sync point) decides,
-  so that every host stops at the same step."""
+class Preempted(Exception):
+  """SIGTERM or a preemption notice stopped the run after a checkpoint was
+  committed at the current step; the same command resumes it."""
 
-  def __init__(self):
+  def __init__(self, step: int, path: str):
+    super().__init__(f"preempted: saved a checkpoint at step {step} ({path}); "
+                     "re-run the same command to resume")
+    self.step, self.path = step, path
+
+
+class PreemptionFlag:
+  """Set by SIGTERM in single-process runs; the loop acts on it after the
+  step it is in (Python runs signal handlers between bytecodes, so a handler
+  caught while the main thread waits in XLA runs when that call returns).
+
+  Across processes the handler is not installed: jax.distributed's own
+  SIGTERM notifier feeds JAX's preemption sync point, which Orbax's
+  reached_preemption reads, so every host stops and saves at the same step.
+  Replacing that handler with a Python one would hide the notice.
+  """
+
+  def __init__(self, install: bool = True):
     self.event = threading.Event()
     self._previous = None
-    if threading.current_thread() is threading.main_thread():
+    if install and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    logging.warning("SIGTERM received: saving a checkpoint after this step "
+                    "and exiting.")
     self.event.set()
 
   def restore(self):
@@ -86,22 +103,36 @@ def describe_run(config, plan: optim.TrainingPlan, mesh) -> str:
       f"{config.learning_rate_scaling}-scaled)")
 
 
-def _check_finite(state, step: int, metrics, store) -> None:
-  first_bad, count = (int(x) for x in jax.device_get(state.nonfinite))
+def _nonfinite_metrics(which: int) -> str:
+  names = [name for bit, name in ((train.NONFINITE_LOSS, "total_loss"),
+                                  (train.NONFINITE_GRAD, "grad_norm"))
+           if which & bit]
+  return " and ".join(names) or "total_loss/grad_norm"
+
+
+def _check_finite(state, policy: str, store, reported: int) -> int:
+  """Raises NonFiniteError (policy 'stop') if any update was non-finite.
+
+  With policy 'skip' it warns about newly skipped updates instead and returns
+  how many have been skipped so far (pass it back as `reported`).
+  Steps are numbered as in the logs: the update that produces step N.
+  """
+  first_bad, count, which = (int(x) for x in jax.device_get(state.nonfinite))
   if first_bad < 0:
-    return
+    return 0
+  step, metric = first_bad + 1, _nonfinite_metrics(which)
+  if policy == "skip":
+    if count > reported:
+      logging.warning("Skipped %d update(s) with a non-finite loss or "
+                      "gradient norm so far (the first at step %d: %s).",
+                      count, step, metric)
+    return count
   steps = store.all_steps()
-  last_good = (os.path.join(os.fspath(store.directory), str(steps[-1]))
-               if steps else "none")
-  detail = ""
-  if metrics is not None:
-    detail = (f" (loss={metrics.get('total_loss')}, "
-              f"grad_norm={metrics.get('grad_norm')})")
+  last_good = store.path(steps[-1]) if steps else "none (no checkpoint yet)"
   raise NonFiniteError(
-      f"Non-finite loss or gradient norm at step {first_bad}{detail}; "
-      f"{count} such step(s). Stopped without saving; last good checkpoint: "
-      f"{last_good}. Lower the learning rate, or set "
-      "--config.nonfinite_policy=skip to skip such updates.")
+      f"non-finite {metric} at step {step}; stopped without saving (last "
+      f"good checkpoint: {last_good}). Lower the learning rate, or set "
+      "--config.nonfinite_policy=skip to skip such updates")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,10 +177,16 @@ def create_trainer(config, mesh, plan: optim.TrainingPlan,
 
 
 def run(config, workdir: str) -> dict[str, float]:
-  """Pretrains (or resumes) in `workdir`; returns the last logged metrics."""
+  """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
+
+  Everything the user can get wrong (config, device layout, workdir) is
+  checked before data is read or anything is compiled.
+
+  Raises:
+    Preempted: after saving at the current step on SIGTERM / preemption.
+    NonFiniteError: policy 'stop' and a NaN/Inf loss or gradient norm.
+  """
   config_lib.validate(config)
-  info = input_pipeline.dataset_info(config)
-  plan = optim.training_plan(config, info.num_train_examples)
   mesh = sharding.make_mesh(config.mesh_axis_type)
   try:
     sharding.check_batch_divides(config.batch_size, mesh)
@@ -157,6 +194,17 @@ def run(config, workdir: str) -> dict[str, float]:
     raise config_lib.ConfigError(str(e)) from None
   is_primary = jax.process_index() == 0
   workdir_lib.prepare(workdir, config, is_primary=is_primary)
+  # From here on a SIGTERM (single process) is deferred until after a step.
+  preemption = PreemptionFlag(install=jax.process_count() == 1)
+  try:
+    return _run(config, workdir, mesh, is_primary, preemption)
+  finally:
+    preemption.restore()
+
+
+def _run(config, workdir, mesh, is_primary, preemption) -> dict[str, float]:
+  info = input_pipeline.dataset_info(config)
+  plan = optim.training_plan(config, info.num_train_examples)
   logging.info("jaxclr pretraining: %s", describe_run(config, plan, mesh))
 
   num_classes = info.num_classes if config.linear_probe else 0
@@ -167,12 +215,16 @@ def run(config, workdir: str) -> dict[str, float]:
       os.path.join(workdir, workdir_lib.CHECKPOINT_DIR),
       save_every_steps=config.checkpoint_every_steps,
       max_to_keep=config.max_checkpoints_to_keep)
-  restored = store.restore(trainer.abstract_state(init_rng))
+  try:
+    restored = store.restore(trainer.abstract_state(init_rng))
+  except BaseException:
+    store.close()
+    raise
   if restored is None:
     state, start_step = trainer.init_fn(init_rng), 0
   else:
     state, _, start_step = restored
-    logging.info("Resumed from %s/%d.", os.fspath(store.directory), start_step)
+    logging.info("Resumed from %s.", store.path(start_step))
 
   step_fn = trainer.step_fn
   batches = prefetch(
@@ -182,9 +234,9 @@ def run(config, workdir: str) -> dict[str, float]:
   logger = MetricsLogger(workdir, is_primary=is_primary,
                          total_steps=plan.total_steps,
                          batch_size=config.batch_size, start_step=start_step)
-  preemption = PreemptionFlag()
   meta = {"dataset": config.dataset, "num_classes": num_classes}
   last_logged: dict[str, float] = {}
+  policy, skipped = config.nonfinite_policy, 0
   try:
     for step in range(start_step, plan.total_steps):
       state, metrics = step_fn(state, next(batches))
@@ -193,25 +245,26 @@ def run(config, workdir: str) -> dict[str, float]:
         logger.reset_timer(done)  # Exclude compilation from throughput.
       if done % config.log_every_steps == 0 or done == plan.total_steps:
         host_metrics = jax.device_get(metrics)
-        _check_finite(state, done, host_metrics, store)
+        skipped = _check_finite(state, policy, store, skipped)
         last_logged = logger.log_train(
-            done, {**host_metrics, "epoch": done / plan.steps_per_epoch})
+            done, {**host_metrics, "epoch": done / plan.steps_per_epoch,
+                   **({"skipped_updates": skipped} if skipped else {})})
       if jax.process_count() > 1:
         preempted = store.reached_preemption(done)
       else:
         preempted = preemption.event.is_set()
       if (done % config.checkpoint_every_steps == 0 or
           done == plan.total_steps or preempted):
-        _check_finite(state, done, None, store)
+        # Never save a state at or past a non-finite update ('stop').
+        skipped = _check_finite(state, policy, store, skipped)
         store.save(done, state, {**meta, "step": done}, force=True)
       if preempted:
-        store.wait_until_finished()
+        store.wait_until_finished()  # The async save must be committed.
         logging.warning("Preempted: saved step %d to %s; re-run the same "
-                        "command to resume.", done, os.fspath(store.directory))
-        break
+                        "command to resume.", done, store.path(done))
+        raise Preempted(done, store.path(done))
     store.wait_until_finished()
   finally:
-    preemption.restore()
-    store.close()
+    store.close()  # Waits for an in-flight save (also on errors).
     logger.close()
   return last_logged

@@ -21,7 +21,7 @@ CHECKPOINT_DIR = "checkpoints"
 RESUMABLE_CHANGES = frozenset({
     "num_train_steps", "log_every_steps", "checkpoint_every_steps",
     "max_checkpoints_to_keep", "eval_every_steps", "data_dir",
-    "allow_config_mismatch", "nonfinite_policy",
+    "allow_config_mismatch", "nonfinite_policy", "debug_inject_nan_at_step",
 })
 
 
@@ -64,30 +64,79 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json())
 
 
+def checkpoint_steps(workdir: str) -> list[int]:
+  """Committed checkpoint steps in workdir (names of checkpoints/<step>/)."""
+  root = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(root):
+    return []
+  return sorted(int(n) for n in os.listdir(root)
+                if n.isdigit() and os.path.isdir(os.path.join(root, n)))
+
+
+def require_pretraining_workdir(path: str | None) -> dict:
+  """Checks that `path` is a jaxclr pretraining workdir with a checkpoint.
+
+  For jobs that read one (linear evaluation). Returns its config as a dict.
+
+  Raises:
+    WorkdirError naming the path and what is missing.
+  """
+  if not path:
+    raise WorkdirError("No pretraining workdir given; pass the --workdir of "
+                       "a `python -m jaxclr.main` run")
+  if not os.path.isdir(path):
+    raise WorkdirError(f"Pretraining workdir {path!r} does not exist")
+  config = load_config(path)
+  if config is None:
+    raise WorkdirError(
+        f"{path!r} is not a jaxclr pretraining workdir: it has no "
+        f"{CONFIG_FILE} (expected {CONFIG_FILE}, {CHECKPOINT_DIR}/<step>/)")
+  if not checkpoint_steps(path):
+    raise WorkdirError(f"Pretraining workdir {path!r} has no checkpoint yet "
+                       f"(nothing in {os.path.join(path, CHECKPOINT_DIR)})")
+  return config
+
+
+def _check_writable(workdir: str):
+  """Creates and removes a file: os.access says yes to root on read-only
+  mounts and to anyone on some network filesystems."""
+  probe = os.path.join(workdir, f".jaxclr_write_test.{os.getpid()}")
+  try:
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(f"Workdir {workdir!r} is not writable: "
+                       f"{e.strerror}") from None
+
+
 def prepare(workdir: str, config: ml_collections.ConfigDict, *,
             is_primary: bool) -> None:
   """Creates the workdir, or checks that its existing config matches.
 
-  The first config.json is never overwritten: a resumed run with a changed
-  config (outside RESUMABLE_CHANGES) is refused, listing the differences,
-  unless config.allow_config_mismatch is set, in which case the new config
-  is written beside it as config.<n>.json.
+  The config.json of a run with checkpoints is never overwritten: resuming
+  it with a changed config (outside RESUMABLE_CHANGES) is refused, listing
+  the differences, unless config.allow_config_mismatch is set, in which case
+  the new config is written beside it as config.<n>.json. A workdir without
+  checkpoints (a run that failed before its first save) takes the new config.
   """
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise WorkdirError(f"Cannot create workdir {workdir!r}: {e.strerror}") from None
-  if not os.access(workdir, os.W_OK):
-    raise WorkdirError(f"Workdir {workdir!r} is not writable")
+  if not os.path.isdir(workdir):
+    raise WorkdirError(f"Workdir {workdir!r} is not a directory")
+  if is_primary:
+    _check_writable(workdir)
   new = config_to_dict(config)
-  old = load_config(workdir)
+  old = load_config(workdir) if checkpoint_steps(workdir) else None
   if old is not None:
     diffs = config_differences(old, new)
     if diffs and not config.get("allow_config_mismatch", False):
       raise WorkdirError(
           f"Workdir {workdir!r} holds a run with a different config; "
-          "refusing to resume it with:\n  " + "\n  ".join(diffs) +
-          "\nUse another --workdir, or pass "
+          f"refusing to resume it ({len(diffs)} difference(s), saved -> "
+          "now): " + "; ".join(diffs) + ". Use another --workdir, or pass "
           "--config.allow_config_mismatch=True to resume anyway.")
     if not is_primary:
       return
