@@ -1,0 +1,198 @@
+"""A frozen encoder for evaluation: restored from a pretraining workdir, or
+randomly initialised (the baseline), and a sharded feature extractor.
+
+The architecture comes from the workdir's config.json (rebuilt with
+`build_model`), never from the evaluation config; a model field that the
+evaluation config sets explicitly must agree with it. Only the encoder and
+projection-head variables (params + BatchNorm statistics) are read from the
+checkpoint: the optimizer state and the online probe are not restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxclr import config_lib, workdir as workdir_lib
+from jaxclr.models.simclr import build_model
+from jaxclr.parallel import sharding
+
+# Model fields an evaluation config may pin; they must match the checkpoint.
+ARCH_FIELDS = ("depth", "width_multiplier", "cifar_stem", "num_proj_layers",
+               "proj_out_dim", "bn_momentum", "bn_epsilon", "compute_dtype")
+VARIABLE_PARTS = ("encoder", "projection_head")
+
+
+@dataclasses.dataclass(frozen=True)
+class FrozenEncoder:
+  """A SimCLR network without its probe, and its variables for inference."""
+  model: Any  # SimCLRModel with num_classes=0.
+  variables: dict  # {"params": {...}, "batch_stats": {...}}
+  model_config: dict
+  image_size: int
+  checkpoint_step: int | None  # None: random initialisation.
+  source: str  # The workdir, or "random_init".
+
+
+def pretraining_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was pretrained with; WorkdirError if it has none."""
+  if not os.path.isdir(workdir):
+    raise workdir_lib.WorkdirError(
+        f"pretrained_workdir={workdir!r} does not exist")
+  raw = workdir_lib.load_config(workdir)
+  if raw is None:
+    raise workdir_lib.WorkdirError(
+        f"pretrained_workdir={workdir!r} is not a jaxclr workdir (no "
+        f"{workdir_lib.CONFIG_FILE}); pass the --workdir of a "
+        "python -m jaxclr.main run, or 'none' for a random-init baseline")
+  config = config_lib.base_config()
+  config.update_from_flattened_dict(
+      {k: tuple(v) if isinstance(v, list) else v
+       for k, v in workdir_lib.flatten(raw).items() if k in _flat_keys(config)})
+  return config
+
+
+def _flat_keys(config) -> set:
+  return set(workdir_lib.flatten(workdir_lib.config_to_dict(config)))
+
+
+def check_architecture(eval_model: dict | None, pretrained_model: dict,
+                       workdir: str) -> None:
+  """ConfigError naming every explicitly set model field that disagrees."""
+  if not eval_model:
+    return
+  diffs = [f"model.{k}={eval_model[k]!r} (checkpoint has {pretrained_model.get(k)!r})"
+           for k in ARCH_FIELDS
+           if eval_model.get(k) is not None and k in pretrained_model
+           and eval_model[k] != pretrained_model[k]]
+  if diffs:
+    raise config_lib.ConfigError(
+        "eval config's model does not match the pretrained checkpoint in "
+        f"{workdir}: " + "; ".join(diffs) + ". Drop these fields (the "
+        "architecture is read from the workdir's config.json) or fix them.")
+
+
+def _abstract_variables(model, image_size: int, mesh):
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((2, image_size, image_size, 3)), train=True))
+  repl = sharding.replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
+      {"params": dict(shapes["params"]),
+       "batch_stats": dict(shapes["batch_stats"])})
+
+
+def restore_encoder(workdir: str, mesh, step: int | None = None,
+                    eval_model: dict | None = None) -> FrozenEncoder:
+  """The encoder + projection head of `workdir`'s newest (or `step`) checkpoint."""
+  config = pretraining_config(workdir)
+  model_dict = workdir_lib.config_to_dict(config.model)
+  check_architecture(eval_model, model_dict, workdir)
+  ckpt_dir = os.path.join(os.path.abspath(workdir), workdir_lib.CHECKPOINT_DIR)
+  steps = []
+  if os.path.isdir(ckpt_dir):
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and
+                   os.path.isdir(os.path.join(ckpt_dir, d, "state")))
+  if not steps:
+    raise workdir_lib.WorkdirError(
+        f"pretrained_workdir={workdir!r} has no checkpoint under {ckpt_dir}; "
+        "pretrain first (python -m jaxclr.main ... --workdir "
+        f"{workdir})")
+  if step is None or step < 0:
+    step = steps[-1]
+  elif step not in steps:
+    raise workdir_lib.WorkdirError(
+        f"checkpoint_step={step} is not in {ckpt_dir}; available: {steps}")
+  model = build_model(config, num_classes=0)
+  abstract = _abstract_variables(model, config.image_size, mesh)
+  item = {"params": {k: abstract["params"][k] for k in VARIABLE_PARTS},
+          "batch_stats": {k: abstract["batch_stats"][k]
+                          for k in VARIABLE_PARTS}}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta"),
+                             options=ocp.CheckpointManagerOptions(
+                                 create=False, read_only=True)) as manager:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                     partial_restore=True)))
+  variables = {"params": restored.state["params"],
+               "batch_stats": restored.state["batch_stats"]}
+  return FrozenEncoder(model=model, variables=variables,
+                       model_config=model_dict, image_size=config.image_size,
+                       checkpoint_step=step, source=os.path.abspath(workdir))
+
+
+def random_encoder(eval_config, mesh) -> FrozenEncoder:
+  """A randomly initialised encoder of the eval config's architecture."""
+  if eval_config.get("model") is None or eval_config.model.get("depth") is None:
+    raise config_lib.ConfigError(
+        "pretrained_workdir='none' (random init) needs the architecture in "
+        "the eval config: set model.depth, model.width_multiplier, ... (e.g. "
+        "configs/linear_eval.py:random_init)")
+  config = config_lib.base_config()
+  config.model.update({k: v for k, v in eval_config.model.items()
+                       if v is not None})
+  config.image_size = eval_config.image_size
+  config_lib.validate(config)
+  model = build_model(config, num_classes=0)
+  init = jax.jit(lambda rng: model.init(
+      rng, jnp.zeros((2, config.image_size, config.image_size, 3)),
+      train=True), out_shardings=sharding.replicated(mesh))
+  variables = init(jax.random.key(eval_config.seed))
+  variables = {"params": variables["params"],
+               "batch_stats": variables["batch_stats"]}
+  return FrozenEncoder(model=model, variables=variables,
+                       model_config=workdir_lib.config_to_dict(config.model),
+                       image_size=config.image_size, checkpoint_step=None,
+                       source="random_init")
+
+
+def feature_names(num_proj_layers: int) -> list[str]:
+  """'h' (feature_layer 0) and 'proj<k>' for head layer k = 1..L."""
+  return ["h"] + [f"proj{k}" for k in range(1, num_proj_layers + 1)]
+
+
+def select_features(out: dict, feature_layer: int):
+  """feature_layer 0: h; k >= 1: output of projection-head layer k."""
+  if feature_layer == 0:
+    return out["h"]
+  return out["proj"][feature_layer - 1].astype(jnp.float32)
+
+
+def make_feature_fn(encoder: FrozenEncoder, mesh, feature_layer: int):
+  """Jitted images [B, H, W, 3] (batch-sharded) -> features [B, D], inference
+  mode (BatchNorm moving statistics), batch-sharded output."""
+  n_layers = encoder.model_config["num_proj_layers"]
+  if not 0 <= feature_layer <= n_layers:
+    raise config_lib.ConfigError(
+        f"feature_layer={feature_layer} is invalid for a {n_layers}-layer "
+        f"projection head; valid: 0 (h) to {n_layers}")
+
+  def fn(variables, images):
+    out = encoder.model.apply(variables, images.astype(jnp.float32),
+                              train=False)
+    return select_features(out, feature_layer)
+
+  return jax.jit(fn, in_shardings=(sharding.replicated(mesh),
+                                   sharding.batch_sharded(mesh)),
+                 out_shardings=sharding.batch_sharded(mesh))
+
+
+def extract_features(feature_fn, variables, mesh, batches) -> tuple[np.ndarray, np.ndarray]:
+  """Runs `feature_fn` over eval batches (dicts with images, labels, mask)."""
+  feats, labels = [], []
+  for b in batches:
+    g = sharding.global_batch(mesh, {"images": b["images"]})
+    f = np.asarray(jax.device_get(feature_fn(variables, g["images"])))
+    feats.append(f[b["mask"]])
+    labels.append(b["labels"][b["mask"]])
+  return np.concatenate(feats), np.concatenate(labels)

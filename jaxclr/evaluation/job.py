@@ -1,0 +1,184 @@
+"""The evaluation job behind `python -m jaxclr.linear_eval`.
+
+restore (or randomly initialise) the encoder -> extract frozen features of the
+labelled train and eval splits (centre crop, inference-mode BatchNorm) ->
+full-label linear probe (fast or paper protocol) -> few-label probes -> kNN
+-> OUT/results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxclr import config_lib, workdir as workdir_lib
+from jaxclr.data import input_pipeline
+from jaxclr.evaluation import encoder as encoder_lib
+from jaxclr.evaluation import knn, linear
+from jaxclr.parallel import sharding
+
+RESULTS_FILE = "results.json"
+PROTOCOLS = ("fast", "paper")
+
+
+def validate(config) -> None:
+  def check(ok, msg):
+    if not ok:
+      raise config_lib.ConfigError(msg)
+  check(config.pretrained_workdir is not None,
+        "pretrained_workdir is required: a pretraining --workdir, or 'none' "
+        "for a random-init baseline")
+  check(config.protocol in PROTOCOLS,
+        f"protocol={config.protocol!r}; valid: {PROTOCOLS}")
+  check(config.feature_layer >= 0,
+        f"feature_layer={config.feature_layer} must be >= 0 (0 = h)")
+  for name in ("batch_size", "num_epochs", "learning_rate", "eval_batch_size",
+               "knn_k", "knn_temperature", "fast_max_iters", "log_every_steps",
+               "checkpoint_every_steps"):
+    check(config[name] > 0, f"{name}={config[name]!r} must be > 0")
+  check(config.fast_l2 >= 0, f"fast_l2={config.fast_l2!r} must be >= 0")
+  check(0 <= config.momentum < 1, f"momentum={config.momentum!r} must be in [0, 1)")
+  check(all(int(k) >= 1 for k in config.labels_per_class),
+        f"labels_per_class={tuple(config.labels_per_class)!r}: each must be >= 1")
+  check(config.num_label_draws >= 1,
+        f"num_label_draws={config.num_label_draws} must be >= 1")
+  check(jax.process_count() == 1,
+        "linear_eval runs in a single process (its feature arrays live on one "
+        f"host); got {jax.process_count()} processes")
+
+
+def _data_config(config, encoder):
+  """A pretraining-schema config that tells input_pipeline what to read."""
+  if encoder.source != "random_init":
+    d = encoder_lib.pretraining_config(config.pretrained_workdir)
+  else:
+    d = config_lib.base_config()
+    if config.dataset is None or config.image_size is None:
+      raise config_lib.ConfigError(
+          "pretrained_workdir='none' needs dataset and image_size in the eval "
+          "config")
+  d.augment = config_lib.base_config().augment  # Paper: crop + flip only.
+  d.seed = config.seed
+  for key in ("dataset", "data_dir", "train_split", "eval_split", "image_size"):
+    if config[key] is not None:
+      d[key] = config[key]
+  return d
+
+
+def _eval_model_fields(config) -> dict:
+  return {k: v for k, v in config.model.items() if v is not None}
+
+
+def _features(feature_fn, encoder, mesh, data_config, split_kind, batch_size):
+  from jaxclr.data import sources  # pylint: disable=g-import-not-at-top
+  split = sources.resolve_split(data_config, None, split_kind)
+  batches = input_pipeline.eval_batches(data_config, split, batch_size)
+  return encoder_lib.extract_features(feature_fn, encoder.variables, mesh,
+                                      batches)
+
+
+def few_label_probes(config, train, test, num_classes, mesh) -> tuple[dict, dict]:
+  """Mean and std over draws of the fast probe's top-1 per labels_per_class."""
+  (xtr, ytr), (xte, yte) = train, test
+  mean, std = {}, {}
+  for k in config.labels_per_class:
+    accs = []
+    for draw in range(config.num_label_draws):
+      idx = linear.class_balanced_subset(ytr, int(k), config.seed, draw)
+      params, _ = linear.fit_logistic_regression(
+          xtr[idx], ytr[idx], num_classes=num_classes, l2=config.fast_l2,
+          mesh=mesh, max_iters=config.fast_max_iters, pad_to=len(ytr))
+      accs.append(linear.evaluate_linear(params, xte, yte)["top1"])
+    mean[str(int(k))] = float(np.mean(accs))
+    std[str(int(k))] = float(np.std(accs))
+  return mean, std
+
+
+def run(config, workdir: str, mesh=None) -> dict:
+  """Evaluates; writes and returns the results dict."""
+  validate(config)
+  t_start = time.time()
+  mesh = sharding.make_mesh("auto") if mesh is None else mesh
+  workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
+  if config.pretrained_workdir.lower() == "none":
+    encoder = encoder_lib.random_encoder(config, mesh)
+  else:
+    step = config.checkpoint_step if config.checkpoint_step >= 0 else None
+    encoder = encoder_lib.restore_encoder(
+        config.pretrained_workdir, mesh, step=step,
+        eval_model=_eval_model_fields(config))
+  data_config = _data_config(config, encoder)
+  num_classes = input_pipeline.get_source(data_config, None, "train").num_classes
+  if num_classes <= 0:
+    raise input_pipeline.DataError(
+        f"dataset={data_config.dataset!r} has no labels; evaluation needs a "
+        "labelled dataset")
+  feature_fn = encoder_lib.make_feature_fn(encoder, mesh, config.feature_layer)
+  times = {}
+  t = time.time()
+  train = _features(feature_fn, encoder, mesh, data_config, "train",
+                    config.eval_batch_size)
+  test = _features(feature_fn, encoder, mesh, data_config, "eval",
+                   config.eval_batch_size)
+  times["features_s"] = time.time() - t
+  mean, std = linear.standardizer(train[0])
+  train_std = ((train[0] - mean) / std, train[1])
+  test_std = ((test[0] - mean) / std, test[1])
+
+  results = {
+      "protocol": config.protocol,
+      "checkpoint_step": encoder.checkpoint_step,
+      "pretrained_workdir": encoder.source,
+      "random_init": encoder.source == "random_init",
+      "feature_layer": config.feature_layer,
+      "feature_dim": int(train[0].shape[1]),
+      "dataset": data_config.dataset,
+      "num_train_examples": int(len(train[1])),
+      "num_eval_examples": int(len(test[1])),
+      "model": encoder.model_config,
+      "image_size": encoder.image_size,
+      "num_devices": int(mesh.devices.size),
+  }
+  t = time.time()
+  if config.protocol == "fast":
+    params, info = linear.fit_logistic_regression(
+        *train_std, num_classes=num_classes, l2=config.fast_l2, mesh=mesh,
+        max_iters=config.fast_max_iters)
+    results.update(linear.evaluate_linear(params, *test_std))
+    results["fast"] = {"l2": config.fast_l2, **info}
+  else:
+    from jaxclr.evaluation import paper_probe  # pylint: disable=g-import-not-at-top
+    paper = paper_probe.run_paper_probe(
+        config, encoder, data_config, mesh, workdir, num_classes,
+        eval_features=test, eval_feature_fn=feature_fn)
+    results.update(top1=paper.pop("top1"), top5=paper.pop("top5"))
+    results["paper"] = paper
+  times["linear_s"] = time.time() - t
+
+  t = time.time()
+  results["few_label_top1"], results["few_label_top1_std"] = few_label_probes(
+      config, train_std, test_std, num_classes, mesh)
+  results["few_label_draws"] = config.num_label_draws
+  times["few_label_s"] = time.time() - t
+
+  if config.knn:
+    t = time.time()
+    results["knn_top1"] = knn.knn_accuracy(
+        test[0], test[1], train[0], train[1], num_classes=num_classes,
+        k=config.knn_k, temperature=config.knn_temperature, mesh=mesh)
+    results["knn"] = {"k": config.knn_k, "temperature": config.knn_temperature}
+    times["knn_s"] = time.time() - t
+  else:
+    results["knn_top1"] = None
+  times["total_s"] = time.time() - t_start
+  results["wall_times"] = times
+  if jax.process_index() == 0:
+    path = os.path.join(workdir, RESULTS_FILE)
+    with open(path + ".tmp", "w") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)
+  return results
