@@ -14,7 +14,10 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from jaxclr.models import conv
 
 BLOCKS_PER_GROUP = {
     18: (2, 2, 2, 2),
@@ -40,27 +43,30 @@ def make_batch_norm(train: bool, momentum: float, epsilon: float, dtype):
 
 
 class FixedPaddingConv(nn.Module):
-  """'SAME' for stride 1; explicit symmetric-ish pad + 'VALID' for stride > 1.
+  """Conv without bias; pads (k-1)//2 before and the rest after, then VALID.
 
-  Matches conv2d_fixed_padding, so the output grid does not depend on the
-  input size's parity.
+  Matches conv2d_fixed_padding for strided convs (so the output grid does not
+  depend on the input size's parity) and equals 'SAME' for stride 1.
   """
   features: int
   kernel_size: int
   strides: int = 1
   dtype: Any = jnp.float32
+  # 'auto': matmul weight gradient on the CPU backend only (see conv.py).
+  conv_weight_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    if self.strides > 1:
-      pad = ((k - 1) // 2, k - 1 - (k - 1) // 2)
-      padding = (pad, pad)
+    kernel = self.param("kernel", conv_kernel_init,
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    pad = ((k - 1) // 2, k - 1 - (k - 1) // 2)
+    if self.conv_weight_grad == "auto":
+      use_matmul = jax.default_backend() == "cpu"
     else:
-      padding = "SAME"
-    return nn.Conv(self.features, (k, k), (self.strides, self.strides),
-                   padding=padding, use_bias=False, dtype=self.dtype,
-                   param_dtype=jnp.float32, kernel_init=conv_kernel_init)(x)
+      use_matmul = self.conv_weight_grad == "matmul"
+    return conv.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+                       self.strides, (pad, pad), matmul_weight_grad=use_matmul)
 
 
 class BasicBlock(nn.Module):
@@ -68,19 +74,17 @@ class BasicBlock(nn.Module):
   strides: int
   use_projection: bool
   norm: Callable[..., nn.Module]
-  dtype: Any = jnp.float32
+  conv: Callable[..., nn.Module]  # FixedPaddingConv with dtype bound.
 
   @nn.compact
   def __call__(self, x):
     shortcut = x
     if self.use_projection:
-      shortcut = FixedPaddingConv(self.filters, 1, self.strides, self.dtype,
-                                  name="proj_conv")(x)
+      shortcut = self.conv(self.filters, 1, self.strides, name="proj_conv")(x)
       shortcut = self.norm(name="proj_bn")(shortcut)
-    y = FixedPaddingConv(self.filters, 3, self.strides, self.dtype,
-                         name="conv1")(x)
+    y = self.conv(self.filters, 3, self.strides, name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = FixedPaddingConv(self.filters, 3, 1, self.dtype, name="conv2")(y)
+    y = self.conv(self.filters, 3, 1, name="conv2")(y)
     y = self.norm(scale_init=nn.initializers.zeros, name="bn2")(y)
     return nn.relu(y + shortcut)
 
@@ -90,21 +94,20 @@ class BottleneckBlock(nn.Module):
   strides: int
   use_projection: bool
   norm: Callable[..., nn.Module]
-  dtype: Any = jnp.float32
+  conv: Callable[..., nn.Module]  # FixedPaddingConv with dtype bound.
 
   @nn.compact
   def __call__(self, x):
     shortcut = x
     if self.use_projection:
-      shortcut = FixedPaddingConv(4 * self.filters, 1, self.strides,
-                                  self.dtype, name="proj_conv")(x)
+      shortcut = self.conv(4 * self.filters, 1, self.strides,
+                           name="proj_conv")(x)
       shortcut = self.norm(name="proj_bn")(shortcut)
-    y = FixedPaddingConv(self.filters, 1, 1, self.dtype, name="conv1")(x)
+    y = self.conv(self.filters, 1, 1, name="conv1")(x)
     y = nn.relu(self.norm(name="bn1")(y))
-    y = FixedPaddingConv(self.filters, 3, self.strides, self.dtype,
-                         name="conv2")(y)
+    y = self.conv(self.filters, 3, self.strides, name="conv2")(y)
     y = nn.relu(self.norm(name="bn2")(y))
-    y = FixedPaddingConv(4 * self.filters, 1, 1, self.dtype, name="conv3")(y)
+    y = self.conv(4 * self.filters, 1, 1, name="conv3")(y)
     y = self.norm(scale_init=nn.initializers.zeros, name="bn3")(y)
     return nn.relu(y + shortcut)
 
@@ -117,6 +120,7 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  conv_weight_grad: str = "auto"  # 'auto', 'xla' or 'matmul'; see conv.py.
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -124,21 +128,23 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet depth {self.depth} not in "
                        f"{sorted(BLOCKS_PER_GROUP)}")
     norm = make_batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
+    conv_layer = functools.partial(FixedPaddingConv, dtype=self.dtype,
+                                   conv_weight_grad=self.conv_weight_grad)
     block_cls = BasicBlock if self.depth < 50 else BottleneckBlock
     width = lambda f: max(1, int(round(f * self.width_multiplier)))
     x = x.astype(self.dtype)
     if self.cifar_stem:
-      x = FixedPaddingConv(width(64), 3, 1, self.dtype, name="stem_conv")(x)
+      x = conv_layer(width(64), 3, 1, name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
     else:
-      x = FixedPaddingConv(width(64), 7, 2, self.dtype, name="stem_conv")(x)
+      x = conv_layer(width(64), 7, 2, name="stem_conv")(x)
       x = nn.relu(norm(name="stem_bn")(x))
       x = nn.max_pool(x, (3, 3), (2, 2), padding="SAME")
     for g, (num_blocks, stride) in enumerate(
         zip(BLOCKS_PER_GROUP[self.depth], GROUP_STRIDES)):
       for b in range(num_blocks):
         x = block_cls(width(64 * 2**g), stride if b == 0 else 1,
-                      use_projection=(b == 0), norm=norm, dtype=self.dtype,
+                      use_projection=(b == 0), norm=norm, conv=conv_layer,
                       name=f"group{g + 1}_block{b + 1}")(x)
     return jnp.mean(x, axis=(1, 2))
 
