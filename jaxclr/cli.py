@@ -31,13 +31,14 @@ def _fail(message: str):
   sys.exit(EXIT_USER_ERROR)
 
 
-def parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], validate=None) -> list[str]:
   """absl flags parser for app.run(main, flags_parser=parse_flags).
 
   Bad flags, unknown --config.* fields (ml_collections raises KeyError /
   AttributeError with lock_config=True), badly typed overrides and config
   files that fail to load become one line on stderr and exit status 2,
-  instead of a traceback.
+  instead of a traceback. `validate(config)` (raising ConfigError), when
+  given, runs on --config as soon as it is parsed.
   """
   try:
     rest = FLAGS(argv)
@@ -68,7 +69,20 @@ def parse_flags(argv: list[str]) -> list[str]:
       cause = e.__cause__ or e
       _fail(f"cannot load --config={FLAGS['config'].config_filename}: "
             f"{_one_line(cause)}")
+    if validate is not None and FLAGS.config is not None:
+      from jaxclr import config_lib  # pylint: disable=g-import-not-at-top
+      try:
+        validate(FLAGS.config)
+      except config_lib.ConfigError as e:
+        _fail(str(e))
   return rest
+
+
+def parse_pretrain_flags(argv: list[str]) -> list[str]:
+  """parse_flags that also validates --config before JAX or TensorFlow load
+  (a bad value is reported in about a second, not after the imports)."""
+  from jaxclr import config_lib  # pylint: disable=g-import-not-at-top
+  return parse_flags(argv, validate=config_lib.validate)
 
 
 def define_distributed_flags():
@@ -109,20 +123,26 @@ def initialize_runtime():
 
 @contextlib.contextmanager
 def user_errors_exit():
-  from jaxclr import config_lib, pretrain, workdir  # pylint: disable=g-import-not-at-top
-  from jaxclr.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  """Turns user errors into one line on stderr and an exit status.
+
+  Imports nothing heavy (no TensorFlow), so that it can wrap the whole job:
+  errors that carry a `jaxclr_exit_status` class attribute (a diverged run,
+  a preempted one) are recognised by that attribute.
+  """
+  from jaxclr import config_lib, workdir  # pylint: disable=g-import-not-at-top
+  from jaxclr.data import errors  # pylint: disable=g-import-not-at-top
   try:
     yield
-  except (config_lib.ConfigError, input_pipeline.DataError,
+  except (config_lib.ConfigError, errors.DataError,
           workdir.WorkdirError) as e:
     logging.flush()
     print(f"jaxclr: error: {_one_line(e)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
-  except pretrain.NonFiniteError as e:
+  except Exception as e:  # pylint: disable=broad-except
+    status = getattr(type(e), "jaxclr_exit_status", None)
+    if status is None:
+      raise
     logging.flush()
-    print(f"jaxclr: error: {_one_line(e)}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_DIVERGED)
-  except pretrain.Preempted as e:
-    logging.flush()
-    print(f"jaxclr: {e}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_PREEMPTED)
+    prefix = "jaxclr: " if status == EXIT_PREEMPTED else "jaxclr: error: "
+    print(prefix + _one_line(e), file=sys.stderr, flush=True)
+    sys.exit(status)

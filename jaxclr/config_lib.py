@@ -228,8 +228,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"momentum={config.momentum!r} must be in [0, 1)")
   _positive(config, "trust_coefficient", config.trust_coefficient)
   if config.num_train_steps <= 0:
-    _positive(config, "num_epochs (or set num_train_steps > 0)",
-              config.num_epochs)
+    _check(config.num_epochs > 0, f"num_epochs={config.num_epochs!r} must "
+           "be > 0 (or set num_train_steps > 0)")
     _check(config.warmup_epochs < config.num_epochs,
            f"warmup_epochs={config.warmup_epochs!r} must be shorter than "
            f"num_epochs={config.num_epochs!r}")

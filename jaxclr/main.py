@@ -34,4 +34,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
-  app.run(main, flags_parser=cli.parse_flags)
+  app.run(main, flags_parser=cli.parse_pretrain_flags)

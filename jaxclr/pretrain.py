@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import jax
 from absl import logging
 
-from jaxclr import checkpoint, config_lib, optim, train, workdir as workdir_lib
+from jaxclr import checkpoint, cli, config_lib, optim, train, workdir as workdir_lib
 from jaxclr.data import input_pipeline
 from jaxclr.metrics import MetricsLogger
 from jaxclr.models.simclr import build_model
@@ -26,11 +26,13 @@ from jaxclr.parallel import sharding
 
 class NonFiniteError(RuntimeError):
   """The loss or gradient became NaN/Inf; nothing poisoned was saved."""
+  jaxclr_exit_status = cli.EXIT_DIVERGED
 
 
 class Preempted(Exception):
   """SIGTERM or a preemption notice stopped the run after a checkpoint was
   committed at the current step; the same command resumes it."""
+  jaxclr_exit_status = cli.EXIT_PREEMPTED
 
   def __init__(self, step: int, path: str):
     super().__init__(f"preempted: saved a checkpoint at step {step} ({path}); "
@@ -245,10 +247,11 @@ def _run(config, workdir, mesh, is_primary, preemption) -> dict[str, float]:
         logger.reset_timer(done)  # Exclude compilation from throughput.
       if done % config.log_every_steps == 0 or done == plan.total_steps:
         host_metrics = jax.device_get(metrics)
-        skipped = _check_finite(state, policy, store, skipped)
-        last_logged = logger.log_train(
+        num_bad = int(jax.device_get(state.nonfinite)[1])
+        last_logged = logger.log_train(  # The bad step's record, too.
             done, {**host_metrics, "epoch": done / plan.steps_per_epoch,
-                   **({"skipped_updates": skipped} if skipped else {})})
+                   **({"skipped_updates": num_bad} if num_bad else {})})
+        skipped = _check_finite(state, policy, store, skipped)
       if jax.process_count() > 1:
         preempted = store.reached_preemption(done)
       else:

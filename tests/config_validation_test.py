@@ -1,0 +1,187 @@
+"""Bad configurations fail in one line naming the value, before any data is
+read or anything is compiled; through the CLI with exit status 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxclr import cli, config_lib, pretrain, workdir as workdir_lib
+from jaxclr.data import input_pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+  c = config_lib.base_config()
+  c.dataset = "synthetic"
+  c.synthetic.num_examples = 64
+  c.image_size = 8
+  c.batch_size = 16
+  c.model.depth = 18
+  c.model.width_multiplier = 0.125
+  c.num_train_steps = 4
+  c.warmup_epochs = 0.0
+  return c
+
+
+def _set(path, value):
+  def apply(c):
+    *parents, leaf = path.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return apply
+
+
+def _many(**fields):
+  def apply(c):
+    for k, v in fields.items():
+      _set(k.replace("__", "."), v)(c)
+  return apply
+
+
+def _unknown_field(c):
+  c.unlock()
+  c.eval_evry_steps = 10
+
+
+# (id, mutation, substrings the one-line message must contain)
+BAD_CONFIGS = [
+    ("dataset", _set("dataset", "imagenet"),
+     ["dataset='imagenet' is unknown", "imagenet2012", "folder:"]),
+    ("dataset_prefix", _set("dataset", "folder:"),
+     ["dataset='folder:' needs a path"]),
+    ("tfds_no_data_dir", _set("dataset", "cifar10"),
+     ["dataset='cifar10'", "data_dir is not set", "--config.data_dir"]),
+    ("tfds_missing_data_dir", _many(dataset="cifar10", data_dir="/no/such/dir"),
+     ["data_dir='/no/such/dir'", "does not exist"]),
+    ("depth", _set("model.depth", 19),
+     ["model.depth=19 is unknown", "(18, 34, 50, 101, 152, 200)"]),
+    ("width", _set("model.width_multiplier", 0.0),
+     ["model.width_multiplier=0.0 must be > 0"]),
+    ("dtype", _set("model.compute_dtype", "float16"),
+     ["model.compute_dtype='float16'", "bfloat16"]),
+    ("proj_layers", _set("model.num_proj_layers", 0),
+     ["model.num_proj_layers=0 must be >= 1"]),
+    ("temperature_zero", _set("temperature", 0.0),
+     ["temperature=0.0 must be > 0"]),
+    ("temperature_negative", _set("temperature", -0.5),
+     ["temperature=-0.5 must be > 0"]),
+    ("learning_rate", _set("learning_rate", 0.0),
+     ["learning_rate=0.0 must be > 0"]),
+    ("lr_scaling", _set("learning_rate_scaling", "cubic"),
+     ["learning_rate_scaling='cubic'", "'linear', 'sqrt'"]),
+    ("epochs", _many(num_train_steps=-1, num_epochs=0),
+     ["num_epochs=0 must be > 0"]),
+    ("image_size_zero", _set("image_size", 0),
+     ["image_size=0 must be >= 8"]),
+    ("image_size_small", _set("image_size", 4),
+     ["image_size=4 must be >= 8"]),
+    ("warmup_negative", _set("warmup_epochs", -1.0),
+     ["warmup_epochs=-1.0 must be >= 0"]),
+    ("warmup_too_long", _many(num_train_steps=-1, num_epochs=10,
+                              warmup_epochs=10.0),
+     ["warmup_epochs=10.0 must be shorter than num_epochs=10"]),
+    ("batch_zero", _set("batch_size", 0), ["batch_size=0 must be > 0"]),
+    ("batch_not_divisible", _set("batch_size", 12),
+     ["batch_size=12 must be divisible by the number of devices (8)",
+      "nearest valid: 8"]),
+    ("momentum", _set("momentum", 1.0), ["momentum=1.0 must be in [0, 1)"]),
+    ("weight_decay", _set("weight_decay", -1e-4),
+     ["weight_decay=-0.0001 must be >= 0"]),
+    ("policy", _set("nonfinite_policy", "ignore"),
+     ["nonfinite_policy='ignore'", "'stop', 'skip'"]),
+    ("mesh", _set("mesh_axis_type", "manual"),
+     ["mesh_axis_type='manual'", "'explicit', 'auto'"]),
+    ("jitter_prob", _set("augment.color_jitter_prob", 1.5),
+     ["augment.color_jitter_prob=1.5 must be a probability"]),
+    ("crop_range", _set("augment.crop_area_range", (0.5, 0.2)),
+     ["augment.crop_area_range=(0.5, 0.2)", "min <= max"]),
+    ("log_every", _set("log_every_steps", 0), ["log_every_steps=0 must be > 0"]),
+    ("checkpoint_every", _set("checkpoint_every_steps", -5),
+     ["checkpoint_every_steps=-5 must be > 0"]),
+    ("inject_nan", _set("debug_inject_nan_at_step", 0),
+     ["debug_inject_nan_at_step=0", "-1 (off)"]),
+    ("unknown_field", _unknown_field,
+     ["unknown config field(s) eval_evry_steps"]),
+]
+
+
+@pytest.fixture
+def no_data_or_compilation(monkeypatch, tmp_path):
+  """Fails the test if run() reaches data loading or model compilation."""
+  def forbidden(*args, **kwargs):
+    raise AssertionError("reached data loading or compilation")
+  monkeypatch.setattr(input_pipeline, "dataset_info", forbidden)
+  monkeypatch.setattr(pretrain, "create_trainer", forbidden)
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))  # No ~/tensorflow_datasets.
+
+
+def test_table_has_at_least_20_cases():
+  assert len(BAD_CONFIGS) >= 20
+
+
+@pytest.mark.parametrize("mutate,expected", [c[1:] for c in BAD_CONFIGS],
+                         ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_is_refused_before_data_and_compilation(
+    mutate, expected, no_data_or_compilation, tmp_path):
+  config = tiny_config()
+  mutate(config)
+  workdir = tmp_path / "work"
+  with pytest.raises(config_lib.ConfigError) as e:
+    pretrain.run(config, str(workdir))
+  message = str(e.value)
+  assert "\n" not in message
+  for part in expected:
+    assert part in message, message
+  assert not workdir.exists()  # Refused before the workdir was touched.
+
+
+def test_valid_config_passes_validation():
+  config_lib.validate(tiny_config())
+
+
+def test_unusable_workdir_is_refused(no_data_or_compilation, tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match=r"Cannot create workdir .*a_file/run"):
+    pretrain.run(tiny_config(), str(blocker / "run"))
+
+
+def test_eval_workdir_checks(tmp_path):
+  with pytest.raises(workdir_lib.WorkdirError, match="does not exist"):
+    workdir_lib.require_pretraining_workdir(str(tmp_path / "missing"))
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match="not a jaxclr pretraining workdir"):
+    workdir_lib.require_pretraining_workdir(str(tmp_path))
+  (tmp_path / workdir_lib.CONFIG_FILE).write_text("{}")
+  with pytest.raises(workdir_lib.WorkdirError, match="has no checkpoint yet"):
+    workdir_lib.require_pretraining_workdir(str(tmp_path))
+  with pytest.raises(workdir_lib.WorkdirError, match="No pretraining workdir"):
+    workdir_lib.require_pretraining_workdir(None)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--config.model.depth=19", "jaxclr: error: model.depth=19 is unknown"),
+    ("--config.model.deptth=18",
+     "jaxclr: error: unknown config field 'deptth' in "
+     "--config.model.deptth=18; Did you mean \"depth\""),
+    ("--config.temperature=abc", "jaxclr: error: flag --config.temperature="),
+])
+def test_cli_reports_one_line_and_exit_2(override, expected, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxclr.main", "--config",
+       "configs/synthetic_tiny.py", "--workdir", str(tmp_path / "w"), override],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(expected), last
+  assert not (tmp_path / "w").exists()
