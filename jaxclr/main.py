@@ -26,9 +26,9 @@ cli.define_distributed_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.initialize_runtime()
-  from jaxclr import pretrain  # pylint: disable=g-import-not-at-top
   with cli.user_errors_exit():
+    cli.initialize_runtime()
+    from jaxclr import pretrain  # pylint: disable=g-import-not-at-top
     pretrain.run(FLAGS.config, FLAGS.workdir)
 
 

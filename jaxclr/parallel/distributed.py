@@ -1,19 +1,175 @@
-"""Starting JAX's multi-controller runtime: one process per host."""
+"""Starting JAX's multi-controller runtime: one process per host.
+
+Every process of a job runs the same command. Where the job's shape comes
+from, first match wins for each of the three values:
+
+  1. flags: --coordinator_address, --num_processes, --process_id;
+  2. environment: JAXCLR_COORDINATOR_ADDRESS, JAXCLR_NUM_PROCESSES,
+     JAXCLR_PROCESS_ID (for clusters JAX does not know);
+  3. JAX's own detection inside jax.distributed.initialize(): SLURM (srun),
+     Open MPI (mpirun), Cloud TPU VMs (GCE metadata) and TPUs on GKE.
+
+--distributed=auto starts the runtime when (1) or (2) describe more than one
+process or (3) finds a multi-process launcher or a Cloud TPU VM; 'on' always
+starts it (failing loudly if nothing describes the job); 'off' never does.
+
+Failure is bounded in time: a process that cannot reach the coordinator gives
+up after JAXCLR_INIT_TIMEOUT_S (default 60 s), and once running, a peer that
+stops sending heartbeats for JAXCLR_HEARTBEAT_TIMEOUT_S (default 30 s) makes
+the coordination service stop every other process with an error that says a
+task died. On the CPU backend, cross-process collectives use gloo.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Mapping
 
 import jax
 from absl import logging
 
-def _detected_process_count() -> int:
-  """Processes announced by SLURM, Open MPI or a Cloud TPU pod slice."""
-  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-    if os.environ.get(var, "").isdigit():
-      return int(os.environ[var])
-  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-  return len(hosts.split(",")) if hosts else 1
+from jaxclr.config_lib import ConfigError
+
+MODES = ("auto", "on", "off")
+ENV_COORDINATOR = "JAXCLR_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAXCLR_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXCLR_PROCESS_ID"
+ENV_INIT_TIMEOUT = "JAXCLR_INIT_TIMEOUT_S"
+ENV_HEARTBEAT_TIMEOUT = "JAXCLR_HEARTBEAT_TIMEOUT_S"
+ENV_SHUTDOWN_TIMEOUT = "JAXCLR_SHUTDOWN_TIMEOUT_S"
+DEFAULT_INIT_TIMEOUT_S = 60
+DEFAULT_HEARTBEAT_TIMEOUT_S = 30
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What initialize() passes to jax.distributed.initialize (None: detect)."""
+  coordinator_address: str | None
+  num_processes: int | None
+  process_id: int | None
+  initialization_timeout: int
+  heartbeat_timeout_seconds: int
+  shutdown_timeout_seconds: int
+  coordinator_bind_address: str | None
+  reason: str  # Why the runtime is started, for the log.
+
+
+def _int_env(environ: Mapping[str, str], name: str, default=None):
+  raw = environ.get(name)
+  if raw is None or raw == "":
+    return default
+  try:
+    return int(raw)
+  except ValueError:
+    raise ConfigError(f"{name}={raw!r} must be an integer") from None
+
+
+def detected_launcher(environ: Mapping[str, str],
+                      cloud_tpu_vm: bool = False) -> str | None:
+  """Names the multi-process launcher JAX will detect, or None.
+
+  SLURM and Open MPI count only when they started more than one task (a
+  one-task `srun python ...` needs no runtime); a Cloud TPU VM always counts,
+  since only its metadata says how many workers the slice has.
+  """
+  if (environ.get("SLURM_JOB_ID") and environ.get("SLURM_PROCID") and
+      _int_env(environ, "SLURM_NTASKS", 1) > 1):
+    return f"SLURM ({environ['SLURM_NTASKS']} tasks)"
+  if (environ.get("OMPI_MCA_orte_hnp_uri") and
+      _int_env(environ, "OMPI_COMM_WORLD_SIZE", 1) > 1):
+    return f"Open MPI ({environ['OMPI_COMM_WORLD_SIZE']} ranks)"
+  if environ.get("TPU_WORKER_HOSTNAMES") or environ.get(
+      "TPU_PROCESS_ADDRESSES"):
+    return "Cloud TPU (worker list in the environment)"
+  if cloud_tpu_vm:
+    return "Cloud TPU VM"
+  return None
+
+
+def plan(*, mode: str = "auto", coordinator_address: str | None = None,
+         num_processes: int | None = None, process_id: int | None = None,
+         environ: Mapping[str, str] | None = None,
+         cloud_tpu_vm: bool = False) -> Plan | None:
+  """Decides whether and how to start jax.distributed; None means don't.
+
+  Raises:
+    ConfigError: a bad mode, an incomplete or inconsistent explicit layout,
+      or 'on' with nothing that describes the job.
+  """
+  environ = os.environ if environ is None else environ
+  if mode not in MODES:
+    raise ConfigError(f"--distributed={mode!r}; valid: {', '.join(MODES)}")
+  if coordinator_address is None:
+    coordinator_address = environ.get(ENV_COORDINATOR) or None
+  if num_processes is None:
+    num_processes = _int_env(environ, ENV_NUM_PROCESSES)
+  if process_id is None:
+    process_id = _int_env(environ, ENV_PROCESS_ID)
+  if mode == "off":
+    return None
+
+  given = {"coordinator_address": coordinator_address,
+           "num_processes": num_processes, "process_id": process_id}
+  launcher = detected_launcher(environ, cloud_tpu_vm)
+  explicit = any(v is not None for v in given.values())
+  if explicit and num_processes == 1 and coordinator_address is None:
+    explicit = False  # "--num_processes=1" alone: a single-process run.
+  if not explicit and launcher is None:
+    if mode == "on":
+      raise ConfigError(
+          "--distributed=on but nothing describes the job: pass "
+          "--coordinator_address, --num_processes and --process_id (or set "
+          f"{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}), or run "
+          "under SLURM, Open MPI or on a Cloud TPU VM")
+    return None
+  if explicit and launcher is None:
+    missing = [f"--{k}" for k, v in given.items() if v is None]
+    if missing:
+      raise ConfigError(
+          f"multi-process run needs {', '.join(missing)} too (given: "
+          + ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None)
+          + "); no SLURM, Open MPI or Cloud TPU environment to detect them")
+  if num_processes is not None and num_processes < 1:
+    raise ConfigError(f"--num_processes={num_processes} must be >= 1")
+  if process_id is not None and num_processes is not None and not (
+      0 <= process_id < num_processes):
+    raise ConfigError(f"--process_id={process_id} must be in "
+                      f"[0, num_processes={num_processes})")
+  bind = None
+  if coordinator_address is not None:
+    host, sep, port = coordinator_address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+      raise ConfigError(f"--coordinator_address={coordinator_address!r} must "
+                        "be host:port (the address of process 0)")
+    if host in LOOPBACK_HOSTS:
+      # JAX binds the coordinator on every interface by default ([::]:port);
+      # a local job has no reason to listen beyond loopback.
+      bind = coordinator_address
+  timeouts = {name: _int_env(environ, var, default) for name, var, default in (
+      ("init", ENV_INIT_TIMEOUT, DEFAULT_INIT_TIMEOUT_S),
+      ("heartbeat", ENV_HEARTBEAT_TIMEOUT, DEFAULT_HEARTBEAT_TIMEOUT_S),
+      ("shutdown", ENV_SHUTDOWN_TIMEOUT, DEFAULT_SHUTDOWN_TIMEOUT_S))}
+  for name, value in timeouts.items():
+    if value < 1:
+      raise ConfigError(f"{name} timeout {value} s must be >= 1")
+  reason = (f"{num_processes} processes from flags/{ENV_NUM_PROCESSES}"
+            if explicit and launcher is None else f"detected {launcher}")
+  return Plan(coordinator_address, num_processes, process_id,
+              initialization_timeout=timeouts["init"],
+              heartbeat_timeout_seconds=timeouts["heartbeat"],
+              shutdown_timeout_seconds=timeouts["shutdown"],
+              coordinator_bind_address=bind, reason=reason)
+
+
+def _running_in_cloud_tpu_vm() -> bool:
+  try:  # Set by `import jax` when libtpu and TPU chips are present.
+    from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+    return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
+  except (ImportError, AttributeError):
+    return False
 
 
 def initialize(*, mode: str = "auto", coordinator_address: str | None = None,
@@ -21,20 +177,46 @@ def initialize(*, mode: str = "auto", coordinator_address: str | None = None,
                process_id: int | None = None) -> bool:
   """Calls jax.distributed.initialize when the job spans several processes.
 
-  Returns True when the distributed runtime was started.
+  Must run before anything touches jax devices. Returns True when the
+  distributed runtime was started.
+
+  Raises:
+    ConfigError: see `plan`.
+    RuntimeError: the coordinator could not be reached within the timeout
+      (the message names the address, process and timeout).
   """
-  explicit = coordinator_address is not None or (num_processes or 1) > 1
-  if mode == "off" or (mode == "auto" and not explicit
-                       and _detected_process_count() <= 1):
+  p = plan(mode=mode, coordinator_address=coordinator_address,
+           num_processes=num_processes, process_id=process_id,
+           cloud_tpu_vm=_running_in_cloud_tpu_vm())
+  if p is None:
     return False
   # Cross-process collectives on the CPU backend need an implementation (gloo
   # ships with jaxlib). Harmless on TPU/GPU, where the CPU backend is unused.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes,
-                             process_id=process_id)
-  logging.info("jax.distributed: process %d of %d, %d local device(s)",
-               jax.process_index(), jax.process_count(),
-               jax.local_device_count())
+  logging.info("jax.distributed: starting (%s); coordinator %s, process %s "
+               "of %s, connect timeout %d s, heartbeat timeout %d s", p.reason,
+               p.coordinator_address or "<detected>",
+               "<detected>" if p.process_id is None else p.process_id,
+               p.num_processes or "<detected>", p.initialization_timeout,
+               p.heartbeat_timeout_seconds)
+  try:
+    jax.distributed.initialize(
+        coordinator_address=p.coordinator_address,
+        num_processes=p.num_processes, process_id=p.process_id,
+        initialization_timeout=p.initialization_timeout,
+        heartbeat_timeout_seconds=p.heartbeat_timeout_seconds,
+        shutdown_timeout_seconds=p.shutdown_timeout_seconds,
+        coordinator_bind_address=p.coordinator_bind_address)
+  except Exception as e:  # XlaRuntimeError/ValueError, depending on the cause.
+    first = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
+    raise RuntimeError(
+        f"jax.distributed could not start: process {p.process_id} of "
+        f"{p.num_processes} did not join coordinator "
+        f"{p.coordinator_address or '<detected>'} within "
+        f"{p.initialization_timeout} s (are all processes started, with the "
+        f"same --num_processes and coordinator?): {type(e).__name__}: "
+        f"{first}") from e
+  logging.info("jax.distributed: process %d of %d, %d local device(s), %d "
+               "global", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
   return True
-

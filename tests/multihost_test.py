@@ -1,0 +1,309 @@
+"""Multi-process runs on 127.0.0.1: the same numbers as one process, bounded
+failure when a peer dies, and layout errors before any compilation.
+
+Each run is a real `python -m jaxclr.main` (or launch/local.sh) subprocess,
+jax.distributed over gloo, with the tiny synthetic config. The runs share the
+test session's persistent compilation cache. Every subprocess has a timeout
+and is killed in a `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxclr.config_lib import ConfigError
+from jaxclr.parallel import distributed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOCAL_SH = os.path.join(REPO, "launch", "local.sh")
+RUN_TIMEOUT_S = 900  # Per job; compilation on a loaded 2-core machine is slow.
+DEAD_PEER_BOUND_S = 60
+
+TINY = [
+    "--config", os.path.join(REPO, "configs", "default.py"),
+    "--config.dataset=synthetic", "--config.synthetic.num_examples=64",
+    "--config.synthetic.num_classes=4", "--config.model.width_multiplier=0.125",
+    "--config.image_size=8", "--config.batch_size=16",
+    "--config.num_train_steps=3", "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=100",
+]
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def child_env(devices_per_process: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count="
+                      f"{devices_per_process}")
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONUNBUFFERED"] = "1"
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  cache = jax.config.jax_compilation_cache_dir
+  if cache:  # Reuse the session's persistent cache (see conftest.py).
+    env["JAX_COMPILATION_CACHE_DIR"] = cache
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  return env
+
+
+def start(args, env, log_path) -> subprocess.Popen:
+  log = open(log_path, "w")  # pylint: disable=consider-using-with
+  # Own process group, so that killing it also stops local.sh's children.
+  return subprocess.Popen(args, env=env, cwd=REPO, stdout=log,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen):
+  if proc.poll() is None:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGKILL)
+  with contextlib.suppress(subprocess.TimeoutExpired):
+    proc.wait(timeout=10)
+
+
+def wait_all(procs: dict[str, subprocess.Popen], timeout: float):
+  deadline = time.monotonic() + timeout
+  for name, p in procs.items():
+    try:
+      p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      raise AssertionError(f"{name} did not finish within {timeout} s") from None
+
+
+def read_log(path: str, tail: int = 6000) -> str:
+  with open(path, errors="replace") as f:
+    return f.read()[-tail:]
+
+
+def jaxclr_cmd(*extra: str) -> list[str]:
+  return [sys.executable, "-m", "jaxclr.main", *TINY, *extra]
+
+
+def load_final_state(workdir: str) -> dict[str, np.ndarray]:
+  """The newest checkpoint's state as host arrays, keyed by tree path."""
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
+                 if d.isdigit())
+  path = os.path.join(workdir, "checkpoints", str(steps[-1]), "state")
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata(path).item_metadata
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev), tree)
+    state = ckptr.restore(path, abstract)
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def load_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def layout_runs():
+  """The tiny run as 2 processes x 4 devices, 1 x 8 and 1 x 1, concurrently."""
+  root = tempfile.mkdtemp(prefix="jaxclr_multihost_")
+  dirs = {k: os.path.join(root, k) for k in ("2x4", "1x8", "1x1")}
+  env = child_env(4)
+  env["PYTHON"] = sys.executable
+  env["JAXCLR_PORT"] = str(free_port())
+  procs = {}
+  t0 = time.monotonic()
+  try:
+    procs["2x4"] = start(["bash", LOCAL_SH, "2", "4", *TINY,
+                          f"--workdir={dirs['2x4']}"], env,
+                         os.path.join(root, "2x4.log"))
+    for name, n in (("1x8", 8), ("1x1", 1)):
+      procs[name] = start(jaxclr_cmd(f"--workdir={dirs[name]}"), child_env(n),
+                          os.path.join(root, f"{name}.log"))
+    wait_all(procs, RUN_TIMEOUT_S)
+    for name, p in procs.items():
+      assert p.returncode == 0, (
+          f"{name} failed ({p.returncode}):\n"
+          + read_log(os.path.join(root, f"{name}.log")))
+    print(f"layout runs took {time.monotonic() - t0:.0f} s")
+    yield root, dirs
+  finally:
+    for p in procs.values():
+      kill_group(p)
+
+
+def test_plan_reads_flags_then_env_and_binds_loopback():
+  env = {"JAXCLR_COORDINATOR_ADDRESS": "127.0.0.1:1234",
+         "JAXCLR_NUM_PROCESSES": "4", "JAXCLR_PROCESS_ID": "2"}
+  p = distributed.plan(environ=env)
+  assert (p.coordinator_address, p.num_processes, p.process_id) == (
+      "127.0.0.1:1234", 4, 2)
+  assert p.coordinator_bind_address == "127.0.0.1:1234"  # Not [::]:1234.
+  assert p.initialization_timeout <= 60 and p.heartbeat_timeout_seconds <= 60
+  p = distributed.plan(process_id=3, environ=env)  # Flags win over env.
+  assert p.process_id == 3
+  p = distributed.plan(coordinator_address="10.0.0.1:99", num_processes=2,
+                       process_id=0, environ={})
+  assert p.coordinator_bind_address is None  # Real hosts: JAX's default.
+  assert distributed.plan(mode="off", environ=env) is None
+  assert distributed.plan(environ={}) is None
+  assert distributed.plan(num_processes=1, environ={}) is None
+
+
+def test_plan_detects_launchers_and_leaves_values_to_jax():
+  slurm = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "1", "SLURM_NTASKS": "16"}
+  p = distributed.plan(environ=slurm)
+  assert p is not None and "SLURM" in p.reason
+  assert (p.coordinator_address, p.num_processes, p.process_id) == (
+      None, None, None)
+  assert distributed.plan(environ={**slurm, "SLURM_NTASKS": "1"}) is None
+  assert distributed.plan(environ={"OMPI_MCA_orte_hnp_uri": "1.0;tcp://x:1",
+                                   "OMPI_COMM_WORLD_SIZE": "2"}) is not None
+  assert "Cloud TPU" in distributed.plan(environ={}, cloud_tpu_vm=True).reason
+
+
+@pytest.mark.parametrize("kwargs, env, needle", [
+    (dict(num_processes=2), {}, "--coordinator_address, --process_id"),
+    (dict(coordinator_address="127.0.0.1:1", num_processes=2, process_id=2),
+     {}, "--process_id=2 must be in [0, num_processes=2)"),
+    (dict(coordinator_address="127.0.0.1", num_processes=2, process_id=0),
+     {}, "must be host:port"),
+    (dict(mode="on"), {}, "nothing describes the job"),
+    (dict(mode="sometimes"), {}, "valid: auto, on, off"),
+    (dict(), {"JAXCLR_NUM_PROCESSES": "two"}, "JAXCLR_NUM_PROCESSES='two'"),
+])
+def test_plan_rejects_incomplete_or_bad_layouts(kwargs, env, needle):
+  with pytest.raises(ConfigError) as e:
+    distributed.plan(environ=env, **kwargs)
+  assert needle in str(e.value)
+
+
+def test_two_processes_match_one_process(layout_runs):
+  """2x4 == 1x8 == 1x1: metrics per step and every array of the final state."""
+  _, dirs = layout_runs
+  metrics = {k: load_metrics(d) for k, d in dirs.items()}
+  assert [m["step"] for m in metrics["2x4"]] == [1, 2, 3]
+  timing = {"steps_per_sec", "images_per_sec"}
+  for other in ("1x8", "1x1"):
+    assert [m["step"] for m in metrics[other]] == [1, 2, 3]
+    for a, b in zip(metrics["2x4"], metrics[other]):
+      assert set(a) == set(b)
+      for k in set(a) - timing:
+        np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6,
+                                   err_msg=f"{k} at step {a['step']}, {other}")
+  states = {k: load_final_state(d) for k, d in dirs.items()}
+  assert int(states["2x4"]["['step']"]) == 3
+  worst = {}
+  for other in ("1x8", "1x1"):
+    assert set(states[other]) == set(states["2x4"])
+    for k, a in states["2x4"].items():
+      b = states[other][k]
+      assert a.shape == b.shape and a.dtype == b.dtype, k
+      if np.issubdtype(a.dtype, np.floating):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{k} 2x4 vs {other}")
+        worst[other] = max(worst.get(other, 0.0),
+                           float(np.max(np.abs(a - b), initial=0.0)))
+      else:
+        np.testing.assert_array_equal(a, b, err_msg=f"{k} 2x4 vs {other}")
+  print(f"max |state difference| 2x4 vs 1x8 / 1x1: {worst}")
+
+
+def test_only_process_zero_writes(layout_runs):
+  root, dirs = layout_runs
+  log = read_log(os.path.join(root, "2x4.log"), tail=10**7)
+  # The step lines and the start-up summary: console logging is per process,
+  # but metric lines come from process 0 only.
+  assert "[0] " in log and "[1] " in log
+  assert any(line.startswith("[0] ") and "step 3/3" in line
+             for line in log.splitlines())
+  assert not any(line.startswith("[1] ") and "step 3/3" in line
+                 for line in log.splitlines())
+  summary = [line for line in log.splitlines() if "jaxclr pretraining:" in line]
+  assert len(summary) >= 1
+  assert ("2 process(es) x 4 device(s) (8 total, cpu); global batch 16 images"
+          " = 8 per process = 2 per device" in summary[0])
+  events = [f for f in os.listdir(dirs["2x4"]) if f.startswith("events.out")]
+  assert len(events) == 1, events  # One TensorBoard writer: process 0's.
+  assert len(load_metrics(dirs["2x4"])) == 3  # Not one record per process.
+
+
+def test_batch_not_dividing_is_rejected_before_compiling(tmp_path):
+  """batch 12 over 2 processes x 4 devices: both exit 2, naming the numbers."""
+  port = free_port()
+  procs, logs = [], []
+  t0 = time.monotonic()
+  try:
+    for i in range(2):
+      logs.append(str(tmp_path / f"p{i}.log"))
+      procs.append(start(jaxclr_cmd(
+          f"--workdir={tmp_path / 'w'}", "--config.batch_size=12",
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+          f"--process_id={i}"), child_env(4), logs[-1]))
+    wait_all({f"process {i}": p for i, p in enumerate(procs)}, 240)
+  finally:
+    for p in procs:
+      kill_group(p)
+  for p, log in zip(procs, logs):
+    text = read_log(log)
+    assert p.returncode == 2, text
+    assert ("batch_size=12 must be divisible by the number of devices (8) "
+            "and of processes (2)") in text, text
+    assert "Traceback" not in text, text
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+  print(f"rejected in {time.monotonic() - t0:.0f} s (no compilation)")
+
+
+def test_dead_peer_stops_the_other_within_bound(tmp_path, layout_runs):
+  """SIGKILL process 1 once the job is running; process 0 must exit non-zero
+  within DEAD_PEER_BOUND_S, saying that a peer/task failed."""
+  del layout_runs  # Only to reuse its compiled programs from the cache.
+  port = free_port()
+  workdir = tmp_path / "w"
+  procs, logs = [], []
+  try:
+    for i in range(2):
+      logs.append(str(tmp_path / f"p{i}.log"))
+      procs.append(start(jaxclr_cmd(
+          f"--workdir={workdir}", "--config.num_train_steps=3",
+          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+          f"--process_id={i}"), child_env(4), logs[-1]))
+    deadline = time.monotonic() + 300
+    # Running: both joined, checked the layout and started the Orbax manager.
+    while not ("jaxclr pretraining:" in read_log(logs[1], 10**6)
+               and (workdir / "checkpoints").exists()):
+      assert procs[0].poll() is None and procs[1].poll() is None, (
+          read_log(logs[0]) + read_log(logs[1]))
+      assert time.monotonic() < deadline, "job did not start"
+      time.sleep(0.2)
+    killed_at = time.monotonic()
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    try:
+      procs[0].wait(timeout=DEAD_PEER_BOUND_S + 30)
+    except subprocess.TimeoutExpired:
+      raise AssertionError("process 0 still running "
+                           f"{DEAD_PEER_BOUND_S + 30} s after its peer died"
+                           ) from None
+    took = time.monotonic() - killed_at
+  finally:
+    for p in procs:
+      kill_group(p)
+  text = read_log(logs[0], 10**6)
+  print(f"process 0 exited {procs[0].returncode} {took:.1f} s after its peer "
+        "was killed")
+  assert procs[0].returncode != 0, text[-3000:]
+  assert took <= DEAD_PEER_BOUND_S, text[-3000:]
+  assert ("another task died" in text or "peer" in text.lower()
+          or "jaxclr: error:" in text), text[-3000:]
