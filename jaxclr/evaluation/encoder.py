@@ -44,15 +44,7 @@ class FrozenEncoder:
 
 def pretraining_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was pretrained with; WorkdirError if it has none."""
-  if not os.path.isdir(workdir):
-    raise workdir_lib.WorkdirError(
-        f"pretrained_workdir={workdir!r} does not exist")
-  raw = workdir_lib.load_config(workdir)
-  if raw is None:
-    raise workdir_lib.WorkdirError(
-        f"pretrained_workdir={workdir!r} is not a jaxclr workdir (no "
-        f"{workdir_lib.CONFIG_FILE}); pass the --workdir of a "
-        "python -m jaxclr.main run, or 'none' for a random-init baseline")
+  raw = workdir_lib.require_pretraining_workdir(workdir)
   config = config_lib.base_config()
   config.update_from_flattened_dict(
       {k: tuple(v) if isinstance(v, list) else v
