@@ -19,6 +19,7 @@ from absl import logging
 
 from jaxclr import checkpoint, cli, config_lib, optim, train, workdir as workdir_lib
 from jaxclr.data import input_pipeline
+from jaxclr.evaluation import periodic
 from jaxclr.metrics import MetricsLogger
 from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
@@ -211,6 +212,8 @@ def _run(config, workdir, mesh, is_primary, preemption) -> dict[str, float]:
 
   num_classes = info.num_classes if config.linear_probe else 0
   trainer = create_trainer(config, mesh, plan, num_classes)
+  evaluator = periodic.PeriodicKnnEvaluator(config, mesh, trainer.model,
+                                           info.num_classes)
   init_rng = jax.random.key(config.seed)
 
   store = checkpoint.CheckpointStore(
@@ -252,6 +255,10 @@ def _run(config, workdir, mesh, is_primary, preemption) -> dict[str, float]:
             done, {**host_metrics, "epoch": done / plan.steps_per_epoch,
                    **({"skipped_updates": num_bad} if num_bad else {})})
         skipped = _check_finite(state, policy, store, skipped)
+      eval_metrics = evaluator.maybe_evaluate(done, state)
+      if eval_metrics:
+        logger.log_scalars(done, eval_metrics)
+        logger.reset_timer(done)  # Exclude evaluation from throughput.
       if jax.process_count() > 1:
         preempted = store.reached_preemption(done)
       else:
