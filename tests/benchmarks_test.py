@@ -1,0 +1,155 @@
+"""benchmarks/step.py: FLOPs against an independent count, the JSON contract,
+no host sync in the steady-state loop, and state donation.
+
+One harness run on a tiny config (8 simulated devices) is shared
+by every test in this module.
+"""
+
+import json
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import step as step_bench  # noqa: E402
+from jaxclr import config_lib  # noqa: E402
+
+RESNET18_BLOCKS, GROUP_STRIDES = (2, 2, 2, 2), (1, 2, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def config():
+  """A tiny CIFAR-stem ResNet-18 (width 1/8) at 16 px, B=16, with the probe."""
+  c = config_lib.base_config()
+  c.dataset = "synthetic"
+  c.synthetic.num_examples, c.synthetic.num_classes = 64, 4
+  c.image_size, c.batch_size, c.num_train_steps = 16, 16, 10
+  c.model.update(depth=18, width_multiplier=0.125, num_proj_layers=2,
+                 proj_out_dim=16)
+  c.warmup_epochs = 0.0
+  return c
+
+
+@pytest.fixture(scope="module")
+def result(config):
+  return step_bench.measure_step(config, steps=3, warmup=1, peak_size=256,
+                                 peak_repeats=2, loss_steps=3)
+
+
+def valid_taps(size: int, kernel: int, stride: int) -> tuple[int, int]:
+  """(output size, kernel taps landing inside the image summed over outputs)
+  for jaxclr's fixed padding ((k-1)//2 low, the rest high)."""
+  low = (kernel - 1) // 2
+  out = (size + kernel - 1 - kernel) // stride + 1
+  taps = sum(1 for o in range(out) for t in range(kernel)
+             if 0 <= o * stride - low + t < size)
+  return out, taps
+
+
+def conv_layers_resnet18(image_size: int, width: float):
+  """(kernel, stride, c_in, c_out, in_size) of every conv of a CIFAR-stem
+  ResNet-18 v1.5, written from the architecture, not from the model code."""
+  w = lambda c: max(1, int(round(c * width)))
+  layers = [(3, 1, 3, w(64), image_size)]
+  size, c_in = image_size, w(64)
+  for g, (blocks, stride) in enumerate(zip(RESNET18_BLOCKS, GROUP_STRIDES)):
+    c_out = w(64 * 2**g)
+    for b in range(blocks):
+      s = stride if b == 0 else 1
+      layers.append((3, s, c_in, c_out, size))
+      out = valid_taps(size, 3, s)[0]
+      layers.append((3, 1, c_out, c_out, out))
+      if b == 0:
+        layers.append((1, s, c_in, c_out, size))  # projection shortcut
+      size, c_in = out, c_out
+  return layers
+
+
+def analytic_forward_flops(config, params) -> float:
+  """2 x multiply-adds per image (both views) of every conv (taps that fall
+  in the zero padding excluded, as XLA counts) and every dense layer."""
+  convs = conv_layers_resnet18(config.image_size,
+                               config.model.width_multiplier)
+  macs = 0
+  for k, s, c_in, c_out, size in convs:
+    _, taps = valid_taps(size, k, s)
+    macs += taps * taps * c_in * c_out
+  kernels = [x.shape for x in jax.tree.leaves(params)]
+  assert sorted(sh for sh in kernels if len(sh) == 4) == sorted(
+      (k, k, ci, co) for k, _, ci, co, _ in convs)  # The same network.
+  macs += sum(sh[0] * sh[1] for sh in kernels if len(sh) == 2)
+  return 2.0 * 2 * macs  # 2 FLOPs per MAC, 2 views per image.
+
+
+def test_forward_flops_match_an_independent_count(config, result):
+  from jaxclr.models.simclr import build_model
+  model = build_model(step_bench.benchmark_config(config),
+                      config.synthetic.num_classes)
+  params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0),
+                         jnp.zeros((2, config.image_size, config.image_size,
+                                    3)), train=True))["params"]
+  expected = analytic_forward_flops(config, params)
+  measured = result["forward_flops_per_image"]
+  # The HLO also counts BatchNorm, ReLU and residual adds: a few % on top.
+  assert expected <= measured <= 1.08 * expected, (measured, expected)
+  # A train step costs about 3 forward passes (forward + two backward).
+  assert 2.5 <= result["flops_per_image"] / measured <= 4.0
+
+
+def test_json_has_every_field_and_they_agree(config, result):
+  r = json.loads(json.dumps(result))  # Serialisable.
+  for key in ("date", "machine", "config", "devices", "per_device_batch",
+              "compile_s", "step_time", "pipelined_step_s", "images_per_s",
+              "images_per_s_per_device", "flops_per_step", "flops_per_image",
+              "forward_flops_per_image", "peak", "peak_flops_per_s_total",
+              "achieved_flops_per_s", "mfu", "memory_per_device",
+              "device_peak_bytes", "loss", "loss_fraction_time",
+              "loss_fraction_flops", "all_gather_fraction_time", "donation",
+              "host_sync_free"):
+    assert key in r, key
+  n, b = r["devices"], config.batch_size
+  assert n == jax.device_count() == 8 and r["per_device_batch"] == b // n
+  s = r["step_time"]
+  assert s["n"] == 3 and s["min_s"] <= s["median_s"] <= s["max_s"]
+  assert math.isclose(r["images_per_s"], b / s["median_s"])
+  assert math.isclose(r["images_per_s_per_device"], r["images_per_s"] / n)
+  assert math.isclose(r["flops_per_image"] * b, r["flops_per_step"])
+  assert math.isclose(r["mfu"], r["flops_per_step"] / s["median_s"] /
+                      r["peak_flops_per_s_total"])
+  m = r["memory_per_device"]
+  assert m["peak_bytes"] == m["argument"] + m["output"] - m["alias"] + m["temp"]
+  assert r["loss"]["all_gather"] is not None and 0 < r["loss_fraction_flops"] < 1
+  row = step_bench.markdown_row(r, "python -m benchmarks.step ...")
+  assert row.count("|") == step_bench.TABLE_HEADER.splitlines()[0].count("|")
+
+
+def test_state_is_donated(result):
+  assert result["donation"]["state_donated"]
+  assert result["donation"]["unusable_donation_warnings"] == []
+
+
+def test_steady_state_loop_has_no_host_sync(result):
+  # The harness times its loop under transfer_guard("disallow")...
+  assert result["host_sync_free"]
+  # ...and that guard does catch a hidden sync on this backend.
+  x = jax.device_put(jnp.ones(()))
+  with jax.transfer_guard("disallow"):
+    with pytest.raises(Exception, match="[Dd]isallowed"):
+      float(x + 1)
+
+
+def test_markdown_appends_to_its_own_table_only(tmp_path):
+  path = tmp_path / "RESULTS.md"
+  path.write_text("# r\n\n## Input pipeline\n\n| a |\n|---|\n| 1 |\n")
+  step_bench.append_markdown(str(path), "| row1 |\n")
+  step_bench.append_markdown(str(path), "| row2 |\n")
+  text = path.read_text()
+  assert text.startswith("# r\n\n## Input pipeline\n\n| a |\n|---|\n| 1 |\n")
+  assert text.count(step_bench.TABLE_TITLE) == 1
+  assert text.endswith("| row1 |\n| row2 |\n")
