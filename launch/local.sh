@@ -44,7 +44,9 @@ coordinator=127.0.0.1:$port
 # Each process sees its own M CPU devices; drop any device count already set.
 xla_flags=$(sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g' \
   <<<"${XLA_FLAGS:-}")
-xla_flags="$xla_flags --xla_force_host_platform_device_count=$devices_per_process"
+[[ $xla_flags =~ ^[[:space:]]*$ ]] && xla_flags=""
+xla_flags="${xla_flags:+$xla_flags }"
+xla_flags+="--xla_force_host_platform_device_count=$devices_per_process"
 
 pids=()
 stop_all() {

@@ -307,3 +307,133 @@ def test_dead_peer_stops_the_other_within_bound(tmp_path, layout_runs):
   assert took <= DEAD_PEER_BOUND_S, text[-3000:]
   assert ("another task died" in text or "peer" in text.lower()
           or "jaxclr: error:" in text), text[-3000:]
+
+
+def test_unreachable_coordinator_fails_within_timeout(tmp_path):
+  """Process 1 of 2 alone: it must give up (non-zero) instead of waiting."""
+  env = {**child_env(1), "JAXCLR_INIT_TIMEOUT_S": "5"}
+  proc = start(jaxclr_cmd(f"--workdir={tmp_path / 'w'}",
+                          f"--coordinator_address=127.0.0.1:{free_port()}",
+                          "--num_processes=2", "--process_id=1"),
+               env, str(tmp_path / "p1.log"))
+  t0 = time.monotonic()
+  try:
+    proc.wait(timeout=120)
+  finally:
+    kill_group(proc)
+  took = time.monotonic() - t0
+  text = read_log(str(tmp_path / "p1.log"))
+  assert proc.returncode != 0, text
+  assert "connect timeout 5 s" in text and "DEADLINE_EXCEEDED" in text, text
+  assert took < DEAD_PEER_BOUND_S, took
+
+
+# ---- launch scripts (no JAX, no cloud: fakes on PATH) ----
+
+def write_exe(path, text):
+  path.write_text(text)
+  path.chmod(0o755)
+  return str(path)
+
+
+def test_local_sh_stops_the_others_when_one_fails(tmp_path):
+  """Fake python: process 1 exits 7; process 0 would sleep for 5 minutes."""
+  fake = write_exe(tmp_path / "python", f"""#!/usr/bin/env bash
+for a in "$@"; do case $a in --process_id=*) id=${{a#*=}};; esac; done
+echo "$$" > {tmp_path}/pid$id
+echo "args: $*"; echo "xla: $XLA_FLAGS"
+if [[ $id == 1 ]]; then sleep 1; exit 7; fi
+exec sleep 300
+""")
+  t0 = time.monotonic()
+  out = subprocess.run(["bash", LOCAL_SH, "2", "3", "--config", "c.py",
+                        "--workdir", "w d"],
+                       env={**os.environ, "PYTHON": fake,
+                            "JAXCLR_PORT": str(free_port())},
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 7, out.stderr
+  assert time.monotonic() - t0 < 30
+  assert "process 1 exited with status 7" in out.stderr
+  pid0 = int((tmp_path / "pid0").read_text())
+  with pytest.raises(ProcessLookupError):
+    os.kill(pid0, 0)  # Stopped, not left running.
+  lines = out.stdout.splitlines()
+  assert any(l.startswith("[0] args: -m jaxclr.main --coordinator_address="
+                          "127.0.0.1:") and "--num_processes=2 --process_id=0"
+             " --config c.py --workdir w d" in l for l in lines), lines
+  assert "[1] xla: --xla_force_host_platform_device_count=3" in " ".join(
+      l.strip() for l in lines), lines
+
+
+def test_local_sh_usage_errors():
+  for args in ([], ["0"], ["two"], ["2", "0", "--config", "c"]):
+    out = subprocess.run(["bash", LOCAL_SH, *args], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and "usage:" in out.stderr, args
+
+
+TPU_ENV = {"TPU_NAME": "simclr", "ZONE": "us-central2-b",
+           "ACCELERATOR_TYPE": "v4-32", "WORKDIR": "/mnt/shared/run"}
+
+
+def test_tpu_vm_sh_requires_its_variables():
+  env = {k: v for k, v in os.environ.items() if k not in TPU_ENV}
+  out = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_vm.sh"),
+                        "--dry-run"], env={**env, "ZONE": "z"},
+                       capture_output=True, text=True, timeout=30)
+  assert out.returncode == 2
+  assert "set TPU_NAME ACCELERATOR_TYPE WORKDIR" in out.stderr, out.stderr
+  out = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_vm.sh"),
+                        "--dry-run"], env={**env, **TPU_ENV,
+                                           "WORKDIR": "gs://b/run"},
+                       capture_output=True, text=True, timeout=30)
+  assert out.returncode == 2 and "gs://b/run" in out.stderr
+
+
+def test_tpu_vm_sh_dry_run_prints_the_whole_lifecycle():
+  env = {**os.environ, **TPU_ENV, "PROJECT": "proj",
+         "PATH": "/usr/bin:/bin"}  # No gcloud: a real call would fail.
+  out = subprocess.run(["bash", os.path.join(REPO, "launch", "tpu_vm.sh"),
+                        "--dry-run", "--", "--config.batch_size=4096"],
+                       env=env, capture_output=True, text=True, timeout=30)
+  assert out.returncode == 0, out.stderr
+  cmds = [l for l in out.stdout.splitlines() if l.startswith("+ ")]
+  common = "--zone=us-central2-b --project=proj"
+  assert cmds[0] == ("+ gcloud compute tpus tpu-vm create simclr " + common +
+                     " --accelerator-type=v4-32 --version=tpu-ubuntu2204-base")
+  assert cmds[1].startswith("+ git -C ") and " archive " in cmds[1]
+  assert " scp " in cmds[2] and "simclr:jaxclr.tar.gz --worker=all" in cmds[2]
+  assert cmds[3].startswith("+ gcloud compute tpus tpu-vm ssh simclr "
+                            "--worker=all " + common + " --command=")
+  assert "pip\\ install" in cmds[3] and "jax\\\\\\[tpu\\\\\\]" in cmds[3]
+  assert cmds[4].startswith("+ gcloud compute tpus tpu-vm ssh simclr "
+                            "--worker=all " + common + " --command=")
+  assert ("python3\\ -m\\ jaxclr.main\\ --distributed=on\\ --config\\ "
+          "configs/imagenet.py\\ --workdir\\ /mnt/shared/run\\ "
+          "--config.batch_size=4096") in cmds[4]
+  assert cmds[5] == ("+ gcloud compute tpus tpu-vm delete simclr " + common +
+                     " --quiet")
+  assert len(cmds) == 6
+
+
+def test_slurm_sbatch_runs_srun_with_the_forwarded_flags(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  write_exe(bin_dir / "srun", '#!/usr/bin/env bash\necho "srun $*"\n')
+  script = os.path.join(REPO, "launch", "slurm_gpu.sbatch")
+  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+  env.pop("WORKDIR", None)
+  out = subprocess.run(["bash", script], env=env, capture_output=True,
+                       text=True, timeout=30)
+  assert out.returncode != 0 and "set WORKDIR" in out.stderr
+  out = subprocess.run(["bash", script, "--config.batch_size=4096"],
+                       env={**env, "WORKDIR": "/shared/r"},
+                       capture_output=True, text=True, timeout=30)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == (
+      "srun --kill-on-bad-exit=1 python -m jaxclr.main --config "
+      "configs/imagenet.py --workdir /shared/r --config.batch_size=4096")
+  with open(script) as f:
+    header = f.read()
+  for line in ("#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8"):
+    assert line in header

@@ -44,6 +44,11 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
+class DistributedError(RuntimeError):
+  """The processes of a job could not form the distributed runtime."""
+  jaxclr_exit_status = 5  # cli.user_errors_exit: one line, this status.
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """What initialize() passes to jax.distributed.initialize (None: detect)."""
@@ -182,7 +187,7 @@ def initialize(*, mode: str = "auto", coordinator_address: str | None = None,
 
   Raises:
     ConfigError: see `plan`.
-    RuntimeError: the coordinator could not be reached within the timeout
+    DistributedError: the coordinator could not be reached within the timeout
       (the message names the address, process and timeout).
   """
   p = plan(mode=mode, coordinator_address=coordinator_address,
@@ -209,7 +214,7 @@ def initialize(*, mode: str = "auto", coordinator_address: str | None = None,
         coordinator_bind_address=p.coordinator_bind_address)
   except Exception as e:  # XlaRuntimeError/ValueError, depending on the cause.
     first = str(e).strip().splitlines()[0][:400] if str(e).strip() else ""
-    raise RuntimeError(
+    raise DistributedError(
         f"jax.distributed could not start: process {p.process_id} of "
         f"{p.num_processes} did not join coordinator "
         f"{p.coordinator_address or '<detected>'} within "
