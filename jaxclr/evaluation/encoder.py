@@ -134,6 +134,7 @@ def random_encoder(eval_config, mesh) -> FrozenEncoder:
   config.model.update({k: v for k, v in eval_config.model.items()
                        if v is not None})
   config.image_size = eval_config.image_size
+  config.dataset = "synthetic"  # Validate the architecture fields only.
   config_lib.validate(config)
   model = build_model(config, num_classes=0)
   init = jax.jit(lambda rng: model.init(
