@@ -168,9 +168,13 @@ def all_gather_fn(mesh):
 
 
 def measure_loss(mesh, num_images: int, dim: int, temperature: float,
-                 steps: int = 20, warmup: int = 2) -> dict[str, Any]:
+                 steps: int = 20, warmup: int = 2,
+                 budget_s: float | None = None) -> dict[str, Any]:
   """Time, FLOPs and per-device memory of the loss (value_and_grad) and of
-  its all-gather alone, on embeddings shaped and sharded as in the step."""
+  its all-gather alone, on embeddings shaped and sharded as in the step.
+
+  With budget_s, fewer steps (at least 3) are timed when `steps` calls
+  would take longer than that."""
   z1, z2 = sharded_embeddings(mesh, num_images, dim)
   n = mesh.devices.size
   out: dict[str, Any] = {"num_images": num_images, "dim": dim, "devices": n}
@@ -180,7 +184,16 @@ def measure_loss(mesh, num_images: int, dim: int, temperature: float,
       out[name] = None  # Nothing to gather on one device.
       continue
     compiled, compile_s, _ = compile_with_warnings(fn.lower(z1, z2))
-    times = time_calls(lambda: compiled(z1, z2), steps, warmup)
+    if steps == 0:  # Compile only: FLOPs and memory, no timing.
+      out[name] = {"compile_s": compile_s, "time": None,
+                   "flops_per_device": cost_flops(compiled),
+                   "memory_per_device": memory(compiled)}
+      continue
+    k = steps
+    if budget_s is not None:
+      first = time_calls(lambda: compiled(z1, z2), 1, warmup)[0]
+      k, warmup = max(3, min(steps, int(budget_s / max(first, 1e-6)))), 0
+    times = time_calls(lambda: compiled(z1, z2), k, warmup)
     out[name] = {"compile_s": compile_s, "time": summarize(times),
                  "flops_per_device": cost_flops(compiled),
                  "memory_per_device": memory(compiled)}
@@ -214,3 +227,13 @@ def forward_fn(model, mesh, train: bool = True):
   return jax.jit(forward, in_shardings=(sharding.replicated(mesh),
                                         sharding.batch_sharded(mesh)))
 
+
+def normalize_dashes(argv: list[str]) -> list[str]:
+  """Accept --append-results etc. (absl flags use underscores)."""
+  out = []
+  for a in argv:
+    if a.startswith("--") and not a.startswith("--config"):
+      name, eq, value = a[2:].partition("=")
+      a = "--" + name.replace("-", "_") + eq + value
+    out.append(a)
+  return out

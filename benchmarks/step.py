@@ -225,17 +225,6 @@ def command_line(argv: list[str]) -> str:
   return "python -m benchmarks.step " + " ".join(argv[1:])
 
 
-def _normalize_dashes(argv: list[str]) -> list[str]:
-  """Accept --append-results etc. (absl flags use underscores)."""
-  out = []
-  for a in argv:
-    if a.startswith("--") and not a.startswith("--config"):
-      name, eq, value = a[2:].partition("=")
-      a = "--" + name.replace("-", "_") + eq + value
-    out.append(a)
-  return out
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -260,4 +249,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, argv=_normalize_dashes(sys.argv))
+  from benchmarks import measure  # pylint: disable=g-import-not-at-top
+  app.run(main, argv=measure.normalize_dashes(sys.argv))
