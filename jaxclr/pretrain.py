@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import queue
 import signal
@@ -22,7 +23,7 @@ from jaxclr.data import input_pipeline
 from jaxclr.evaluation import periodic
 from jaxclr.metrics import MetricsLogger
 from jaxclr.models.simclr import build_model
-from jaxclr.parallel import sharding
+from jaxclr.parallel import distributed, sharding
 
 
 class NonFiniteError(RuntimeError):
@@ -236,6 +237,11 @@ def _run(config, workdir, mesh, is_primary, preemption) -> dict[str, float]:
       sharding.global_batch(mesh, b) for b in input_pipeline.pretrain_batches(
           config, start_step=start_step, process_index=jax.process_index(),
           process_count=jax.process_count()))
+  if jax.process_count() > 1 and start_step < plan.total_steps:
+    # Compile, then start together: see distributed.compile_together.
+    first = next(batches)
+    step_fn = distributed.compile_together(step_fn, state, first)
+    batches = itertools.chain([first], batches)
   logger = MetricsLogger(workdir, is_primary=is_primary,
                          total_steps=plan.total_steps,
                          batch_size=config.batch_size, start_step=start_step)

@@ -225,3 +225,29 @@ def initialize(*, mode: str = "auto", coordinator_address: str | None = None,
                "global", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   return True
+
+
+def barrier(name: str, timeout_s: int) -> None:
+  """Waits until every process reaches `name`, through the coordination
+  service (not a device collective, so no collective timeout applies)."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  jax_distributed.global_state.client.wait_at_barrier(
+      name, timeout_in_ms=int(timeout_s * 1000))
+
+
+def compile_together(jitted, *args, name: str = "jaxclr_compiled"):
+  """AOT-compiles `jitted` for `args`, then waits for every process.
+
+  The first execution of a cross-process program sets up its collectives;
+  on CPU, gloo gives up when the processes arrive more than 30 s apart, which
+  uneven compile times (one process hitting the compilation cache, a loaded
+  host) easily cause. Compiling first and meeting at a barrier removes that
+  skew. The barrier waits up to JAXCLR_COMPILE_TIMEOUT_S (default 1800 s); a
+  process that dies meanwhile is caught by the heartbeat timeout.
+  Returns the compiled function (call it like `jitted`).
+  """
+  compiled = jitted.lower(*args).compile()
+  barrier(name, _int_env(os.environ, "JAXCLR_COMPILE_TIMEOUT_S", 1800))
+  return compiled
