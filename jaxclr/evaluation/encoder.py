@@ -118,6 +118,16 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
                                      partial_restore=True)))
   variables = {"params": restored.state["params"],
                "batch_stats": restored.state["batch_stats"]}
+  # A partial restore leaves abstract leaves where the checkpoint lacks a
+  # variable of the current model: the code that wrote it named them otherwise.
+  missing = [jax.tree_util.keystr(path) for path, leaf in
+             jax.tree_util.tree_leaves_with_path(variables)
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:
+    raise workdir_lib.WorkdirError(
+        f"checkpoint {ckpt_dir}/{step} lacks {len(missing)} variable(s) of the "
+        f"model that config.json describes (first: {missing[0]}); it was "
+        "written by a jaxclr version with other variable names")
   return FrozenEncoder(model=model, variables=variables,
                        model_config=model_dict, image_size=config.image_size,
                        checkpoint_step=step, source=os.path.abspath(workdir))
