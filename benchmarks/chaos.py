@@ -1,12 +1,13 @@
 """Chaos test: SIGKILL a pretraining run at random moments, resume, compare.
 
-  python benchmarks/chaos.py --kills 10 [--steps 100 --every 5 --seed 0]
+  python benchmarks/chaos.py --kills 10 [--steps 100 --every 3 --seed 0]
 
 Runs `python -m jaxclr.main --config configs/synthetic_tiny.py:steps=S,every=E`
 once uninterrupted, then again in a second workdir where each life of the
-process is SIGKILLed at a random moment (uniform in [0, max_delay) seconds
-after it logs its first new step: during a step, a metrics write or an async
-checkpoint save) and restarted with the same command, `--kills` times, before
+process is SIGKILLed at a random moment (once it has committed a new
+checkpoint, after a random 0 to 2*every further steps plus uniform
+[0, max_delay) seconds: during a step, a metrics write or an async checkpoint
+save) and restarted with the same command, `--kills` times, before
 it may finish. Checks that the final checkpoints are bitwise equal (params,
 optimizer state, BatchNorm statistics, step, non-finite record) and that
 every step's loss in metrics.jsonl matches (same data order). Exit 0 iff all
@@ -86,8 +87,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--kills", type=int, default=10)
   parser.add_argument("--steps", type=int, default=100)
-  parser.add_argument("--every", type=int, default=5)
-  parser.add_argument("--max_delay", type=float, default=1.2)
+  parser.add_argument("--every", type=int, default=3)
+  parser.add_argument("--max_delay", type=float, default=0.5)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--root", default=None,
                       help="Where the workdirs go (default: a temp dir).")
@@ -127,8 +128,18 @@ def main():
       if len(kills) >= args.kills:
         rc = proc.wait()
         break
-      while proc.poll() is None and max(logged_steps(chaos),
+      # Progress: wait until this life committed a checkpoint (the first
+      # async save of a process is slow, so killing on a timer alone kills
+      # every life before it). Then a random kill point: after 0 to 2*every
+      # more steps, plus up to max_delay seconds (lands in a step, a log
+      # write or the next save).
+      while proc.poll() is None and max(checkpoint_steps(chaos),
                                         default=0) <= resumed_from:
+        time.sleep(0.02)
+      target = min(max(logged_steps(chaos), default=0) +
+                   rng.randint(0, 2 * args.every), args.steps - 1)
+      while proc.poll() is None and max(logged_steps(chaos),
+                                        default=0) < target:
         time.sleep(0.02)
       if proc.poll() is not None:
         sys.exit(f"life {lives} ended with {proc.returncode} before a kill; "
