@@ -14,10 +14,8 @@ import functools
 from typing import Any, Callable
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-
-from jaxclr.models import conv
+from jax import lax
 
 BLOCKS_PER_GROUP = {
     18: (2, 2, 2, 2),
@@ -52,8 +50,6 @@ class FixedPaddingConv(nn.Module):
   kernel_size: int
   strides: int = 1
   dtype: Any = jnp.float32
-  # 'auto': matmul weight gradient on the CPU backend only (see conv.py).
-  conv_weight_grad: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -61,12 +57,10 @@ class FixedPaddingConv(nn.Module):
     kernel = self.param("kernel", conv_kernel_init,
                         (k, k, x.shape[-1], self.features), jnp.float32)
     pad = ((k - 1) // 2, k - 1 - (k - 1) // 2)
-    if self.conv_weight_grad == "auto":
-      use_matmul = jax.default_backend() == "cpu"
-    else:
-      use_matmul = self.conv_weight_grad == "matmul"
-    return conv.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-                       self.strides, (pad, pad), matmul_weight_grad=use_matmul)
+    return lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype),
+        (self.strides, self.strides), (pad, pad),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 class BasicBlock(nn.Module):
@@ -120,7 +114,6 @@ class ResNet(nn.Module):
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
-  conv_weight_grad: str = "auto"  # 'auto', 'xla' or 'matmul'; see conv.py.
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -128,8 +121,7 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet depth {self.depth} not in "
                        f"{sorted(BLOCKS_PER_GROUP)}")
     norm = make_batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
-    conv_layer = functools.partial(FixedPaddingConv, dtype=self.dtype,
-                                   conv_weight_grad=self.conv_weight_grad)
+    conv_layer = functools.partial(FixedPaddingConv, dtype=self.dtype)
     block_cls = BasicBlock if self.depth < 50 else BottleneckBlock
     width = lambda f: max(1, int(round(f * self.width_multiplier)))
     x = x.astype(self.dtype)
