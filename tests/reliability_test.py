@@ -150,8 +150,10 @@ def test_sigkill_at_random_step_then_resume_equals_uninterrupted(reference,
   log.close()
   survived = workdir_lib.checkpoint_steps(workdir)
   assert survived and max(survived) <= max(logged_steps(workdir))
-  # At most the steps since the last periodic checkpoint are lost.
-  assert max(logged_steps(workdir)) - max(survived) <= EVERY + 1
+  # Saves are async: the checkpoint started at step kE commits in the
+  # background, and the save at (k+1)E waits for it. So the newest committed
+  # checkpoint is at most two periods old: fewer than 2E steps are lost.
+  assert max(logged_steps(workdir)) - max(survived) < 2 * EVERY
   pretrain.run(tiny_config(), workdir)
   assert_states_equal(load_checkpoint(workdir, STEPS),
                       load_checkpoint(reference, STEPS))
