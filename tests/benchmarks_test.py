@@ -182,3 +182,46 @@ def test_prefetch_overlaps_input_with_compute():
   assert got == got_serial == list(range(n))
   assert serial >= 2 * n * d
   assert overlapped < 0.75 * serial, (overlapped, serial)
+
+
+@pytest.mark.slow
+def test_pretrain_loop_reads_the_device_only_at_log_steps(config, result,
+                                                          tmp_path,
+                                                          monkeypatch):
+  """The real job loop (pretrain.run) between log/checkpoint steps: no
+  implicit device-to-host transfer (transfer guard) and no explicit one
+  (every jax.device_get is recorded with the step it follows). The step is
+  the one `result` compiled (same config: the compilation cache serves it)."""
+  import dataclasses
+  from jaxclr import pretrain
+  del result  # Only ordering: compile once, via the harness fixture.
+  c = config.copy_and_resolve_references()
+  c.log_every_steps, c.checkpoint_every_steps, c.num_train_steps = 4, 8, 8
+  guard = "jax_transfer_guard_device_to_host"
+  real_create, real_get = pretrain.create_trainer, jax.device_get
+  done_steps, reads_after = [], []
+
+  def create_trainer(*args, **kwargs):
+    trainer = real_create(*args, **kwargs)
+
+    def step_fn(state, batch):
+      jax.config.update(guard, "allow")
+      out = trainer.step_fn(state, batch)
+      done_steps.append(len(done_steps) + 1)
+      if done_steps[-1] % c.log_every_steps:  # Not a log step: no reads.
+        jax.config.update(guard, "disallow")
+      return out
+    return dataclasses.replace(trainer, step_fn=step_fn)
+
+  def device_get(x):
+    reads_after.append(done_steps[-1] if done_steps else 0)
+    return real_get(x)
+
+  monkeypatch.setattr(pretrain, "create_trainer", create_trainer)
+  monkeypatch.setattr(jax, "device_get", device_get)
+  try:
+    pretrain.run(c, str(tmp_path / "run"))
+  finally:
+    jax.config.update(guard, "allow")
+  assert done_steps == list(range(1, 9))
+  assert reads_after and set(reads_after) <= {0, 4, 8}, reads_after
