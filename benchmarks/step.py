@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -111,6 +112,8 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
   fwd, _, _ = measure.compile_with_warnings(
       measure.forward_fn(trainer.model, mesh).lower(variables, images))
   fwd_flops = measure.cost_flops(fwd) * n
+  fwd_times = measure.time_calls(lambda: fwd(variables, images),
+                                 max(3, steps // 2), 1)
   del fwd, images
 
   compiled, compile_s, compile_warnings = measure.compile_with_warnings(
@@ -153,6 +156,8 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
   step = measure.summarize(times)
   med = step["median_s"]
   result.update(step_time=step, pipelined_step_s=pipelined,
+                forward_time=measure.summarize(fwd_times),
+                forward_fraction_time=(statistics.median(fwd_times) / med),
                 images_per_s=config.batch_size / med,
                 images_per_s_per_device=config.batch_size / med / n,
                 device_peak_bytes=measure.device_peak_bytes(devices))
