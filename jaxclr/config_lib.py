@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 
+import importlib.util
+import os
+
 import ml_collections
 
 
@@ -44,6 +47,15 @@ def parse_arg(arg: str | None, **defaults):
       value = type(default)(raw)
     parsed[key] = value
   return parsed
+
+
+def load_config_file(path: str, arg: str | None = None):
+  """get_config(arg) of a config file, as `--config path:arg` would load it."""
+  spec = importlib.util.spec_from_file_location(
+      os.path.splitext(os.path.basename(path))[0], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -13,21 +13,15 @@ from jaxclr.data import input_pipeline
 from jaxclr.parallel import sharding
 
 
+TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs",
+                           "synthetic_tiny.py")
+
+
 def tiny_config(**overrides):
-  c = config_lib.base_config()
-  c.dataset = "synthetic"
-  c.synthetic.num_examples = 64
-  c.synthetic.num_classes = 4
-  c.image_size = 8
-  c.batch_size = 16
-  c.model.depth = 18
-  c.model.width_multiplier = 0.125
-  c.model.num_proj_layers = 2
-  c.model.proj_out_dim = 16
-  c.num_train_steps = 4
-  c.warmup_epochs = 0.5
-  c.log_every_steps = 1
-  c.checkpoint_every_steps = 2
+  c = config_lib.load_config_file(TINY_CONFIG, "steps=4,every=2")
+  c.warmup_epochs = 0.5  # 2 steps: the logged lr shows the warmup.
+  c.learning_rate = 0.3
+  c.weight_decay = 1e-6
   for k, v in overrides.items():
     c[k] = v
   return c
