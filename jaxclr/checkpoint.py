@@ -58,6 +58,11 @@ class CheckpointStore:
 
   def __init__(self, directory, *, save_every_steps: int, max_to_keep: int,
                async_save: bool = True):
+    # Orbax needs absolute paths (a relative one fails inside its background
+    # commit, after training has moved on); cloud URLs are left as they are.
+    directory = os.fspath(directory)
+    if "://" not in directory:
+      directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
     self.report_incomplete_saves()
     options = ocp.CheckpointManagerOptions(

@@ -102,6 +102,19 @@ def test_rerun_of_a_finished_workdir_trains_nothing(straight_run):
     np.testing.assert_array_equal(a, b)
 
 
+def test_relative_workdir(straight_run, tmp_path, monkeypatch):
+  # The README's quick start passes a relative --workdir; Orbax itself
+  # only accepts absolute paths.
+  monkeypatch.chdir(tmp_path)
+  pretrain.run(tiny_config(), "runs/relative")
+  workdir = str(tmp_path / "runs" / "relative")
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  want, _, _ = restore_state(tiny_config(), straight_run[0], step=4)
+  got, _, _ = restore_state(tiny_config(), workdir, step=4)
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_config_mismatch_is_refused_and_lists_fields(straight_run):
   workdir, _ = straight_run
   with pytest.raises(workdir_lib.WorkdirError,
