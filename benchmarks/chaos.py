@@ -46,11 +46,7 @@ def child_env(cache_dir):
 
 
 def logged_steps(workdir):
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(l)["step"] for l in f if l.strip().endswith("}")]
+  return [r["step"] for r in metrics.read_records(workdir)]
 
 
 def losses(workdir):

@@ -27,6 +27,16 @@ def _format_eta(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def read_records(workdir: str) -> list[dict]:
+  """The records of DIR/metrics.jsonl; a partly written last line is skipped,
+  so a run can be read while it is still writing."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(l) for l in f if l.strip().endswith("}")]
+
+
 def truncate_jsonl(path: str, last_step: int):
   """Drops records past `last_step` (written by a run that was then resumed
   from an earlier checkpoint, so they describe updates that were redone)."""
