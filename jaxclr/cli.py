@@ -58,7 +58,7 @@ def parse_flags(argv: list[str], validate=None) -> list[str]:
         rf"[.]{re.escape(name)}(=|$)", a)), name)
     _fail(f"unknown config field {name!r} in {arg}"
           + (f"; {hint.group(0)}" if hint else "")
-          + "; fields are those of jaxclr/config_lib.py:base_config()")
+          + "; valid fields are those the --config file defines")
   except Exception as e:  # pylint: disable=broad-except
     _fail(f"bad command line: {type(e).__name__}: {e}")
   if "config" in FLAGS:

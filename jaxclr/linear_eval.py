@@ -26,9 +26,9 @@ cli.define_distributed_flags()
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  cli.initialize_runtime()
-  from jaxclr.evaluation import job  # pylint: disable=g-import-not-at-top
   with cli.user_errors_exit():
+    cli.initialize_runtime()
+    from jaxclr.evaluation import job  # pylint: disable=g-import-not-at-top
     results = job.run(FLAGS.config, FLAGS.workdir)
   keys = ("top1", "top5", "knn_top1", "few_label_top1", "checkpoint_step")
   logging.info("results: %s", {k: results.get(k) for k in keys})
@@ -36,4 +36,4 @@ def main(argv):
 
 if __name__ == "__main__":
   logging.set_verbosity(logging.INFO)
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)
