@@ -170,7 +170,6 @@ def main(argv):
   print(table)
   if FLAGS.append_results:
     from benchmarks import measure  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
     m = measure.machine_label(measure.machine())
     del jax
     with open(FLAGS.results_md, "a") as f:

@@ -8,8 +8,6 @@ never stored here: `jaxclr.optim.training_plan` computes them in one place.
 
 from __future__ import annotations
 
-import os
-
 import importlib.util
 import os
 

@@ -8,8 +8,6 @@ Re-running the same command resumes from the newest checkpoint in --workdir.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 

@@ -11,7 +11,6 @@ checkpoint: the optimizer state and the online probe are not restored.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 from typing import Any
 

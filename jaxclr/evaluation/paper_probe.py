@@ -14,7 +14,6 @@ resumes after an interruption; its data order is a function of (seed, step).
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Iterator
 

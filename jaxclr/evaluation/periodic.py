@@ -10,7 +10,6 @@ mesh. Unlabelled datasets turn the evaluator off (with one log line).
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
