@@ -2,8 +2,10 @@
 failure when a peer dies, and layout errors before any compilation.
 
 Each run is a real `python -m jaxclr.main` (or launch/local.sh) subprocess,
-jax.distributed over gloo, with the tiny synthetic config. The runs share the
-test session's persistent compilation cache. Every subprocess has a timeout
+jax.distributed over gloo, with a tiny config on the synthetic dataset and on
+the embedded default (digits). Both datasets give the same compiled programs
+(same shapes, 10 classes), so the runs share the test session's persistent
+compilation cache. Every subprocess has a timeout
 and is killed in a `finally`.
 """
 
@@ -35,7 +37,7 @@ DEAD_PEER_BOUND_S = 60
 TINY = [
     "--config", os.path.join(REPO, "configs", "default.py"),
     "--config.dataset=synthetic", "--config.synthetic.num_examples=64",
-    "--config.synthetic.num_classes=4", "--config.model.width_multiplier=0.125",
+    "--config.synthetic.num_classes=10", "--config.model.width_multiplier=0.125",
     "--config.image_size=8", "--config.batch_size=16",
     "--config.num_train_steps=3", "--config.log_every_steps=1",
     "--config.checkpoint_every_steps=100",
@@ -115,33 +117,47 @@ def load_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-@pytest.fixture(scope="module")
-def layout_runs():
-  """The tiny run as 2 processes x 4 devices, 1 x 8 and 1 x 1, concurrently."""
-  root = tempfile.mkdtemp(prefix="jaxclr_multihost_")
+def run_layouts(dataset: str):
+  """The tiny run on `dataset` as 2 processes x 4 devices, 1 x 8 and 1 x 1,
+  concurrently; yields (root, {layout: workdir})."""
+  root = tempfile.mkdtemp(prefix=f"jaxclr_multihost_{dataset}_")
   dirs = {k: os.path.join(root, k) for k in ("2x4", "1x8", "1x1")}
+  args = [*TINY, f"--config.dataset={dataset}"]
   env = child_env(4)
   env["PYTHON"] = sys.executable
   env["JAXCLR_PORT"] = str(free_port())
   procs = {}
   t0 = time.monotonic()
   try:
-    procs["2x4"] = start(["bash", LOCAL_SH, "2", "4", *TINY,
+    procs["2x4"] = start(["bash", LOCAL_SH, "2", "4", *args,
                           f"--workdir={dirs['2x4']}"], env,
                          os.path.join(root, "2x4.log"))
     for name, n in (("1x8", 8), ("1x1", 1)):
-      procs[name] = start(jaxclr_cmd(f"--workdir={dirs[name]}"), child_env(n),
-                          os.path.join(root, f"{name}.log"))
+      procs[name] = start(
+          [sys.executable, "-m", "jaxclr.main", *args,
+           f"--workdir={dirs[name]}"], child_env(n),
+          os.path.join(root, f"{name}.log"))
     wait_all(procs, RUN_TIMEOUT_S)
     for name, p in procs.items():
       assert p.returncode == 0, (
           f"{name} failed ({p.returncode}):\n"
           + read_log(os.path.join(root, f"{name}.log")))
-    print(f"layout runs took {time.monotonic() - t0:.0f} s")
+    print(f"{dataset} layout runs took {time.monotonic() - t0:.0f} s")
     yield root, dirs
   finally:
     for p in procs.values():
       kill_group(p)
+
+
+@pytest.fixture(scope="module")
+def layout_runs():
+  yield from run_layouts("synthetic")
+
+
+@pytest.fixture(scope="module")
+def digits_layout_runs(layout_runs):
+  del layout_runs  # After it: its compiled programs are in the cache.
+  yield from run_layouts("digits")
 
 
 def test_plan_reads_flags_then_env_and_binds_loopback():
@@ -190,9 +206,8 @@ def test_plan_rejects_incomplete_or_bad_layouts(kwargs, env, needle):
   assert needle in str(e.value)
 
 
-def test_two_processes_match_one_process(layout_runs):
+def assert_layouts_agree(dirs):
   """2x4 == 1x8 == 1x1: metrics per step and every array of the final state."""
-  _, dirs = layout_runs
   metrics = {k: load_metrics(d) for k, d in dirs.items()}
   assert [m["step"] for m in metrics["2x4"]] == [1, 2, 3]
   timing = {"steps_per_sec", "images_per_sec"}
@@ -219,6 +234,21 @@ def test_two_processes_match_one_process(layout_runs):
       else:
         np.testing.assert_array_equal(a, b, err_msg=f"{k} 2x4 vs {other}")
   print(f"max |state difference| 2x4 vs 1x8 / 1x1: {worst}")
+  return metrics
+
+
+def test_two_processes_match_one_process(layout_runs):
+  assert_layouts_agree(layout_runs[1])
+
+
+def test_two_processes_match_one_process_on_digits(digits_layout_runs,
+                                                   layout_runs):
+  """The embedded default: each process reads its own slice of the real
+  digits images, and the global batches still come out the same."""
+  metrics = assert_layouts_agree(digits_layout_runs[1])
+  synthetic = load_metrics(layout_runs[1]["1x1"])
+  # Really different data: the losses are not the synthetic run's.
+  assert metrics["1x1"][0]["loss"] != synthetic[0]["loss"]
 
 
 def test_only_process_zero_writes(layout_runs):
