@@ -25,43 +25,44 @@ peak_learning_rate, steps, wall_times, ... (and the linear-eval keys
 knn_top1=None, few_label_top1={}).
 """
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
 from jaxclr import config_lib
+
+# Where the encoder and the data come from, read by the same code as the
+# linear-eval job (jaxclr/evaluation/job.py): configs/linear_eval.py's fields.
+SHARED_FIELDS = ("pretrained_workdir", "checkpoint_step", "seed", "dataset",
+                 "data_dir", "train_split", "eval_split", "image_size",
+                 "eval_batch_size", "model")
+
+
+def shared_fields(random_init: bool) -> ml_collections.ConfigDict:
+  """Those fields, placeholders (None: the checkpoint's value) included."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "linear_eval.py")
+  ev = config_lib.load_config_file(path, "random_init" if random_init else None)
+  return ml_collections.ConfigDict(
+      {k: ev[k] if k == "model" else ev.get_ref(k) for k in SHARED_FIELDS})
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, per_class=-1, fraction=-1.0, lars=False,
                              random_init=False, **{"1pct": False,
                                                    "10pct": False})
-  c = ml_collections.ConfigDict()
-  c.pretrained_workdir = config_dict.placeholder(str)  # 'none': random init.
-  c.checkpoint_step = -1  # -1: the newest checkpoint.
-  c.seed = 0
-  # Label subset: set exactly one of these, or a subset dataset below.
+  # Data and architecture: None takes the pretraining run's value; a model
+  # field set here must match the checkpoint. dataset may name a TFDS subset
+  # (imagenet2012_subset/1pct) whose train split is the labelled set.
+  # random_init: the default digits architecture (configs/default.py), and
+  # dataset digits at 16 px.
+  c = shared_fields(arg.random_init)
+  # Label subset: set exactly one of these, or a subset dataset.
   c.label_fraction = config_dict.placeholder(float)
   c.labels_per_class = config_dict.placeholder(int)
   # 0: classifier on h (head discarded); k: after projection-head layer k.
   c.ft_proj_selector = 1
-  # Data: None takes the pretraining run's value. dataset may name a TFDS
-  # subset (imagenet2012_subset/1pct) whose train split is the labelled set.
-  c.dataset = config_dict.placeholder(str)
-  c.data_dir = config_dict.placeholder(str)
-  c.train_split = config_dict.placeholder(str)
-  c.eval_split = config_dict.placeholder(str)
-  c.image_size = config_dict.placeholder(int)
-  c.eval_batch_size = 256
-  # Architecture: None takes the checkpoint's; set values must match it.
-  c.model = ml_collections.ConfigDict(dict(
-      depth=config_dict.placeholder(int),
-      width_multiplier=config_dict.placeholder(float),
-      cifar_stem=config_dict.placeholder(bool),
-      num_proj_layers=config_dict.placeholder(int),
-      proj_out_dim=config_dict.placeholder(int),
-      bn_momentum=config_dict.placeholder(float),
-      bn_epsilon=config_dict.placeholder(float),
-      compute_dtype=config_dict.placeholder(str)))
   # Optimisation (P1 B.5). Steps = n_labelled x epochs // B + 1, as pretraining.
   c.optimizer = "momentum"  # 'momentum' (SGD + Nesterov) or 'lars'.
   c.batch_size = 32
@@ -81,17 +82,15 @@ def get_config(arg=None):
                  "imagenet2012_subset/10pct")
     c.batch_size, c.num_epochs = 4096, 60.0 if arg["1pct"] else 30.0
     c.eval_batch_size = 1024
-    c.log_every_steps, c.checkpoint_every_steps = 10, 100
   else:
     c.labels_per_class = 10
   if arg.per_class > 0:
-    c.label_fraction, c.labels_per_class, c.dataset = None, arg.per_class, None
+    c.label_fraction, c.labels_per_class = None, arg.per_class
+    # A batch no larger than the subset of a 10-class dataset (digits).
+    c.batch_size = min(c.batch_size, 10 * arg.per_class)
   if arg.fraction > 0:
-    c.label_fraction, c.labels_per_class, c.dataset = arg.fraction, None, None
+    c.label_fraction, c.labels_per_class = arg.fraction, None
+    c.num_epochs = 30.0 if arg.fraction >= 0.1 else 60.0  # P1 B.5.
   if arg.lars:  # SimCLRv2 README: LARS, lr 0.005 sqrt-scaled, wd 0.
     c.optimizer, c.learning_rate, c.learning_rate_scaling = "lars", 0.005, "sqrt"
-  if arg.random_init:  # The default digits architecture (configs/default.py).
-    c.model.update(depth=18, width_multiplier=0.25, cifar_stem=True,
-                   num_proj_layers=2, proj_out_dim=64)
-    c.dataset, c.image_size = "digits", 16
   return c

@@ -81,12 +81,9 @@ def validate(config) -> None:
          + ": label_fraction (0 < f <= 1, class-balanced; 1.0 = all labels), "
          "labels_per_class (k >= 1 per class), or dataset one of "
          f"{SUBSET_DATASETS} (its train split as it is)")
-  if config.label_fraction is not None:
-    _check(0 < config.label_fraction <= 1,
-           f"label_fraction={config.label_fraction!r} must be in (0, 1]")
-  if config.labels_per_class is not None:
-    _check(config.labels_per_class >= 1,
-           f"labels_per_class={config.labels_per_class!r} must be >= 1")
+  f, k = config.label_fraction, config.labels_per_class
+  _check(f is None or 0 < f <= 1, f"label_fraction={f!r} must be in (0, 1]")
+  _check(k is None or k >= 1, f"labels_per_class={k!r} must be >= 1")
   _check(config.ft_proj_selector >= 0,
          f"ft_proj_selector={config.ft_proj_selector!r} must be >= 0 (0 = h, "
          "k = after projection-head layer k)")
@@ -95,17 +92,15 @@ def validate(config) -> None:
   _check(config.learning_rate_scaling in ("linear", "sqrt"),
          f"learning_rate_scaling={config.learning_rate_scaling!r}; valid: "
          "'linear' (lr x B/256), 'sqrt' (lr x sqrt(B))")
-  for name in ("batch_size", "learning_rate", "eval_batch_size",
-               "log_every_steps", "checkpoint_every_steps",
-               "max_checkpoints_to_keep", "trust_coefficient"):
+  positive = ["batch_size", "learning_rate", "eval_batch_size",
+              "log_every_steps", "checkpoint_every_steps",
+              "max_checkpoints_to_keep", "trust_coefficient"]
+  if config.num_train_steps <= 0:  # Else num_train_steps sets the length.
+    positive.append("num_epochs")
+  for name in positive:
     _check(config[name] > 0, f"{name}={config[name]!r} must be > 0")
-  if config.num_train_steps <= 0:
-    _check(config.num_epochs > 0, f"num_epochs={config.num_epochs!r} must "
-           "be > 0 (or set num_train_steps > 0)")
-  _check(0 <= config.warmup_epochs,
-         f"warmup_epochs={config.warmup_epochs!r} must be >= 0")
-  _check(config.weight_decay >= 0,
-         f"weight_decay={config.weight_decay!r} must be >= 0")
+  for name in ("warmup_epochs", "weight_decay"):
+    _check(config[name] >= 0, f"{name}={config[name]!r} must be >= 0")
   _check(0 <= config.momentum < 1,
          f"momentum={config.momentum!r} must be in [0, 1)")
   _check(jax.process_count() == 1,
@@ -113,24 +108,21 @@ def validate(config) -> None:
          f"on one host); got {jax.process_count()} processes")
 
 
-def num_proj_layers(config) -> int:
-  """The projection head depth of the network to fine-tune (reads only the
-  pretraining workdir's config.json, so a bad selector fails in a second)."""
+def check_selector(config) -> None:
+  """ft_proj_selector against the head depth (read from the pretraining
+  workdir's config.json only, so a bad value fails in a second)."""
   if config.pretrained_workdir.lower() == "none":
-    if config.model.num_proj_layers is None:
-      raise config_lib.ConfigError(
-          "pretrained_workdir='none' (random init) needs the architecture in "
-          "the config: set model.depth, model.num_proj_layers, ... (e.g. "
-          "configs/finetune.py:random_init)")
-    return int(config.model.num_proj_layers)
-  pre = encoder_lib.pretraining_config(config.pretrained_workdir)
-  return int(pre.model.num_proj_layers)
-
-
-def check_selector(selector: int, n_layers: int) -> None:
-  _check(0 <= selector <= n_layers,
-         f"ft_proj_selector={selector} is invalid for a {n_layers}-layer "
-         f"projection head; valid: 0 (h, head discarded) to {n_layers} "
+    _check(config.model.num_proj_layers is not None,
+           "pretrained_workdir='none' (random init) needs the architecture "
+           "in the config: set model.depth, model.num_proj_layers, ... (e.g. "
+           "configs/finetune.py:random_init)")
+    n = int(config.model.num_proj_layers)
+  else:
+    n = int(encoder_lib.pretraining_config(
+        config.pretrained_workdir).model.num_proj_layers)
+  _check(0 <= config.ft_proj_selector <= n,
+         f"ft_proj_selector={config.ft_proj_selector} is invalid for a "
+         f"{n}-layer projection head; valid: 0 (h, head discarded) to {n} "
          "(1 = SimCLRv2's choice for 1% / 10% labels)")
 
 
@@ -198,12 +190,11 @@ class FineTuneState(flax.struct.PyTreeNode):
   opt_state: Any
 
 
-def create_optimizer(config, plan: optim.TrainingPlan):
+def create_optimizer(config, plan: optim.TrainingPlan, schedule):
   """SGD + Nesterov (paper) or SimCLR's LARS (SimCLRv2 README)."""
-  if config.optimizer == "lars":
+  if config.optimizer == "lars":  # Its own copy of the same schedule.
     return optim.create_optimizer(config, plan)
-  tx = optax.sgd(optim.learning_rate_schedule(plan), momentum=config.momentum,
-                 nesterov=True)
+  tx = optax.sgd(schedule, momentum=config.momentum, nesterov=True)
   if config.weight_decay > 0:  # Off in the paper; L2 on kernels when asked.
     mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
     tx = optax.chain(optax.add_decayed_weights(config.weight_decay, mask), tx)
@@ -298,7 +289,7 @@ def _train(config, state, step_fn, *, mesh, data_config, indices, plan, store,
         logger.reset_timer(done)  # Exclude compilation from throughput.
       if done % config.log_every_steps == 0 or done == plan.total_steps:
         logger.log_train(done, {**jax.device_get(metrics),
-                                       "epoch": done / plan.steps_per_epoch})
+                                "epoch": done / plan.steps_per_epoch})
       preempted = preemption.event.is_set()
       if (done % config.checkpoint_every_steps == 0 or
           done == plan.total_steps or preempted):
@@ -327,24 +318,10 @@ def _write_results(workdir: str, results: dict):
   os.replace(path + ".tmp", path)
 
 
-def run(config, workdir: str, mesh=None) -> dict:
-  """Fine-tunes (or resumes) in `workdir`; writes and returns results.json."""
-  validate(config)
-  t_start = time.time()
-  mesh = sharding.make_mesh("auto") if mesh is None else mesh
-  for name in ("batch_size", "eval_batch_size"):
-    try:
-      sharding.check_batch_divides(config[name], mesh)
-    except ValueError as e:
-      raise config_lib.ConfigError(f"{name}: {e}") from None
-  check_selector(config.ft_proj_selector, num_proj_layers(config))
-  if config.pretrained_workdir.lower() == "none":
-    encoder = encoder_lib.random_encoder(config, mesh)
-  else:
-    step = config.checkpoint_step if config.checkpoint_step >= 0 else None
-    encoder = encoder_lib.restore_encoder(
-        config.pretrained_workdir, mesh, step=step,
-        eval_model=job._eval_model_fields(config))  # pylint: disable=protected-access
+def _labelled_data(config, encoder):
+  """(data config, training source, labels, subset indices, subset spec);
+  ConfigError when the batch is larger than the subset."""
+  # The linear-eval job's reading of dataset/split/size overrides.
   data_config = job._data_config(config, encoder)  # pylint: disable=protected-access
   src = input_pipeline.get_source(data_config, None, "train")
   if src.num_classes <= 0:
@@ -357,6 +334,55 @@ def run(config, workdir: str, mesh=None) -> dict:
          f"batch_size={config.batch_size} exceeds the {len(indices)} labelled "
          f"examples ({', '.join(subset_options(config))}); use batch_size <= "
          f"{len(indices)}")
+  return data_config, src, labels, indices, spec
+
+
+def _load_encoder(config, mesh) -> encoder_lib.FrozenEncoder:
+  if config.pretrained_workdir.lower() == "none":
+    return encoder_lib.random_encoder(config, mesh)
+  step = config.checkpoint_step if config.checkpoint_step >= 0 else None
+  fields = job._eval_model_fields(config)  # pylint: disable=protected-access
+  return encoder_lib.restore_encoder(config.pretrained_workdir, mesh,
+                                     step=step, eval_model=fields)
+
+
+def _compile(config, encoder, net, plan, mesh, image_size: int):
+  """(init_fn, step_fn, feature_dim): jitted with shardings, state donated."""
+  repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  feature_dim = jax.eval_shape(
+      lambda v, x: encoder_lib.select_features(
+          encoder.model.apply(v, x, train=False), config.ft_proj_selector),
+      encoder.variables, jax.ShapeDtypeStruct(
+          (1, image_size, image_size, 3), jnp.float32)).shape[-1]
+  schedule = optim.learning_rate_schedule(plan)
+  tx = create_optimizer(config, plan, schedule)
+  init_fn = jax.jit(functools.partial(init_state, net=net, tx=tx,
+                                      feature_dim=feature_dim),
+                    out_shardings=repl)
+  step_fn = jax.jit(
+      functools.partial(train_step, net=net, tx=tx, schedule=schedule),
+      in_shardings=(repl, batch_sh, batch_sh), out_shardings=(repl, repl),
+      donate_argnums=0)
+  return init_fn, step_fn, feature_dim
+
+
+def run(config, workdir: str, mesh=None) -> dict:
+  """Fine-tunes (or resumes) in `workdir`; writes and returns results.json.
+
+  Every user error (config, workdir, data, batch vs subset size) is raised
+  before anything is compiled or written.
+  """
+  validate(config)
+  t_start = time.time()
+  mesh = sharding.make_mesh("auto") if mesh is None else mesh
+  for name in ("batch_size", "eval_batch_size"):
+    try:
+      sharding.check_batch_divides(config[name], mesh)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"{name}: {e}") from None
+  check_selector(config)
+  encoder = _load_encoder(config, mesh)
+  data_config, src, labels, indices, spec = _labelled_data(config, encoder)
   workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
   plan = optim.training_plan(config, len(indices))
   logging.info(
@@ -366,25 +392,10 @@ def run(config, workdir: str, mesh=None) -> dict:
       config.ft_proj_selector, config.optimizer, config.batch_size,
       plan.total_steps, plan.steps_per_epoch, plan.peak_learning_rate,
       mesh.devices.size)
-
   net = FineTuneNetwork(backbone=encoder.model, num_classes=src.num_classes,
                         ft_proj_selector=config.ft_proj_selector)
-  tx = create_optimizer(config, plan)
-  repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  feature_dim = jax.eval_shape(
-      lambda v, x: encoder_lib.select_features(
-          encoder.model.apply(v, x, train=False), config.ft_proj_selector),
-      encoder.variables, jax.ShapeDtypeStruct(
-          (1, data_config.image_size, data_config.image_size, 3),
-          jnp.float32)).shape[-1]
-  init_fn = jax.jit(functools.partial(init_state, net=net, tx=tx,
-                                      feature_dim=feature_dim),
-                    out_shardings=repl)
-  step_fn = jax.jit(
-      functools.partial(train_step, net=net, tx=tx,
-                        schedule=optim.learning_rate_schedule(plan)),
-      in_shardings=(repl, batch_sh, batch_sh), out_shardings=(repl, repl),
-      donate_argnums=0)
+  init_fn, step_fn, feature_dim = _compile(config, encoder, net, plan, mesh,
+                                           data_config.image_size)
 
   times = {"setup_s": time.time() - t_start}
   t = time.time()
@@ -394,10 +405,11 @@ def run(config, workdir: str, mesh=None) -> dict:
       max_to_keep=config.max_checkpoints_to_keep)
   try:
     state, start = _restore_or_init(store, init_fn, encoder.variables,
-                                    jax.random.key(config.seed), repl)
-    state = _train(config, state, step_fn, mesh=mesh,
-                         data_config=data_config, indices=indices, plan=plan,
-                         store=store, workdir=workdir, start_step=start)
+                                    jax.random.key(config.seed),
+                                    sharding.replicated(mesh))
+    state = _train(config, state, step_fn, mesh=mesh, data_config=data_config,
+                   indices=indices, plan=plan, store=store, workdir=workdir,
+                   start_step=start)
   finally:
     store.close()
   times["train_s"] = time.time() - t
@@ -407,32 +419,26 @@ def run(config, workdir: str, mesh=None) -> dict:
   times["total_s"] = time.time() - t_start
 
   results = {
-      "protocol": PROTOCOL,
-      "top1": metrics["top1"], "top5": metrics["top5"],
+      "protocol": PROTOCOL, "top1": metrics["top1"], "top5": metrics["top5"],
       # The linear-eval schema's other fields, empty: fine-tuning has none.
       "knn_top1": None, "few_label_top1": {}, "few_label_top1_std": {},
       "checkpoint_step": encoder.checkpoint_step,
       "pretrained_workdir": encoder.source,
       "random_init": encoder.source == "random_init",
-      "dataset": data_config.dataset,
-      "label_subset": spec,
+      "dataset": data_config.dataset, "label_subset": spec,
       "num_labelled_examples": int(len(indices)),
       "labelled_per_class": np.bincount(
           labels[indices], minlength=src.num_classes).tolist(),
       "num_train_examples": int(src.num_examples),
       "num_eval_examples": metrics["num_eval_examples"],
-      "num_classes": int(src.num_classes),
-      "ft_proj_selector": config.ft_proj_selector,
-      "feature_dim": int(feature_dim),
-      "optimizer": config.optimizer,
-      "learning_rate": config.learning_rate,
-      "learning_rate_scaling": config.learning_rate_scaling,
+      "num_classes": int(src.num_classes), "feature_dim": int(feature_dim),
+      **{k: config[k] for k in (
+          "ft_proj_selector", "optimizer", "learning_rate",
+          "learning_rate_scaling", "momentum", "weight_decay", "batch_size")},
       "peak_learning_rate": plan.peak_learning_rate,
-      "momentum": config.momentum, "weight_decay": config.weight_decay,
       "steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
       "epochs": (config.num_epochs if config.num_train_steps <= 0 else
                  plan.total_steps / plan.steps_per_epoch),
-      "batch_size": config.batch_size,
       "final_train_loss": _last_logged(workdir, "loss"),
       "model": encoder.model_config, "image_size": encoder.image_size,
       "num_devices": int(mesh.devices.size),
