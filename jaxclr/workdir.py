@@ -13,6 +13,8 @@ import os
 
 import ml_collections
 
+from jaxclr import config_lib
+
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -41,11 +43,19 @@ def flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-  """'key: old -> new' for every field that differs and may not change."""
+  """'key: old -> new' for every field that differs and may not change.
+
+  A field the saved config lacks but the new one holds at its schema default
+  is not a difference: it was added to jaxclr after the run started, and a
+  new field's default keeps the behaviour the run was started with.
+  """
   a, b = flatten(old), flatten(new)
+  defaults = flatten(config_to_dict(config_lib.base_config()))
   diffs = []
   for key in sorted(set(a) | set(b)):
     if key.split(".")[0] in RESUMABLE_CHANGES:
+      continue
+    if key not in a and key in defaults and b.get(key) == defaults[key]:
       continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")

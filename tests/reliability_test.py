@@ -222,6 +222,27 @@ def test_config_mismatch_is_refused_listing_fields(reference, monkeypatch):
                       is_primary=True)
 
 
+def test_fields_added_after_a_run_started_do_not_block_its_resume(reference,
+                                                                 tmp_path):
+  """A config.json written before a field existed lacks it; resuming with the
+  field at its default (the behaviour the run had) is allowed, with any
+  other value it is a listed difference."""
+  workdir = str(tmp_path / "old")
+  shutil.copytree(reference, workdir)
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved["augment"].pop("transfer_dtype") == "float32"
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  workdir_lib.prepare(workdir, tiny_config(), is_primary=True)
+  config = tiny_config()
+  config.augment.transfer_dtype = "uint8"
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match="augment.transfer_dtype: '<absent>' -> 'uint8'"):
+    workdir_lib.prepare(workdir, config, is_primary=True)
+
+
 def test_require_pretraining_workdir(reference, tmp_path):
   assert workdir_lib.require_pretraining_workdir(reference)["dataset"] == \
       "synthetic"
