@@ -1,19 +1,28 @@
 """Input-pipeline throughput: images/s (and per host core), host vs device.
 
   .venv/bin/python benchmarks/input_pipeline.py [--images 512] [--batch 64]
+  taskset -c 0 .venv/bin/python benchmarks/input_pipeline.py  # one core
+
+"per core" divides by the cores this process may run on (its affinity); pin
+it with taskset for a one-core figure that other processes do not share.
 
 Writes ImageNet-like JPEGs (~500x375, from scikit-learn's bundled sample
 photos, no download) to a temp folder and CIFAR-size arrays to a temp .npz, then
 times `pretrain_batches` (each image yields two views) for:
-  * 224 px JPEG folder: decode + crop + flip only (augment.on_device=True), and
-    the full host augmentation (colour jitter, grayscale, blur);
+  * 224 px JPEG bytes by index, decoded by TF (what a TFDS array_record build
+    such as imagenet2012 hands the pipeline): decode + crop + flip only
+    (augment.on_device=True), and the full host augmentation (colour jitter,
+    grayscale, blur);
+  * the same JPEGs as a `folder:` dataset (PIL decode, corrupt-file tolerant);
   * 32 px arrays: crop + flip only, and full host augmentation (no blur);
+  each with float32 views and with uint8 views (augment.transfer_dtype);
   * device_augment.augment_views under jit on the local JAX backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -49,19 +58,37 @@ def make_npz(path: str, n: int):
   np.savez(path, images=np.stack(out))
 
 
-def time_pipeline(dataset, image_size, batch, steps, **aug):
+def jpeg_bytes_source(folder: str):
+  """The folder's JPEGs as an 'encoded' source: bytes by index, like the
+  random-access source of a TFDS array_record build (no TFDS build needed)."""
+  from jaxclr.data import sources
+  raw = []
+  for name in sorted(os.listdir(folder)):
+    with open(os.path.join(folder, name), "rb") as f:
+      raw.append(f.read())
+  return sources.Source(
+      "jpeg_bytes", "encoded", len(raw), 1, None,
+      get_encoded=lambda i: (raw[i], 0),
+      get_encoded_batch=lambda ids: ([raw[i] for i in ids], [0] * len(ids)))
+
+
+def time_pipeline(dataset, image_size, batch, steps, source=None, **aug):
+  from unittest import mock
   from jaxclr import config_lib
   from jaxclr.data import input_pipeline
   c = config_lib.base_config()
   c.dataset, c.image_size, c.batch_size = dataset, image_size, batch
   c.augment.update(aug)
-  it = input_pipeline.pretrain_batches(c, start_step=0, process_index=0,
-                                       process_count=1)
-  next(it)  # Warm-up: graph tracing, thread pools.
-  t = time.perf_counter()
-  for _ in range(steps):
-    next(it)
-  return steps * batch / (time.perf_counter() - t)
+  with mock.patch.object(input_pipeline, "get_source",
+                         lambda *a, **k: source) if source else \
+      contextlib.nullcontext():
+    it = input_pipeline.pretrain_batches(c, start_step=0, process_index=0,
+                                         process_count=1)
+    next(it)  # Warm-up: graph tracing, thread pools.
+    t = time.perf_counter()
+    for _ in range(steps):
+      next(it)
+    return steps * batch / (time.perf_counter() - t)
 
 
 def time_device(image_size, batch, steps, **aug):
@@ -84,7 +111,9 @@ def time_device(image_size, batch, steps, **aug):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--images", type=int, default=512)
+  p.add_argument("--images", type=int, default=512,
+                 help="JPEGs to write; each 224 px setting times images/batch "
+                 "batches after one warm-up batch")
   p.add_argument("--batch", type=int, default=64)
   args = p.parse_args()
   cores = len(os.sched_getaffinity(0))
@@ -95,25 +124,38 @@ def main():
     os.makedirs(jpg)
     make_jpegs(jpg, args.images)
     npz = os.path.join(tmp, "c.npz")
-    make_npz(npz, max(args.images, 1024))
-    rows.append(("224 JPEG folder, decode+crop+flip (on_device=True)",
-                 time_pipeline(f"folder:{jpg}", 224, args.batch, steps,
-                               on_device=True)))
-    rows.append(("224 JPEG folder, full host aug (jitter, gray, blur)",
-                 time_pipeline(f"folder:{jpg}", 224, args.batch, steps)))
-    rows.append(("32 px arrays, crop+flip (on_device=True)",
-                 time_pipeline(f"npz:{npz}", 32, 256, 4, on_device=True)))
-    rows.append(("32 px arrays, full host aug (s=0.5, no blur)",
-                 time_pipeline(f"npz:{npz}", 32, 256, 4, use_blur=False,
-                               color_jitter_strength=0.5)))
+    make_npz(npz, max(args.images, 2048))
+    enc = jpeg_bytes_source(jpg)
+    for dtype in ("float32", "uint8"):
+      t = f", {dtype} out"
+      rows.append(("224 JPEG bytes (TFDS-like), decode+crop+flip" + t,
+                   time_pipeline("jpeg_bytes", 224, args.batch, steps,
+                                 source=enc, on_device=True,
+                                 transfer_dtype=dtype)))
+      rows.append(("224 JPEG bytes (TFDS-like), full host aug" + t,
+                   time_pipeline("jpeg_bytes", 224, args.batch, steps,
+                                 source=enc, transfer_dtype=dtype)))
+      rows.append(("224 JPEG folder (PIL), decode+crop+flip" + t,
+                   time_pipeline(f"folder:{jpg}", 224, args.batch, steps,
+                                 on_device=True, transfer_dtype=dtype)))
+      rows.append(("224 JPEG folder (PIL), full host aug" + t,
+                   time_pipeline(f"folder:{jpg}", 224, args.batch, steps,
+                                 transfer_dtype=dtype)))
+      rows.append(("32 px arrays, crop+flip" + t,
+                   time_pipeline(f"npz:{npz}", 32, 256, 8, on_device=True,
+                                 transfer_dtype=dtype)))
+      rows.append(("32 px arrays, full host aug (s=0.5, no blur)" + t,
+                   time_pipeline(f"npz:{npz}", 32, 256, 8, use_blur=False,
+                                 color_jitter_strength=0.5,
+                                 transfer_dtype=dtype)))
   dev224, platform = time_device(224, 32, 3)
   dev32, _ = time_device(32, 256, 4, use_blur=False, color_jitter_strength=0.5)
   rows.append((f"224 device colour+gray+blur, jit on {platform}", dev224))
   rows.append((f"32 device colour+gray, jit on {platform}", dev32))
   print(f"cores available: {cores}")
-  print(f"{'setting':58s} {'images/s':>9s} {'per core':>9s}")
+  print(f"{'setting':64s} {'images/s':>9s} {'per core':>9s}")
   for name, ips in rows:
-    print(f"{name:58s} {ips:9.1f} {ips / cores:9.1f}")
+    print(f"{name:64s} {ips:9.1f} {ips / cores:9.1f}")
 
 
 if __name__ == "__main__":

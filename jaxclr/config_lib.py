@@ -93,6 +93,11 @@ def base_config() -> ml_collections.ConfigDict:
       blur_prob=0.5,
       blur_sigma_range=(0.1, 2.0),
       on_device=False,  # Colour/grayscale/blur in JAX on the accelerator.
+      # Host -> device views: 'float32' (exact), or 'uint8' (rounded to the
+      # nearest 1/255 on the host, scaled back on device): 4x fewer bytes to
+      # batch, copy and transfer, which roughly doubles host throughput at
+      # 224 px (benchmarks/RESULTS.md).
+      transfer_dtype="float32",
   ))
 
   # ---- Model (section 5) ----
@@ -268,3 +273,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f"augment.brightness_impl={a.brightness_impl!r}; "
          "valid: 'simclrv1' (additive), 'simclrv2' (multiplicative)")
   _range("augment.blur_sigma_range", a.blur_sigma_range, 1e-6, 1e3)
+  _check(a.transfer_dtype in ("float32", "uint8"),
+         f"augment.transfer_dtype={a.transfer_dtype!r}; valid: 'float32', "
+         "'uint8'")

@@ -72,6 +72,13 @@ def probe_loss_and_accuracy(logits, labels):
   return jnp.sum(ce * valid) / denom, jnp.sum(correct * valid) / denom
 
 
+def images_as_float(images):
+  """float32 in [0, 1] from float views or uint8 ones (transfer_dtype='uint8')."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
 def train_step(state: TrainState, batch, *, model: nn.Module,
                tx: optax.GradientTransformation, schedule: optax.Schedule,
                mesh, temperature: float, hidden_norm: bool,
@@ -80,13 +87,14 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
                debug_inject_nan_at_step: int = -1):
   """One SimCLR update on the global batch. Pure in (state, batch).
 
-  batch: images [B, 2, H, W, 3] float in [0, 1], labels [B], example_ids [B].
+  batch: images [B, 2, H, W, 3] float in [0, 1] (or uint8 in [0, 255]),
+  labels [B], example_ids [B].
   augment_fn(images, example_ids, rng, step) -> images runs on device when
   the colour/blur augmentations are configured to.
   debug_inject_nan_at_step > 0 (tests) makes the loss of the update that
   produces that step NaN; at -1 the program does not contain the check.
   """
-  images = batch["images"].astype(jnp.float32)
+  images = images_as_float(batch["images"])
   if augment_fn is not None:
     images = augment_fn(images, batch["example_ids"], rng, state.step)
   num_images = images.shape[0]

