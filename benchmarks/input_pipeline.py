@@ -72,7 +72,9 @@ def jpeg_bytes_source(folder: str):
       get_encoded_batch=lambda ids: ([raw[i] for i in ids], [0] * len(ids)))
 
 
-def time_pipeline(dataset, image_size, batch, steps, source=None, **aug):
+def time_pipeline(dataset, image_size, batch, steps, source=None, repeats=1,
+                  **aug):
+  """images/s of `repeats` consecutive windows of `steps` batches each."""
   from unittest import mock
   from jaxclr import config_lib
   from jaxclr.data import input_pipeline
@@ -85,10 +87,13 @@ def time_pipeline(dataset, image_size, batch, steps, source=None, **aug):
     it = input_pipeline.pretrain_batches(c, start_step=0, process_index=0,
                                          process_count=1)
     next(it)  # Warm-up: graph tracing, thread pools.
-    t = time.perf_counter()
-    for _ in range(steps):
-      next(it)
-    return steps * batch / (time.perf_counter() - t)
+    rates = []
+    for _ in range(repeats):
+      t = time.perf_counter()
+      for _ in range(steps):
+        next(it)
+      rates.append(steps * batch / (time.perf_counter() - t))
+    return rates
 
 
 def time_device(image_size, batch, steps, **aug):
@@ -115,6 +120,11 @@ def main():
                  help="JPEGs to write; each 224 px setting times images/batch "
                  "batches after one warm-up batch")
   p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--repeats", type=int, default=1,
+                 help="timed windows per setting; the median is printed")
+  p.add_argument("--only", default="",
+                 help="only settings whose name contains this text "
+                 "('device' for the device rows)")
   args = p.parse_args()
   cores = len(os.sched_getaffinity(0))
   steps = args.images // args.batch
@@ -126,36 +136,44 @@ def main():
     npz = os.path.join(tmp, "c.npz")
     make_npz(npz, max(args.images, 2048))
     enc = jpeg_bytes_source(jpg)
+    r = args.repeats
     for dtype in ("float32", "uint8"):
       t = f", {dtype} out"
-      rows.append(("224 JPEG bytes (TFDS-like), decode+crop+flip" + t,
-                   time_pipeline("jpeg_bytes", 224, args.batch, steps,
-                                 source=enc, on_device=True,
-                                 transfer_dtype=dtype)))
-      rows.append(("224 JPEG bytes (TFDS-like), full host aug" + t,
-                   time_pipeline("jpeg_bytes", 224, args.batch, steps,
-                                 source=enc, transfer_dtype=dtype)))
-      rows.append(("224 JPEG folder (PIL), decode+crop+flip" + t,
-                   time_pipeline(f"folder:{jpg}", 224, args.batch, steps,
-                                 on_device=True, transfer_dtype=dtype)))
-      rows.append(("224 JPEG folder (PIL), full host aug" + t,
-                   time_pipeline(f"folder:{jpg}", 224, args.batch, steps,
-                                 transfer_dtype=dtype)))
-      rows.append(("32 px arrays, crop+flip" + t,
-                   time_pipeline(f"npz:{npz}", 32, 256, 8, on_device=True,
-                                 transfer_dtype=dtype)))
-      rows.append(("32 px arrays, full host aug (s=0.5, no blur)" + t,
-                   time_pipeline(f"npz:{npz}", 32, 256, 8, use_blur=False,
-                                 color_jitter_strength=0.5,
-                                 transfer_dtype=dtype)))
-  dev224, platform = time_device(224, 32, 3)
-  dev32, _ = time_device(32, 256, 4, use_blur=False, color_jitter_strength=0.5)
-  rows.append((f"224 device colour+gray+blur, jit on {platform}", dev224))
-  rows.append((f"32 device colour+gray, jit on {platform}", dev32))
+      settings = [
+          ("224 JPEG bytes (TFDS-like), decode+crop+flip" + t, lambda: (
+              time_pipeline("jpeg_bytes", 224, args.batch, steps, enc, r,
+                            on_device=True, transfer_dtype=dtype))),
+          ("224 JPEG bytes (TFDS-like), full host aug" + t, lambda: (
+              time_pipeline("jpeg_bytes", 224, args.batch, steps, enc, r,
+                            transfer_dtype=dtype))),
+          ("224 JPEG folder (PIL), decode+crop+flip" + t, lambda: (
+              time_pipeline(f"folder:{jpg}", 224, args.batch, steps, None, r,
+                            on_device=True, transfer_dtype=dtype))),
+          ("224 JPEG folder (PIL), full host aug" + t, lambda: (
+              time_pipeline(f"folder:{jpg}", 224, args.batch, steps, None, r,
+                            transfer_dtype=dtype))),
+          ("32 px arrays, crop+flip" + t, lambda: (
+              time_pipeline(f"npz:{npz}", 32, 256, 8, None, r, on_device=True,
+                            transfer_dtype=dtype))),
+          ("32 px arrays, full host aug (s=0.5, no blur)" + t, lambda: (
+              time_pipeline(f"npz:{npz}", 32, 256, 8, None, r, use_blur=False,
+                            color_jitter_strength=0.5,
+                            transfer_dtype=dtype))),
+      ]
+      rows += [(name, fn()) for name, fn in settings if args.only in name]
+  if "device" in args.only or not args.only:
+    dev224, platform = time_device(224, 32, 3)
+    dev32, _ = time_device(32, 256, 4, use_blur=False,
+                           color_jitter_strength=0.5)
+    rows.append((f"224 device colour+gray+blur, jit on {platform}", [dev224]))
+    rows.append((f"32 device colour+gray, jit on {platform}", [dev32]))
   print(f"cores available: {cores}")
-  print(f"{'setting':64s} {'images/s':>9s} {'per core':>9s}")
-  for name, ips in rows:
-    print(f"{name:64s} {ips:9.1f} {ips / cores:9.1f}")
+  print(f"{'setting':64s} {'images/s':>9s} {'per core':>9s}  per core "
+        "min-max")
+  for name, rates in rows:
+    ips = float(np.median(rates))
+    print(f"{name:64s} {ips:9.1f} {ips / cores:9.1f}  "
+          f"{min(rates) / cores:.1f}-{max(rates) / cores:.1f}")
 
 
 if __name__ == "__main__":
