@@ -5,6 +5,8 @@ exact resume, layout invariance (global BN), label subsets, user errors."""
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -12,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxclr import config_lib, metrics, pretrain
+from jaxclr import cli, config_lib, metrics, pretrain, workdir as workdir_lib
 from jaxclr.evaluation import finetune
 from jaxclr.parallel import sharding
 
@@ -130,6 +132,10 @@ def test_resume_is_exact(pretrained, finetuned, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, saved_state(resumed, STEPS),
                saved_state(out, STEPS))
   assert (r["top1"], r["top5"]) == (results["top1"], results["top5"])
+  # A changed config is refused on a workdir that holds checkpoints.
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match="learning_rate: 2.0 -> 1.0"):
+    finetune.run(ft_config(pretrained, learning_rate=1.0), resumed)
 
 
 def relative_difference(a, b):
@@ -201,3 +207,20 @@ def test_config_errors(pretrained, tmp_path):
   with pytest.raises(config_lib.ConfigError, match="model.depth"):
     finetune.run(ft_config("none"), str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "config.json"))
+
+
+def test_cli_reports_one_line_and_exit_2(pretrained, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run(
+      [sys.executable, "-m", "jaxclr.finetune", "--config",
+       "configs/finetune.py:fraction=0.1", "--workdir", str(tmp_path / "w"),
+       f"--config.pretrained_workdir={pretrained}",
+       "--config.labels_per_class=5"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == cli.EXIT_USER_ERROR, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("jaxclr: error: set exactly one label subset, got 2 "
+                         "(label_fraction=0.1, labels_per_class=5)"), last
+  assert not (tmp_path / "w").exists()
