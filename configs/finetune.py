@@ -106,5 +106,6 @@ def get_config(arg=None):
     c.label_fraction, c.labels_per_class = arg.fraction, None
     c.num_epochs = 30.0 if arg.fraction >= 0.1 else 60.0  # P1 B.5.
   if arg.lars:  # SimCLRv2 README: LARS, lr 0.005 sqrt-scaled, wd 0.
-    c.optimizer, c.learning_rate, c.learning_rate_scaling = "lars", 0.005, "sqrt"
+    c.optimizer, c.learning_rate = "lars", 0.005
+    c.learning_rate_scaling = "sqrt"
   return c

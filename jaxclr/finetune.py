@@ -1,7 +1,9 @@
 """Fine-tune a pretrained encoder, all layers, on a label subset.
 
   python -m jaxclr.finetune --config configs/finetune.py \
-      --config.pretrained_workdir=DIR --workdir OUT [--config.labels_per_class=5]
+      --config.pretrained_workdir=DIR --workdir OUT
+
+configs/finetune.py:per_class=5 or :fraction=0.1 picks the label subset.
 
 --config.pretrained_workdir=none fine-tunes a randomly initialised network of
 the architecture set in the config (configs/finetune.py:random_init).

@@ -271,6 +271,8 @@ def _train(config, state, step_fn, *, mesh, data_config, indices, plan, store,
            workdir, start_step):
   """The step loop: host syncs only at log and checkpoint steps."""
   from jaxclr import pretrain  # pylint: disable=g-import-not-at-top
+  if start_step >= plan.total_steps:  # Finished before: evaluate only.
+    return state
   logger = metrics_lib.MetricsLogger(
       workdir, is_primary=jax.process_index() == 0,
       total_steps=plan.total_steps, batch_size=config.batch_size,
@@ -322,7 +324,8 @@ def _labelled_data(config, encoder):
   """(data config, training source, labels, subset indices, subset spec);
   ConfigError when the batch is larger than the subset."""
   # The linear-eval job's reading of dataset/split/size overrides.
-  data_config = job._data_config(config, encoder)  # pylint: disable=protected-access
+  data_config = job._data_config(  # pylint: disable=protected-access
+      config, encoder)
   src = input_pipeline.get_source(data_config, None, "train")
   if src.num_classes <= 0:
     raise input_pipeline.DataError(
