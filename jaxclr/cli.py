@@ -7,11 +7,13 @@ printed as one line naming the problem, with exit status 2, and no traceback.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging as logging_lib
 import re
 import sys
+from typing import Sequence
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 EXIT_USER_ERROR = 2
@@ -146,3 +148,37 @@ def user_errors_exit():
     prefix = "jaxclr: " if status == EXIT_PREEMPTED else "jaxclr: error: "
     print(prefix + _one_line(e), file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def define_job_flags(config_help: str, workdir_help: str):
+  """--config (an ml_collections file, with --config.x=... overrides),
+  --workdir (required) and the distributed-runtime flags."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, config_help,
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.mark_flags_as_required(["config", "workdir"])
+  define_distributed_flags()
+
+
+def run_job(module: str, *, flags_parser=parse_flags,
+            summary_keys: Sequence[str] = ()):
+  """app.run of `module`.run(config, workdir), with the runtime started and
+  user errors turned into one line and exit status 2.
+
+  The job's module is imported only after the runtime is up (jax.distributed
+  must start before anything touches devices). summary_keys: entries of the
+  returned results dict to log at the end.
+  """
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    with user_errors_exit():
+      initialize_runtime()
+      results = importlib.import_module(module).run(FLAGS.config,
+                                                    FLAGS.workdir)
+    if summary_keys:
+      logging.info("results: %s", {k: results.get(k) for k in summary_keys})
+
+  logging.set_verbosity(logging.INFO)
+  app.run(main, flags_parser=flags_parser)

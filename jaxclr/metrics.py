@@ -52,6 +52,11 @@ def truncate_jsonl(path: str, last_step: int):
     os.replace(tmp, path)
 
 
+# The console line's metrics, those a job logs: (key, label, format).
+_CONSOLE = (("loss", "loss", ".4f"), ("contrast_acc", "contrast_acc", ".3f"),
+            ("train_acc", "train_acc", ".3f"), ("learning_rate", "lr", ".4g"))
+
+
 class MetricsLogger:
   """Writes scalars to TensorBoard, metrics.jsonl and a console progress line."""
 
@@ -84,13 +89,11 @@ class MetricsLogger:
       with open(self.jsonl_path, "a") as f:
         f.write(json.dumps(record) + "\n")
       eta = (self.total_steps - step) / steps_per_sec
-      logging.info(
-          "step %d/%d | loss %.4f | contrast_acc %.3f | lr %.4g | "
-          "%.2f steps/s | %.0f img/s | ETA %s", step, self.total_steps,
-          record.get("loss", float("nan")),
-          record.get("contrast_acc", float("nan")),
-          record.get("learning_rate", float("nan")), steps_per_sec,
-          record["images_per_sec"], _format_eta(eta))
+      shown = [f"{name} {record[key]:{fmt}}" for key, name, fmt in _CONSOLE
+               if key in record]
+      logging.info("step %d/%d | %s | %.2f steps/s | %.0f img/s | ETA %s",
+                   step, self.total_steps, " | ".join(shown), steps_per_sec,
+                   record["images_per_sec"], _format_eta(eta))
     return record
 
   def log_scalars(self, step: int, scalars: Mapping[str, float]):

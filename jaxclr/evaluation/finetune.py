@@ -324,8 +324,7 @@ def _labelled_data(config, encoder):
   """(data config, training source, labels, subset indices, subset spec);
   ConfigError when the batch is larger than the subset."""
   # The linear-eval job's reading of dataset/split/size overrides.
-  data_config = job._data_config(  # pylint: disable=protected-access
-      config, encoder)
+  data_config = job.labelled_data_config(config, encoder)
   src = input_pipeline.get_source(data_config, None, "train")
   if src.num_classes <= 0:
     raise input_pipeline.DataError(
@@ -344,7 +343,7 @@ def _load_encoder(config, mesh) -> encoder_lib.FrozenEncoder:
   if config.pretrained_workdir.lower() == "none":
     return encoder_lib.random_encoder(config, mesh)
   step = config.checkpoint_step if config.checkpoint_step >= 0 else None
-  fields = job._eval_model_fields(config)  # pylint: disable=protected-access
+  fields = job.eval_model_fields(config)
   return encoder_lib.restore_encoder(config.pretrained_workdir, mesh,
                                      step=step, eval_model=fields)
 

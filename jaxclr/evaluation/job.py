@@ -51,8 +51,10 @@ def validate(config) -> None:
         f"host); got {jax.process_count()} processes")
 
 
-def _data_config(config, encoder):
-  """A pretraining-schema config that tells input_pipeline what to read."""
+def labelled_data_config(config, encoder):
+  """A pretraining-schema config that tells input_pipeline what to read for
+  an evaluation job: the pretraining run's data, crop + flip augmentation,
+  and the eval config's dataset/split/size overrides."""
   if encoder.source != "random_init":
     d = encoder_lib.pretraining_config(config.pretrained_workdir)
   else:
@@ -69,7 +71,8 @@ def _data_config(config, encoder):
   return d
 
 
-def _eval_model_fields(config) -> dict:
+def eval_model_fields(config) -> dict:
+  """The architecture fields an eval config sets (to check or to build)."""
   return {k: v for k, v in config.model.items() if v is not None}
 
 
@@ -110,8 +113,8 @@ def run(config, workdir: str, mesh=None) -> dict:
     step = config.checkpoint_step if config.checkpoint_step >= 0 else None
     encoder = encoder_lib.restore_encoder(
         config.pretrained_workdir, mesh, step=step,
-        eval_model=_eval_model_fields(config))
-  data_config = _data_config(config, encoder)
+        eval_model=eval_model_fields(config))
+  data_config = labelled_data_config(config, encoder)
   num_classes = input_pipeline.get_source(data_config, None, "train").num_classes
   if num_classes <= 0:
     raise input_pipeline.DataError(
