@@ -153,7 +153,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 TFDS_DATASETS = ("imagenet2012", "imagenet2012_subset/1pct",
                  "imagenet2012_subset/10pct", "cifar10", "cifar100", "stl10")
 BUILTIN_DATASETS = TFDS_DATASETS + ("digits", "synthetic")
-DATASET_PREFIXES = ("folder:", "npz:")
+DATASET_PREFIXES = ("folder:", "npz:", "tfds:")
+# data_dir values that TFDS reads through tf.io.gfile (Cloud Storage, ...):
+# checked when the dataset is opened, not here (no local path to stat).
+REMOTE_PATH_PREFIXES = ("gs://", "s3://", "hdfs://")
 
 
 def tfds_data_dir(config) -> str | None:
@@ -207,15 +210,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(isinstance(ds, str) and (ds in BUILTIN_DATASETS or
                                   ds.startswith(DATASET_PREFIXES)),
          f"dataset={ds!r} is unknown; valid: {', '.join(BUILTIN_DATASETS)}, "
-         "'folder:/path/to/images' or 'npz:/path/to/file.npz'")
+         "'folder:/path/to/images', 'npz:/path/to/file.npz' or "
+         "'tfds:NAME' for any other TFDS dataset")
   _check(not ds.startswith(DATASET_PREFIXES) or len(ds.split(":", 1)[1]) > 0,
-         f"dataset={ds!r} needs a path after the colon")
-  if ds in TFDS_DATASETS:
+         f"dataset={ds!r} needs a "
+         f"{'name' if ds.startswith('tfds:') else 'path'} after the colon")
+  if ds in TFDS_DATASETS or ds.startswith("tfds:"):
     data_dir = tfds_data_dir(config)
     _check(data_dir is not None,
            f"dataset={ds!r} is read from a prepared TFDS build but data_dir "
            "is not set; pass --config.data_dir=DIR (or set TFDS_DATA_DIR)")
-    _check(os.path.isdir(data_dir),
+    _check(data_dir.startswith(REMOTE_PATH_PREFIXES) or os.path.isdir(data_dir),
            f"data_dir={data_dir!r} (for dataset={ds!r}) does not exist")
   m = config.model
   _check(m.depth in DEPTHS, f"model.depth={m.depth!r} is unknown; valid: {DEPTHS}")

@@ -130,6 +130,11 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *,
   the new config is written beside it as config.<n>.json. A workdir without
   checkpoints (a run that failed before its first save) takes the new config.
   """
+  if "://" in workdir:  # os.makedirs would make a local 'gs:' directory.
+    raise WorkdirError(
+        f"workdir={workdir!r} is a URL; jaxclr writes config.json and "
+        "metrics.jsonl with local file I/O, so mount the bucket (e.g. "
+        "gcsfuse) and pass the mounted path")
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:

@@ -51,9 +51,12 @@ def _unknown_field(c):
 # (id, mutation, substrings the one-line message must contain)
 BAD_CONFIGS = [
     ("dataset", _set("dataset", "imagenet"),
-     ["dataset='imagenet' is unknown", "imagenet2012", "folder:"]),
+     ["dataset='imagenet' is unknown", "imagenet2012", "folder:",
+      "'tfds:NAME' for any other TFDS dataset"]),
     ("dataset_prefix", _set("dataset", "folder:"),
      ["dataset='folder:' needs a path"]),
+    ("tfds_prefix", _set("dataset", "tfds:"),
+     ["dataset='tfds:' needs a name"]),
     ("tfds_no_data_dir", _set("dataset", "cifar10"),
      ["dataset='cifar10'", "data_dir is not set", "--config.data_dir"]),
     ("tfds_missing_data_dir", _many(dataset="cifar10", data_dir="/no/such/dir"),
@@ -145,12 +148,31 @@ def test_valid_config_passes_validation():
   config_lib.validate(tiny_config())
 
 
+def test_remote_tfds_data_dir_is_left_to_tfds():
+  """gs:// (TFDS reads it through tf.io.gfile) cannot be stat'ed locally: it
+  is checked when the dataset is opened, not refused here."""
+  c = tiny_config()
+  c.dataset, c.data_dir = "imagenet2012", "gs://my-bucket/tensorflow_datasets"
+  config_lib.validate(c)
+  c.dataset = "tfds:oxford_flowers102"
+  config_lib.validate(c)
+
+
 def test_unusable_workdir_is_refused(no_data_or_compilation, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
   with pytest.raises(workdir_lib.WorkdirError,
                      match=r"Cannot create workdir .*a_file/run"):
     pretrain.run(tiny_config(), str(blocker / "run"))
+
+
+def test_url_workdir_is_refused(no_data_or_compilation, tmp_path,
+                                monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(workdir_lib.WorkdirError,
+                     match="workdir='gs://bucket/run' is a URL.*gcsfuse"):
+    pretrain.run(tiny_config(), "gs://bucket/run")
+  assert not (tmp_path / "gs:").exists()
 
 
 def test_eval_workdir_checks(tmp_path):

@@ -137,6 +137,22 @@ def test_epoch_covers_each_example_once_and_drops_remainder():
   assert not np.array_equal(nxt, ip.global_example_ids(0, 0, b, n))
 
 
+def test_process_slices_are_disjoint_and_cover_each_epoch():
+  """2 processes over one digits epoch (B=256: 5 steps, 67 dropped): every
+  example at most once, the two slices disjoint, together the whole epoch."""
+  c = _config(batch_size=256, image_size=8)
+  n = sources.digits_source("train").num_examples
+  seen = [np.concatenate([b["example_ids"] for b in _take(c, 0, 5, p, 2)])
+          for p in range(2)]
+  assert len(seen[0]) == len(seen[1]) == 5 * 128
+  assert not set(seen[0]) & set(seen[1])
+  union = np.concatenate(seen)
+  assert len(set(union)) == len(union) == 5 * 256
+  epoch = np.concatenate([ip.global_example_ids(0, t, 256, n)
+                          for t in range(5)])
+  assert set(union) == set(epoch) and union.max() < n
+
+
 def test_bad_layout_and_values_raise_data_error():
   c = _config(batch_size=15)
   with pytest.raises(ip.DataError, match="batch_size=15.*process_count=2"):
@@ -357,3 +373,22 @@ def test_tfds_builds_and_access_paths(tiny_tfds, fmt, access, kind):
     for a, b in zip(one, other):
       for key in ("example_ids", "labels", "images"):
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_any_tfds_dataset_through_the_tfds_prefix(tiny_tfds):
+  """'tfds:NAME' reads TFDS datasets beyond the known list; its default eval
+  split is 'test', and a missing split or name is a DataError naming it."""
+  c = _config(dataset="tfds:jaxclr_tiny_images", image_size=16, batch_size=8)
+  c.data_dir = tiny_tfds["array_record"]
+  config_lib.validate(c)
+  src = ip.get_source(c)
+  assert (src.name, src.num_examples, src.num_classes) == (
+      "jaxclr_tiny_images", 24, 3)
+  assert _take(c, 0, 1)[0]["images"].shape == (8, 2, 16, 16, 3)
+  with pytest.raises(ip.DataError, match=r"no split 'test'; valid: \['train'\]"):
+    ip.get_source(c, None, "eval")
+  c.dataset = "tfds:jaxclr_no_such_dataset"
+  config_lib.validate(c)  # The name is TFDS's to check, when it is opened.
+  with pytest.raises(ip.DataError,
+                     match="unknown TFDS dataset 'jaxclr_no_such_dataset'"):
+    ip.get_source(c)

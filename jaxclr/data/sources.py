@@ -61,7 +61,9 @@ def default_splits(dataset: str) -> tuple[str, str]:
     return TFDS_DEFAULT_SPLITS[dataset]
   if dataset in LOCAL_DEFAULT_SPLITS:
     return LOCAL_DEFAULT_SPLITS[dataset]
-  return ("train", "train")  # folder:/npz:/other TFDS names.
+  if dataset.startswith("tfds:"):  # Most TFDS datasets; else set eval_split.
+    return ("train", "test")
+  return ("train", "train")  # folder:/npz: have one split.
 
 
 def resolve_split(config, split: Optional[str], which: str) -> str:
@@ -260,6 +262,10 @@ def tfds_source(name: str, data_dir: Optional[str], split: str,
                     f"include {sorted(TFDS_DEFAULT_SPLITS)}, 'digits', "
                     "'synthetic', 'folder:/path', 'npz:/path.npz'") from e
   features = builder.info.features
+  if "image" not in features:
+    raise DataError(f"TFDS dataset {name!r} has no 'image' feature (it has "
+                    f"{sorted(features)}); jaxclr reads 'image' and, when "
+                    "present, 'label'")
   has_label = "label" in features
   num_classes = features["label"].num_classes if has_label else 0
 
@@ -338,9 +344,12 @@ def make_source(config, split: str) -> Source:
     return npz_source(name[4:], split)
   if name.startswith("folder:"):
     return folder_source(os.path.abspath(name[7:]), split)
-  if ":" in name or not name:
+  if name.startswith("tfds:"):  # Any TFDS name, e.g. tfds:oxford_flowers102.
+    name = name[5:]
+  elif ":" in name or not name:
     raise DataError(f"dataset {name!r}: unknown prefix; valid: 'folder:/path',"
-                    " 'npz:/path.npz', a TFDS name, 'digits', 'synthetic'")
+                    " 'npz:/path.npz', 'tfds:NAME', a TFDS name, 'digits', "
+                    "'synthetic'")
   access = config.get("data_access", "auto")
   if access not in ("auto", "random", "memory", "stream"):
     raise DataError(f"data_access={access!r}; valid: 'auto', 'random', "
