@@ -7,16 +7,18 @@
 #   launch/local.sh N [M] --config configs/default.py --workdir runs/x [FLAGS...]
 #
 # N: processes (>= 1). M: CPU devices per process (default 1). Everything else
-# goes to `python -m jaxclr.main` unchanged. Output lines are prefixed with the
+# goes to `python -m $JAXCLR_MODULE` unchanged (default jaxclr.main; also
+# jaxclr.linear_eval or jaxclr.finetune). Output lines are prefixed with the
 # process index. Waits for all processes; if one fails, the others are sent
 # SIGTERM, then SIGKILL after $JAXCLR_KILL_GRACE_S seconds (default 10), and
 # the script exits with the failed process's status. Ctrl-C stops them all.
 #
-# Environment: PYTHON (default: python), JAXCLR_PORT (default: a free port).
+# Environment: PYTHON (default: python), JAXCLR_PORT (default: a free port),
+# JAXCLR_MODULE (default: jaxclr.main).
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 N [M] --config CONFIG --workdir DIR [jaxclr.main flags...]" >&2
+  echo "usage: $0 N [M] --config CONFIG --workdir DIR [job flags...]" >&2
   exit 2
 }
 
@@ -31,6 +33,9 @@ if [[ $# -ge 1 && $1 =~ ^[0-9]+$ ]]; then
 fi
 python=${PYTHON:-python}
 grace=${JAXCLR_KILL_GRACE_S:-10}
+# shellcheck source=launch/jobs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/jobs.sh"
+select_job local.sh
 
 if [[ -n ${JAXCLR_PORT:-} ]]; then
   port=$JAXCLR_PORT
@@ -72,11 +77,11 @@ stop_all() {
 trap 'stop_all; exit 130' INT
 trap 'stop_all; exit 143' TERM
 
-echo "local.sh: $num_processes process(es) x $devices_per_process CPU" \
-  "device(s), coordinator $coordinator" >&2
+echo "local.sh: $module, $num_processes process(es) x $devices_per_process" \
+  "CPU device(s), coordinator $coordinator" >&2
 for ((i = 0; i < num_processes; i++)); do
   XLA_FLAGS=$xla_flags JAX_PLATFORMS=cpu PYTHONUNBUFFERED=1 \
-    "$python" -m jaxclr.main \
+    "$python" -m "$module" \
     --coordinator_address="$coordinator" --num_processes="$num_processes" \
     --process_id="$i" "$@" \
     > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &

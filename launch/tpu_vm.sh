@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Pretrain on a Cloud TPU VM pod slice: create it, install jaxclr on every
-# worker, run the same command on all workers (one JAX process per host;
-# jax.distributed finds its peers through the TPU metadata), stream the logs
-# here, and delete the slice afterwards.
+# Pretrain (or evaluate: JAXCLR_MODULE) on a Cloud TPU VM pod slice: create
+# it, install jaxclr on every worker, run the same command on all workers
+# (one JAX process per host; jax.distributed finds its peers through the TPU
+# metadata), stream the logs here, and delete the slice afterwards.
 #
 #   TPU_NAME=simclr ZONE=us-central2-b ACCELERATOR_TYPE=v4-32 \
 #   WORKDIR=/mnt/shared/runs/r50 \
-#     launch/tpu_vm.sh [--dry-run] [--keep] [--skip-create] [--] [jaxclr.main flags...]
+#     launch/tpu_vm.sh [--dry-run] [--keep] [--skip-create] [--] [job flags...]
 #
 # Required environment:
 #   TPU_NAME          name of the TPU VM (slice) to create / use
@@ -18,7 +18,11 @@
 # Optional environment:
 #   PROJECT           gcloud project (default: gcloud's configured project)
 #   RUNTIME_VERSION   TPU VM image (default tpu-ubuntu2204-base)
-#   CONFIG            config file in the repo (default configs/imagenet.py)
+#   JAXCLR_MODULE     the job: jaxclr.main (default, pretraining),
+#                     jaxclr.linear_eval or jaxclr.finetune
+#   CONFIG            config file in the repo (default configs/imagenet.py;
+#                     e.g. configs/linear_eval.py:dataset=imagenet for
+#                     jaxclr.linear_eval)
 #   JAX_SPEC          pip spec of JAX for TPU (default "jax[tpu]>=0.10.2")
 #   SETUP_CMD         extra shell run on every worker before training
 #                     (e.g. mounting the shared filesystem)
@@ -62,6 +66,9 @@ fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 runtime_version=${RUNTIME_VERSION:-tpu-ubuntu2204-base}
 config=${CONFIG:-configs/imagenet.py}
+# shellcheck source=launch/jobs.sh
+source "$(dirname "${BASH_SOURCE[0]}")/jobs.sh"
+select_job tpu_vm.sh
 jax_spec=${JAX_SPEC:-jax[tpu]>=0.10.2}
 log_file=${LOG_FILE:-tpu_${TPU_NAME}_$(date +%Y%m%d_%H%M%S).log}
 gcloud_common=(--zone="$ZONE")
@@ -120,7 +127,7 @@ run "${tpu[@]}" ssh "$TPU_NAME" --worker=all "${gcloud_common[@]}" \
 
 # Same command on every worker; --distributed=on makes a missing TPU
 # environment an error instead of a silent single-host run.
-train="cd ~/jaxclr && python3 -m jaxclr.main --distributed=on"
+train="cd ~/jaxclr && python3 -m $module --distributed=on"
 train+=" $(quote --config "$config" --workdir "$WORKDIR" "$@")"
 echo "tpu_vm.sh: training on all workers of $TPU_NAME; log: $log_file" >&2
 if [[ $dry_run -eq 1 ]]; then

@@ -402,6 +402,37 @@ def test_local_sh_usage_errors():
     assert out.returncode == 2 and "usage:" in out.stderr, args
 
 
+def test_launch_scripts_run_the_chosen_job(tmp_path):
+  """JAXCLR_MODULE picks the evaluation jobs; anything else is refused."""
+  fake = write_exe(tmp_path / "python", '#!/usr/bin/env bash\necho "$*"\n')
+  env = {**os.environ, "PYTHON": fake, "JAXCLR_PORT": str(free_port())}
+  out = subprocess.run(["bash", LOCAL_SH, "2", "--config", "c.py"],
+                       env={**env, "JAXCLR_MODULE": "jaxclr.linear_eval"},
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  assert sorted(l.split(" --coordinator")[0] for l in out.stdout.splitlines()
+                ) == ["[0] -m jaxclr.linear_eval", "[1] -m jaxclr.linear_eval"]
+  tpu = os.path.join(REPO, "launch", "tpu_vm.sh")
+  slurm = os.path.join(REPO, "launch", "slurm_gpu.sbatch")
+  for script in (LOCAL_SH, tpu, slurm):
+    args = ["2"] if script == LOCAL_SH else ["--dry-run"] if script == tpu \
+        else []
+    out = subprocess.run(["bash", script, *args],
+                         env={**env, **TPU_ENV, "JAXCLR_MODULE": "os"},
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2, (script, out.stderr)
+    assert "JAXCLR_MODULE=os; valid: jaxclr.main" in " ".join(
+        out.stderr.split()), out.stderr
+  out = subprocess.run(["bash", tpu, "--dry-run"],
+                       env={**env, **TPU_ENV, "PATH": "/usr/bin:/bin",
+                            "JAXCLR_MODULE": "jaxclr.finetune",
+                            "CONFIG": "configs/finetune.py:1pct"},
+                       capture_output=True, text=True, timeout=30)
+  assert out.returncode == 0, out.stderr
+  assert ("python3\\ -m\\ jaxclr.finetune\\ --distributed=on\\ --config\\ "
+          "configs/finetune.py:1pct\\ --workdir") in out.stdout, out.stdout
+
+
 TPU_ENV = {"TPU_NAME": "simclr", "ZONE": "us-central2-b",
            "ACCELERATOR_TYPE": "v4-32", "WORKDIR": "/mnt/shared/run"}
 
@@ -463,6 +494,15 @@ def test_slurm_sbatch_runs_srun_with_the_forwarded_flags(tmp_path):
   assert out.stdout.strip() == (
       "srun --kill-on-bad-exit=1 python -m jaxclr.main --config "
       "configs/imagenet.py --workdir /shared/r --config.batch_size=4096")
+  out = subprocess.run(["bash", script],
+                       env={**env, "WORKDIR": "/shared/e",
+                            "JAXCLR_MODULE": "jaxclr.linear_eval",
+                            "CONFIG": "configs/linear_eval.py:dataset=imagenet"},
+                       capture_output=True, text=True, timeout=30)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == (
+      "srun --kill-on-bad-exit=1 python -m jaxclr.linear_eval --config "
+      "configs/linear_eval.py:dataset=imagenet --workdir /shared/e")
   with open(script) as f:
     header = f.read()
   for line in ("#SBATCH --ntasks-per-node=8", "#SBATCH --gres=gpu:8"):
