@@ -53,9 +53,11 @@ class PreemptionFlag:
   Replacing that handler with a Python one would hide the notice.
   """
 
-  def __init__(self, install: bool = True):
+  def __init__(self, install: bool | None = None):
     self.event = threading.Event()
     self._previous = None
+    if install is None:
+      install = jax.process_count() == 1
     if install and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
 
@@ -64,6 +66,14 @@ class PreemptionFlag:
     logging.warning("SIGTERM received: saving a checkpoint after this step "
                     "and exiting.")
     self.event.set()
+
+  def reached(self, store, step: int) -> bool:
+    """Whether to save at `step` and stop: this process's SIGTERM, or across
+    processes JAX's preemption sync point (the same answer on every host,
+    so all of them save the same step together)."""
+    if jax.process_count() > 1:
+      return store.reached_preemption(step)
+    return self.event.is_set()
 
   def restore(self):
     if self._previous is not None:
@@ -97,8 +107,7 @@ def describe_run(config, plan: optim.TrainingPlan, mesh) -> str:
   n_proc = jax.process_count()
   n_dev = mesh.devices.size
   return (
-      f"{n_proc} process(es) x {jax.local_device_count()} device(s) "
-      f"({n_dev} total, {jax.devices()[0].platform}); global batch "
+      f"{sharding.describe_layout(mesh)}; global batch "
       f"{config.batch_size} images = {config.batch_size // n_proc} per process "
       f"= {config.batch_size // n_dev} per device (x2 views); "
       f"{plan.num_examples} examples, {plan.steps_per_epoch} steps/epoch, "
@@ -199,7 +208,7 @@ def run(config, workdir: str) -> dict[str, float]:
   is_primary = jax.process_index() == 0
   workdir_lib.prepare(workdir, config, is_primary=is_primary)
   # From here on a SIGTERM (single process) is deferred until after a step.
-  preemption = PreemptionFlag(install=jax.process_count() == 1)
+  preemption = PreemptionFlag()
   try:
     return _run(config, workdir, mesh, is_primary, preemption)
   finally:
@@ -265,10 +274,7 @@ def _run(config, workdir, mesh, is_primary, preemption) -> dict[str, float]:
       if eval_metrics:
         logger.log_scalars(done, eval_metrics)
         logger.reset_timer(done)  # Exclude evaluation from throughput.
-      if jax.process_count() > 1:
-        preempted = store.reached_preemption(done)
-      else:
-        preempted = preemption.event.is_set()
+      preempted = preemption.reached(store, done)
       if (done % config.checkpoint_every_steps == 0 or
           done == plan.total_steps or preempted):
         # Never save a state at or past a non-finite update ('stop').

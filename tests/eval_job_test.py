@@ -90,13 +90,23 @@ def test_layout_invariance(pretrained, results_8dev, tmp_path):
   mesh1 = sharding.make_mesh("auto", jax.devices()[:1])
   r1 = job.run(eval_config(pretrained), str(tmp_path), mesh=mesh1)
   assert r1["num_devices"] == 1
-  for key in ("top1", "top5", "knn_top1"):
+  for key in ("top1", "top5", "knn_top1", "few_label_top1",
+              "few_label_top1_std"):
     assert r1[key] == results_8dev[key], key
-  # The 1-label probe (4 points, 64 dims) has a flat optimum that float32
-  # L-BFGS reaches only to round-off, and round-off differs with the
-  # reduction order; allow one of the 64 test predictions to flip per draw.
-  for k, v in results_8dev["few_label_top1"].items():
-    assert abs(r1["few_label_top1"][k] - v) <= 1 / 64 + 1e-9, k
+
+
+def test_knn_protocol_runs_the_knn_alone(pretrained, results_8dev, tmp_path):
+  """protocol='knn': the same kNN accuracy as the full job, no linear or
+  few-label probe (null / empty in results.json), even with knn=False."""
+  r = job.run(eval_config(pretrained, protocol="knn", knn=False),
+              str(tmp_path))
+  with open(tmp_path / job.RESULTS_FILE) as f:
+    assert json.load(f) == json.loads(json.dumps(r))
+  assert r["knn_top1"] == results_8dev["knn_top1"]
+  assert r["top1"] is None and r["top5"] is None
+  assert r["few_label_top1"] == {} and r["few_label_top1_std"] == {}
+  assert r["protocol"] == "knn" and r["knn"]["k"] == 10
+  assert "linear_s" not in r["wall_times"] and "knn_s" in r["wall_times"]
 
 
 def test_architecture_mismatch_is_named(pretrained, tmp_path):
@@ -117,6 +127,12 @@ def test_not_a_workdir_and_random_init_errors(tmp_path):
     job.run(eval_config("none"), str(tmp_path / "out2"))
   with pytest.raises(config_lib.ConfigError, match="protocol='slow'"):
     job.run(eval_config("none", protocol="slow"), str(tmp_path / "out3"))
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"eval_batch_size: batch_size=100 must be divisible"
+                     r" by the number of devices \(8\)"):
+    job.run(eval_config(str(empty), eval_batch_size=100),
+            str(tmp_path / "out4"))
+  assert not (tmp_path / "out4").exists()  # Refused before the workdir.
 
 
 def test_class_balanced_subsets_are_balanced_and_deterministic():

@@ -97,11 +97,12 @@ def jaxclr_cmd(*extra: str) -> list[str]:
   return [sys.executable, "-m", "jaxclr.main", *TINY, *extra]
 
 
-def load_final_state(workdir: str) -> dict[str, np.ndarray]:
-  """The newest checkpoint's state as host arrays, keyed by tree path."""
+def load_final_state(workdir: str, item: str = "state"
+                     ) -> dict[str, np.ndarray]:
+  """The newest checkpoint's `item` as host arrays, keyed by tree path."""
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints"))
                  if d.isdigit())
-  path = os.path.join(workdir, "checkpoints", str(steps[-1]), "state")
+  path = os.path.join(workdir, "checkpoints", str(steps[-1]), item)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.StandardCheckpointer() as ckptr:
     tree = ckptr.metadata(path).item_metadata
@@ -117,12 +118,12 @@ def load_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_layouts(dataset: str):
+def run_layouts(dataset: str, *extra: str):
   """The tiny run on `dataset` as 2 processes x 4 devices, 1 x 8 and 1 x 1,
   concurrently; yields (root, {layout: workdir})."""
   root = tempfile.mkdtemp(prefix=f"jaxclr_multihost_{dataset}_")
   dirs = {k: os.path.join(root, k) for k in ("2x4", "1x8", "1x1")}
-  args = [*TINY, f"--config.dataset={dataset}"]
+  args = [*TINY, f"--config.dataset={dataset}", *extra]
   env = child_env(4)
   env["PYTHON"] = sys.executable
   env["JAXCLR_PORT"] = str(free_port())
@@ -157,7 +158,9 @@ def layout_runs():
 @pytest.fixture(scope="module")
 def digits_layout_runs(layout_runs):
   del layout_runs  # After it: its compiled programs are in the cache.
-  yield from run_layouts("digits")
+  # With the periodic kNN at the last step: features all-gathered from every
+  # process's slice of the eval batches, the bank sharded over all devices.
+  yield from run_layouts("digits", "--config.eval_every_steps=3")
 
 
 def test_plan_reads_flags_then_env_and_binds_loopback():
@@ -207,8 +210,14 @@ def test_plan_rejects_incomplete_or_bad_layouts(kwargs, env, needle):
 
 
 def assert_layouts_agree(dirs):
-  """2x4 == 1x8 == 1x1: metrics per step and every array of the final state."""
-  metrics = {k: load_metrics(d) for k, d in dirs.items()}
+  """2x4 == 1x8 == 1x1: metrics per step and every array of the final state.
+
+  Returns the training records; evaluation records (periodic kNN) must be
+  identical across layouts too."""
+  records = {k: load_metrics(d) for k, d in dirs.items()}
+  evals = {k: [r for r in v if "loss" not in r] for k, v in records.items()}
+  assert evals["2x4"] == evals["1x8"] == evals["1x1"], evals
+  metrics = {k: [r for r in v if "loss" in r] for k, v in records.items()}
   assert [m["step"] for m in metrics["2x4"]] == [1, 2, 3]
   timing = {"steps_per_sec", "images_per_sec"}
   for other in ("1x8", "1x1"):
@@ -246,9 +255,103 @@ def test_two_processes_match_one_process_on_digits(digits_layout_runs,
   """The embedded default: each process reads its own slice of the real
   digits images, and the global batches still come out the same."""
   metrics = assert_layouts_agree(digits_layout_runs[1])
+  knn = [r for r in load_metrics(digits_layout_runs[1]["2x4"])
+         if "eval/knn_top1" in r]
+  assert [r["step"] for r in knn] == [3], knn
+  assert 0.1 < knn[0]["eval/knn_top1"] <= 1.0  # Chance is 0.1.
   synthetic = load_metrics(layout_runs[1]["1x1"])
   # Really different data: the losses are not the synthetic run's.
   assert metrics["1x1"][0]["loss"] != synthetic[0]["loss"]
+
+
+EVAL_JOBS = {
+    # Paper protocol for 3 steps (train_batches per process), the few-label
+    # L-BFGS probes and the kNN on the all-gathered features.
+    "linear_eval": ["--config",
+                    os.path.join(REPO, "configs", "linear_eval.py") +
+                    ":protocol=paper", "--config.num_epochs=0.6",
+                    "--config.labels_per_class=(1, 5)",
+                    "--config.num_label_draws=2"],
+    # All layers on 5 labels per class, 3 steps, BN over the global batch.
+    "finetune": ["--config",
+                 os.path.join(REPO, "configs", "finetune.py") + ":per_class=5",
+                 "--config.num_train_steps=3", "--config.eval_batch_size=64"],
+}
+
+
+@pytest.fixture(scope="module")
+def eval_layout_runs(digits_layout_runs):
+  """Both evaluation jobs on the digits run's 1x8 checkpoint, as 2 processes
+  x 4 devices (launch/local.sh, JAXCLR_MODULE) and as 1 x 8, concurrently;
+  yields {job: {layout: OUT}}."""
+  root, pretrain_dirs = digits_layout_runs
+  pretrained = f"--config.pretrained_workdir={pretrain_dirs['1x8']}"
+  outs, procs = {}, {}
+  t0 = time.monotonic()
+  try:
+    for job, args in EVAL_JOBS.items():
+      outs[job] = {k: os.path.join(root, f"{job}_{k}") for k in ("2x4", "1x8")}
+      env = {**child_env(4), "PYTHON": sys.executable,
+             "JAXCLR_PORT": str(free_port()),
+             "JAXCLR_MODULE": f"jaxclr.{job}"}
+      procs[f"{job} 2x4"] = start(
+          ["bash", LOCAL_SH, "2", "4", *args, pretrained,
+           f"--workdir={outs[job]['2x4']}"], env,
+          os.path.join(root, f"{job}_2x4.log"))
+      procs[f"{job} 1x8"] = start(
+          [sys.executable, "-m", f"jaxclr.{job}", *args, pretrained,
+           f"--workdir={outs[job]['1x8']}"], child_env(8),
+          os.path.join(root, f"{job}_1x8.log"))
+    wait_all(procs, RUN_TIMEOUT_S)
+    for name, p in procs.items():
+      log = os.path.join(root, name.replace(" ", "_") + ".log")
+      assert p.returncode == 0, f"{name} failed ({p.returncode}):\n" + \
+          read_log(log)
+    print(f"evaluation layout runs took {time.monotonic() - t0:.0f} s")
+    yield outs
+  finally:
+    for p in procs.values():
+      kill_group(p)
+
+
+def load_results(out: str) -> dict:
+  with open(os.path.join(out, "results.json")) as f:
+    return json.load(f)
+
+
+def test_linear_eval_on_two_processes_matches_one(eval_layout_runs):
+  """Features, paper-protocol head, few-label probes and kNN: 2x4 == 1x8."""
+  dirs = eval_layout_runs["linear_eval"]
+  a, b = (load_results(dirs[k]) for k in ("2x4", "1x8"))
+  assert a["num_train_examples"] == b["num_train_examples"] == 1347
+  assert a["num_eval_examples"] == b["num_eval_examples"] == 450
+  assert a["paper"]["steps"] == 3 and set(a["few_label_top1"]) == {"1", "5"}
+  for key in ("top1", "top5", "knn_top1", "few_label_top1",
+              "few_label_top1_std"):
+    assert a[key] == b[key], (key, a[key], b[key])
+  heads = [load_final_state(dirs[k], "default") for k in ("2x4", "1x8")]
+  assert int(heads[0]["['step']"]) == 3
+  for k, x in heads[0].items():
+    np.testing.assert_allclose(x, heads[1][k], rtol=1e-5, atol=1e-6,
+                               err_msg=k)
+  # Process 0 alone writes: one results.json, one TensorBoard writer.
+  names = [sorted("events" if f.startswith("events.out") else f
+                  for f in os.listdir(dirs[k])) for k in ("2x4", "1x8")]
+  assert names[0] == names[1] and names[0].count("events") == 1, names
+
+
+def test_finetune_on_two_processes_matches_one(eval_layout_runs):
+  """All layers fine-tuned with BN over the global batch: the same state and
+  accuracy from 2 processes x 4 devices as from 1 x 8."""
+  dirs = eval_layout_runs["finetune"]
+  a, b = (load_results(dirs[k]) for k in ("2x4", "1x8"))
+  assert a["steps"] == b["steps"] == 3 and a["num_labelled_examples"] == 50
+  assert a["top1"] == b["top1"] and a["top5"] == b["top5"]
+  states = [load_final_state(dirs[k]) for k in ("2x4", "1x8")]
+  assert set(states[0]) == set(states[1])
+  for k, x in states[0].items():
+    np.testing.assert_allclose(x, states[1][k], rtol=1e-4, atol=1e-5,
+                               err_msg=k)
 
 
 def test_only_process_zero_writes(layout_runs):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxclr import config_lib, workdir as workdir_lib
 from jaxclr.models.simclr import build_model
@@ -189,12 +190,23 @@ def make_feature_fn(encoder: FrozenEncoder, mesh, feature_layer: int):
                  out_shardings=sharding.batch_sharded(mesh))
 
 
-def extract_features(feature_fn, variables, mesh, batches) -> tuple[np.ndarray, np.ndarray]:
-  """Runs `feature_fn` over eval batches (dicts with images, labels, mask)."""
+def extract_features(feature_fn, variables, mesh, batches
+                     ) -> tuple[np.ndarray, np.ndarray]:
+  """Runs `feature_fn` over process-local eval batches (dicts with images,
+  labels, mask: `input_pipeline.eval_batches`); returns the whole split's
+  (features [N, D], labels [N]) on EVERY process, in dataset order.
+
+  The global batch's features are all-gathered to every host
+  (process_allgather), because the probes that follow (L-BFGS, kNN) run the
+  same program on every process from host copies of the features.
+  """
   feats, labels = [], []
   for b in batches:
-    g = sharding.global_batch(mesh, {"images": b["images"]})
-    f = np.asarray(jax.device_get(feature_fn(variables, g["images"])))
-    feats.append(f[b["mask"]])
-    labels.append(b["labels"][b["mask"]])
+    g = sharding.global_batch(mesh, {k: b[k] for k in ("images", "labels",
+                                                        "mask")})
+    f = feature_fn(variables, g["images"])
+    mask = multihost_utils.process_allgather(g["mask"], tiled=True)
+    feats.append(multihost_utils.process_allgather(f, tiled=True)[mask])
+    labels.append(multihost_utils.process_allgather(g["labels"],
+                                                    tiled=True)[mask])
   return np.concatenate(feats), np.concatenate(labels)

@@ -25,7 +25,6 @@ where an uninterrupted one does.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -103,9 +102,6 @@ def validate(config) -> None:
     _check(config[name] >= 0, f"{name}={config[name]!r} must be >= 0")
   _check(0 <= config.momentum < 1,
          f"momentum={config.momentum!r} must be in [0, 1)")
-  _check(jax.process_count() == 1,
-         "finetune runs in a single process (the labelled subset is indexed "
-         f"on one host); got {jax.process_count()} processes")
 
 
 def check_selector(config) -> None:
@@ -249,7 +245,9 @@ def evaluate(net, state: FineTuneState, mesh, data_config,
   split = sources.resolve_split(data_config, None, "eval")
   logits, labels = encoder_lib.extract_features(
       logits_fn, {"params": state.params, "batch_stats": state.batch_stats},
-      mesh, input_pipeline.eval_batches(data_config, split, batch_size))
+      mesh, input_pipeline.eval_batches(data_config, split, batch_size,
+                                        jax.process_index(),
+                                        jax.process_count()))
   return {"top1": linear.top_k_accuracy(logits, labels, 1),
           "top5": linear.top_k_accuracy(logits, labels, 5),
           "num_eval_examples": int(len(labels))}
@@ -281,7 +279,8 @@ def _train(config, state, step_fn, *, mesh, data_config, indices, plan, store,
   batches = pretrain.prefetch(
       sharding.global_batch(mesh, b) for b in paper_probe.train_batches(
           data_config, config.batch_size, start_step=start_step,
-          indices=indices))
+          indices=indices, process_index=jax.process_index(),
+          process_count=jax.process_count()))
   try:
     for step in range(start_step, plan.total_steps):
       b = next(batches)
@@ -292,7 +291,7 @@ def _train(config, state, step_fn, *, mesh, data_config, indices, plan, store,
       if done % config.log_every_steps == 0 or done == plan.total_steps:
         logger.log_train(done, {**jax.device_get(metrics),
                                 "epoch": done / plan.steps_per_epoch})
-      preempted = preemption.event.is_set()
+      preempted = preemption.reached(store, done)
       if (done % config.checkpoint_every_steps == 0 or
           done == plan.total_steps or preempted):
         store.save(done, state, {"step": done}, force=True)
@@ -309,15 +308,6 @@ def _train(config, state, step_fn, *, mesh, data_config, indices, plan, store,
 def _last_logged(workdir: str, key: str):
   records = [r for r in metrics_lib.read_records(workdir) if key in r]
   return records[-1][key] if records else None
-
-
-def _write_results(workdir: str, results: dict):
-  if jax.process_index() != 0:
-    return
-  path = os.path.join(workdir, job.RESULTS_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump(results, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
 
 
 def _labelled_data(config, encoder):
@@ -377,11 +367,7 @@ def run(config, workdir: str, mesh=None) -> dict:
   validate(config)
   t_start = time.time()
   mesh = sharding.make_mesh("auto") if mesh is None else mesh
-  for name in ("batch_size", "eval_batch_size"):
-    try:
-      sharding.check_batch_divides(config[name], mesh)
-    except ValueError as e:
-      raise config_lib.ConfigError(f"{name}: {e}") from None
+  job.check_batch_sizes(config, mesh, ("batch_size", "eval_batch_size"))
   check_selector(config)
   encoder = _load_encoder(config, mesh)
   data_config, src, labels, indices, spec = _labelled_data(config, encoder)
@@ -390,10 +376,10 @@ def run(config, workdir: str, mesh=None) -> dict:
   logging.info(
       "jaxclr finetune: %d labelled examples (%s) of %d, %d classes; "
       "ft_proj_selector=%d; %s, batch %d, %d steps (%d/epoch), peak lr %.4g; "
-      "%d device(s)", len(indices), spec, src.num_examples, src.num_classes,
+      "%s", len(indices), spec, src.num_examples, src.num_classes,
       config.ft_proj_selector, config.optimizer, config.batch_size,
       plan.total_steps, plan.steps_per_epoch, plan.peak_learning_rate,
-      mesh.devices.size)
+      sharding.describe_layout(mesh))
   net = FineTuneNetwork(backbone=encoder.model, num_classes=src.num_classes,
                         ft_proj_selector=config.ft_proj_selector)
   init_fn, step_fn, feature_dim = _compile(config, encoder, net, plan, mesh,
@@ -446,5 +432,5 @@ def run(config, workdir: str, mesh=None) -> dict:
       "num_devices": int(mesh.devices.size),
       "resumed_from_step": start, "wall_times": times,
   }
-  _write_results(workdir, results)
+  job.write_results(workdir, results)
   return results

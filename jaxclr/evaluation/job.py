@@ -3,7 +3,12 @@
 restore (or randomly initialise) the encoder -> extract frozen features of the
 labelled train and eval splits (centre crop, inference-mode BatchNorm) ->
 full-label linear probe (fast or paper protocol) -> few-label probes -> kNN
--> OUT/results.json.
+-> OUT/results.json. protocol='knn' runs the kNN alone (top1/top5 null).
+
+Runs on one process or many (jax.distributed, like pretraining): each
+process reads and embeds its slice of every global batch, the features are
+all-gathered to every host, and the probes run the same program everywhere;
+only process 0 writes results.json.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import time
 
 import jax
 import numpy as np
+from absl import logging
 
 from jaxclr import config_lib, workdir as workdir_lib
 from jaxclr.data import input_pipeline
@@ -22,7 +28,7 @@ from jaxclr.evaluation import knn, linear
 from jaxclr.parallel import sharding
 
 RESULTS_FILE = "results.json"
-PROTOCOLS = ("fast", "paper")
+PROTOCOLS = ("fast", "paper", "knn")
 
 
 def validate(config) -> None:
@@ -46,9 +52,16 @@ def validate(config) -> None:
         f"labels_per_class={tuple(config.labels_per_class)!r}: each must be >= 1")
   check(config.num_label_draws >= 1,
         f"num_label_draws={config.num_label_draws} must be >= 1")
-  check(jax.process_count() == 1,
-        "linear_eval runs in a single process (its feature arrays live on one "
-        f"host); got {jax.process_count()} processes")
+
+
+def check_batch_sizes(config, mesh, names) -> None:
+  """ConfigError unless each config[name] splits over the processes and
+  devices (checked before anything is read or compiled)."""
+  for name in names:
+    try:
+      sharding.check_batch_divides(config[name], mesh)
+    except ValueError as e:
+      raise config_lib.ConfigError(f"{name}: {e}") from None
 
 
 def labelled_data_config(config, encoder):
@@ -79,22 +92,33 @@ def eval_model_fields(config) -> dict:
 def _features(feature_fn, encoder, mesh, data_config, split_kind, batch_size):
   from jaxclr.data import sources  # pylint: disable=g-import-not-at-top
   split = sources.resolve_split(data_config, None, split_kind)
-  batches = input_pipeline.eval_batches(data_config, split, batch_size)
+  batches = input_pipeline.eval_batches(data_config, split, batch_size,
+                                        jax.process_index(),
+                                        jax.process_count())
   return encoder_lib.extract_features(feature_fn, encoder.variables, mesh,
                                       batches)
 
 
-def few_label_probes(config, train, test, num_classes, mesh) -> tuple[dict, dict]:
-  """Mean and std over draws of the fast probe's top-1 per labels_per_class."""
+def few_label_probes(config, train, test, num_classes) -> tuple[dict, dict]:
+  """Mean and std over draws of the fast probe's top-1 per labels_per_class.
+
+  Each subset (at most max(k) x classes rows) is fitted on one device, the
+  same program whatever the mesh: a flat optimum on a few points is reached
+  only to round-off, and a sharded solver's round-off would depend on the
+  device count (the features themselves do not), flipping borderline test
+  predictions between layouts.
+  """
   (xtr, ytr), (xte, yte) = train, test
   mean, std = {}, {}
+  pad_to = max([int(k) for k in config.labels_per_class], default=0) * \
+      num_classes  # One compiled solver for every subset.
   for k in config.labels_per_class:
     accs = []
     for draw in range(config.num_label_draws):
       idx = linear.class_balanced_subset(ytr, int(k), config.seed, draw)
       params, _ = linear.fit_logistic_regression(
           xtr[idx], ytr[idx], num_classes=num_classes, l2=config.fast_l2,
-          mesh=mesh, max_iters=config.fast_max_iters, pad_to=len(ytr))
+          mesh=None, max_iters=config.fast_max_iters, pad_to=pad_to)
       accs.append(linear.evaluate_linear(params, xte, yte)["top1"])
     mean[str(int(k))] = float(np.mean(accs))
     std[str(int(k))] = float(np.std(accs))
@@ -106,7 +130,13 @@ def run(config, workdir: str, mesh=None) -> dict:
   validate(config)
   t_start = time.time()
   mesh = sharding.make_mesh("auto") if mesh is None else mesh
+  check_batch_sizes(config, mesh, ("eval_batch_size",) + (
+      ("batch_size",) if config.protocol == "paper" else ()))
   workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
+  logging.info("jaxclr linear_eval: %s; protocol %s, eval batch %d (%d per "
+               "process)", sharding.describe_layout(mesh), config.protocol,
+               config.eval_batch_size,
+               config.eval_batch_size // jax.process_count())
   if config.pretrained_workdir.lower() == "none":
     encoder = encoder_lib.random_encoder(config, mesh)
   else:
@@ -147,28 +177,21 @@ def run(config, workdir: str, mesh=None) -> dict:
       "num_devices": int(mesh.devices.size),
   }
   t = time.time()
-  if config.protocol == "fast":
-    params, info = linear.fit_logistic_regression(
-        *train_std, num_classes=num_classes, l2=config.fast_l2, mesh=mesh,
-        max_iters=config.fast_max_iters)
-    results.update(linear.evaluate_linear(params, *test_std))
-    results["fast"] = {"l2": config.fast_l2, **info}
+  if config.protocol == "knn":  # kNN only: no linear or few-label probe.
+    results.update(top1=None, top5=None, few_label_top1={},
+                   few_label_top1_std={})
   else:
-    from jaxclr.evaluation import paper_probe  # pylint: disable=g-import-not-at-top
-    paper = paper_probe.run_paper_probe(
-        config, encoder, data_config, mesh, workdir, num_classes,
-        eval_features=test, eval_feature_fn=feature_fn)
-    results.update(top1=paper.pop("top1"), top5=paper.pop("top5"))
-    results["paper"] = paper
-  times["linear_s"] = time.time() - t
+    results.update(_linear_probe(config, encoder, data_config, mesh, workdir,
+                                 num_classes, train_std, test_std, test,
+                                 feature_fn))
+    times["linear_s"] = time.time() - t
+    t = time.time()
+    results["few_label_top1"], results["few_label_top1_std"] = (
+        few_label_probes(config, train_std, test_std, num_classes))
+    results["few_label_draws"] = config.num_label_draws
+    times["few_label_s"] = time.time() - t
 
-  t = time.time()
-  results["few_label_top1"], results["few_label_top1_std"] = few_label_probes(
-      config, train_std, test_std, num_classes, mesh)
-  results["few_label_draws"] = config.num_label_draws
-  times["few_label_s"] = time.time() - t
-
-  if config.knn:
+  if config.knn or config.protocol == "knn":
     t = time.time()
     results["knn_top1"] = knn.knn_accuracy(
         test[0], test[1], train[0], train[1], num_classes=num_classes,
@@ -179,9 +202,33 @@ def run(config, workdir: str, mesh=None) -> dict:
     results["knn_top1"] = None
   times["total_s"] = time.time() - t_start
   results["wall_times"] = times
-  if jax.process_index() == 0:
-    path = os.path.join(workdir, RESULTS_FILE)
-    with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+  write_results(workdir, results)
   return results
+
+
+def _linear_probe(config, encoder, data_config, mesh, workdir, num_classes,
+                  train_std, test_std, test, feature_fn) -> dict:
+  """top1/top5 of the full-label probe (fast or paper protocol) + details."""
+  if config.protocol == "fast":
+    params, info = linear.fit_logistic_regression(
+        *train_std, num_classes=num_classes, l2=config.fast_l2, mesh=mesh,
+        max_iters=config.fast_max_iters)
+    return {**linear.evaluate_linear(params, *test_std),
+            "fast": {"l2": config.fast_l2, **info}}
+  from jaxclr.evaluation import paper_probe  # pylint: disable=g-import-not-at-top
+  paper = paper_probe.run_paper_probe(
+      config, encoder, data_config, mesh, workdir, num_classes,
+      eval_features=test, eval_feature_fn=feature_fn)
+  return {"top1": paper.pop("top1"), "top5": paper.pop("top5"),
+          "paper": paper}
+
+
+def write_results(workdir: str, results: dict) -> None:
+  """OUT/results.json, written by process 0 only, atomically (a reader never
+  sees half a file; an old results.json is replaced only by a complete one)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, RESULTS_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)

@@ -26,7 +26,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
+
+from jaxclr.parallel import sharding
 
 DEFAULT_K = 200
 DEFAULT_TEMPERATURE = 0.1
@@ -98,8 +100,8 @@ def knn_scores(queries, bank, bank_labels, bank_valid, *, k: int,
 def shard_bank(mesh, bank: np.ndarray, labels: np.ndarray):
   """Pads the bank to a multiple of the mesh size and places it P('data').
 
-  Returns (bank, labels, valid) as global arrays. Host numpy in, so this
-  is for single-process use or for banks every process holds in full.
+  Returns (bank, labels, valid) as global arrays. Host numpy in: every
+  process holds the whole bank (and places only its own devices' rows).
   """
   n = mesh.devices.size
   m = bank.shape[0]
@@ -109,8 +111,7 @@ def shard_bank(mesh, bank: np.ndarray, labels: np.ndarray):
                          np.zeros((pad, bank.shape[1]), np.float32)])
   labels = np.concatenate([np.asarray(labels, np.int32),
                            np.zeros(pad, np.int32)])
-  sh = NamedSharding(mesh, P(mesh.axis_names[0]))
-  put = lambda x: jax.device_put(x, sh)
+  put = lambda x: sharding.from_host(mesh, x, P(mesh.axis_names[0]))
   return put(bank), put(labels), put(valid)
 
 
@@ -131,10 +132,11 @@ def knn_predict(queries: np.ndarray, bank: np.ndarray, bank_labels: np.ndarray,
     if real < query_chunk and queries.shape[0] > query_chunk:
       q = np.concatenate([q, np.zeros((query_chunk - real, q.shape[1]),
                                       np.float32)])  # One compiled shape.
-    scores = knn_scores(jnp.asarray(q), b, bl, bv, k=k,
+    q = jnp.asarray(q) if mesh is None else sharding.from_host(mesh, q, P())
+    scores = knn_scores(q, b, bl, bv, k=k,
                         num_classes=num_classes, temperature=temperature,
                         mesh=mesh)
-    preds.append(np.asarray(jnp.argmax(scores, axis=-1))[:real])
+    preds.append(np.asarray(jax.device_get(jnp.argmax(scores, axis=-1)))[:real])
   return np.concatenate(preds)
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from jaxclr.parallel import sharding
 
@@ -78,7 +78,7 @@ def _shard_rows(mesh, x: np.ndarray, pad_value=0):
     x = np.concatenate([x, np.full((pad,) + x.shape[1:], pad_value, x.dtype)])
   if mesh is None:
     return jnp.asarray(x)
-  return jax.device_put(x, NamedSharding(mesh, P(mesh.axis_names[0])))
+  return sharding.from_host(mesh, x, P(mesh.axis_names[0]))
 
 
 def auto_mesh(mesh):

@@ -31,12 +31,14 @@ from jaxclr.parallel import sharding
 
 
 def train_batches(data_config, batch_size: int, *, start_step: int,
-                  indices: np.ndarray | None = None
-                  ) -> Iterator[dict[str, np.ndarray]]:
+                  indices: np.ndarray | None = None, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
   """Crop + flip (no colour) single views of the training split, labelled.
 
-  indices: restrict to these training examples (label subsets). Yields
-  images float32 [B, H, W, 3], labels int32 [B]. Single-process.
+  indices: restrict to these training examples (label subsets). Yields this
+  process's rows [p*b, (p+1)*b) of each global batch (b = batch_size //
+  process_count), as pretraining does: images float32 [b, H, W, 3], labels
+  int32 [b]. The global batch depends only on (seed, step).
   """
   import tensorflow as tf
 
@@ -50,12 +52,15 @@ def train_batches(data_config, batch_size: int, *, start_step: int,
     raise input_pipeline.DataError(
         f"batch_size={batch_size} exceeds the {len(pool)} labelled training "
         "examples")
+  input_pipeline.check_layout(batch_size, process_index, process_count)
+  local = batch_size // process_count
+  lo, hi = process_index * local, (process_index + 1) * local
   aug, size, seed = data_config.augment, data_config.image_size, data_config.seed
   decode = input_pipeline._decode_fn(src.kind)  # pylint: disable=protected-access
 
   def fetch(step):
     ids = pool[input_pipeline.global_example_ids(seed, int(step), batch_size,
-                                                 len(pool))]
+                                                 len(pool))[lo:hi]]
     raw, labels = input_pipeline.raw_batch(src, ids)
     return raw, labels, ids.astype(np.int32), np.full(len(ids), step, np.int64)
 
@@ -67,7 +72,7 @@ def train_batches(data_config, batch_size: int, *, start_step: int,
   ds = input_pipeline.fetched_elements(
       src, tf.data.Dataset.range(start_step, 2**62), fetch, tf.int64)
   ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  yield from ds.batch(batch_size, drop_remainder=True).prefetch(2).as_numpy_iterator()
+  yield from ds.batch(local, drop_remainder=True).prefetch(2).as_numpy_iterator()
 
 
 def run_paper_probe(config, encoder: encoder_lib.FrozenEncoder, data_config,
@@ -129,7 +134,9 @@ def run_paper_probe(config, encoder: encoder_lib.FrozenEncoder, data_config,
   logger = MetricsLogger(workdir, is_primary=jax.process_index() == 0,
                          total_steps=total_steps, batch_size=batch_size,
                          start_step=start)
-  batches = train_batches(data_config, batch_size, start_step=start)
+  batches = train_batches(data_config, batch_size, start_step=start,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
   try:
     for step in range(start, total_steps):
       b = sharding.global_batch(mesh, next(batches))

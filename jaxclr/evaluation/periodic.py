@@ -10,11 +10,10 @@ mesh. Unlabelled datasets turn the evaluator off (with one log line).
 from __future__ import annotations
 
 import jax
-import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from jaxclr.data import input_pipeline, sources
+from jaxclr.evaluation import encoder as encoder_lib
 from jaxclr.evaluation import knn
 from jaxclr.parallel import sharding
 
@@ -62,17 +61,8 @@ class PeriodicKnnEvaluator:
     return self._cache[which]
 
   def _embed(self, variables, which: str):
-    feats, labels = [], []
-    for b in self._batches(which):
-      g = sharding.global_batch(self.mesh, b)
-      f = self._features(variables, g["images"])
-      feats.append(multihost_utils.process_allgather(f, tiled=True))
-      lab = multihost_utils.process_allgather(g["labels"], tiled=True)
-      mask = multihost_utils.process_allgather(g["mask"], tiled=True)
-      labels.append(np.where(mask, lab, -1))
-    feats, labels = np.concatenate(feats), np.concatenate(labels)
-    keep = labels >= 0
-    return feats[keep], labels[keep]
+    return encoder_lib.extract_features(self._features, variables, self.mesh,
+                                        self._batches(which))
 
   def evaluate(self, state) -> dict[str, float]:
     variables = {"params": state.params, "batch_stats": state.batch_stats}

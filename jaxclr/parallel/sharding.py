@@ -32,6 +32,12 @@ def batch_sharded(mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA_AXIS))
 
 
+def describe_layout(mesh) -> str:
+  """'2 process(es) x 4 device(s) (8 total, cpu)', for start-up log lines."""
+  return (f"{jax.process_count()} process(es) x {jax.local_device_count()} "
+          f"device(s) ({mesh.devices.size} total, {jax.devices()[0].platform})")
+
+
 def check_batch_divides(batch_size: int, mesh, process_count: int | None = None):
   """Raises ValueError naming the numbers when batch_size cannot be split."""
   process_count = jax.process_count() if process_count is None else process_count
@@ -41,6 +47,18 @@ def check_batch_divides(batch_size: int, mesh, process_count: int | None = None)
         f"batch_size={batch_size} must be divisible by the number of devices "
         f"({num_devices}) and of processes ({process_count}); nearest valid: "
         f"{max(num_devices, batch_size // num_devices * num_devices)}")
+
+
+def from_host(mesh, x: np.ndarray, spec: P = P(DATA_AXIS)) -> jax.Array:
+  """A global array from a numpy array that EVERY process holds in full.
+
+  Each process fills only its own devices' shards from its copy
+  (make_array_from_callback), so this works on one process and on many,
+  where device_put onto another process's devices would not.
+  """
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec),
+                                      lambda index: x[index])
 
 
 def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
