@@ -3,6 +3,7 @@ schema, layout invariance, user errors, label subsets, export round trip."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -107,6 +108,53 @@ def test_knn_protocol_runs_the_knn_alone(pretrained, results_8dev, tmp_path):
   assert r["few_label_top1"] == {} and r["few_label_top1_std"] == {}
   assert r["protocol"] == "knn" and r["knn"]["k"] == 10
   assert "linear_s" not in r["wall_times"] and "knn_s" in r["wall_times"]
+
+
+def paper_state(out):
+  path = os.path.join(out, "checkpoints", str(max(
+      workdir_lib.checkpoint_steps(out))), "default")
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def test_paper_protocol_schedule_resume_and_no_unused_features(
+    pretrained, monkeypatch, tmp_path):
+  """SGD-Nesterov head: the logged learning rates follow 0.1 x B/256 with a
+  cosine to 0 (no warmup); a run resumed from its step-2 checkpoint ends
+  bitwise where the uninterrupted one does; with no few-label probe and no
+  kNN the training split is never embedded (only the eval split is)."""
+  embedded = []
+  features = job._features  # pylint: disable=protected-access
+
+  def recording(*args):
+    embedded.append(args[4])
+    return features(*args)
+  monkeypatch.setattr(job, "_features", recording)
+  c = eval_config(pretrained, protocol="paper", batch_size=16, num_epochs=1.0,
+                  labels_per_class=(), knn=False, log_every_steps=1,
+                  checkpoint_every_steps=2)
+  out = str(tmp_path / "paper")
+  r = job.run(c, out)
+  assert embedded == ["eval"]
+  assert r["paper"]["steps"] == 4 and r["num_train_examples"] == 64
+  assert r["few_label_top1"] == {} and r["knn_top1"] is None
+  assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
+  peak, total = 0.1 * 16 / 256, 4
+  with open(os.path.join(out, "metrics.jsonl")) as f:
+    lrs = [json.loads(line)["learning_rate"] for line in f]
+  want = [peak * 0.5 * (1 + np.cos(np.pi * t / total)) for t in range(total)]
+  np.testing.assert_allclose(lrs, want, rtol=1e-6)
+  assert lrs[0] == pytest.approx(peak)  # No warmup.
+
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(out, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  os.remove(os.path.join(resumed, job.RESULTS_FILE))
+  r2 = job.run(c, resumed)
+  assert r["paper"]["resumed_from_step"] == 0
+  assert r2["paper"]["resumed_from_step"] == 2
+  assert (r2["top1"], r2["top5"]) == (r["top1"], r["top5"])
+  jax.tree.map(np.testing.assert_array_equal, paper_state(resumed),
+               paper_state(out))
 
 
 def test_architecture_mismatch_is_named(pretrained, tmp_path):

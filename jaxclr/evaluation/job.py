@@ -145,22 +145,32 @@ def run(config, workdir: str, mesh=None) -> dict:
         config.pretrained_workdir, mesh, step=step,
         eval_model=eval_model_fields(config))
   data_config = labelled_data_config(config, encoder)
-  num_classes = input_pipeline.get_source(data_config, None, "train").num_classes
+  train_source = input_pipeline.get_source(data_config, None, "train")
+  num_classes = train_source.num_classes
   if num_classes <= 0:
     raise input_pipeline.DataError(
         f"dataset={data_config.dataset!r} has no labels; evaluation needs a "
         "labelled dataset")
   feature_fn = encoder_lib.make_feature_fn(encoder, mesh, config.feature_layer)
+  run_probes = config.protocol != "knn"
+  run_few_label = run_probes and len(config.labels_per_class) > 0
+  run_knn = config.knn or config.protocol == "knn"
+  # The paper protocol trains on augmented views: with no few-label probe
+  # and no kNN, the training split's frozen features are never used (on
+  # ImageNet they would cost an inference epoch and 10 GB per host).
+  need_train = config.protocol == "fast" or run_few_label or run_knn
   times = {}
   t = time.time()
-  train = _features(feature_fn, encoder, mesh, data_config, "train",
-                    config.eval_batch_size)
+  train = (_features(feature_fn, encoder, mesh, data_config, "train",
+                     config.eval_batch_size) if need_train else None)
   test = _features(feature_fn, encoder, mesh, data_config, "eval",
                    config.eval_batch_size)
   times["features_s"] = time.time() - t
-  mean, std = linear.standardizer(train[0])
-  train_std = ((train[0] - mean) / std, train[1])
-  test_std = ((test[0] - mean) / std, test[1])
+  train_std = test_std = None
+  if need_train:
+    mean, std = linear.standardizer(train[0])
+    train_std = ((train[0] - mean) / std, train[1])
+    test_std = ((test[0] - mean) / std, test[1])
 
   results = {
       "protocol": config.protocol,
@@ -168,30 +178,30 @@ def run(config, workdir: str, mesh=None) -> dict:
       "pretrained_workdir": encoder.source,
       "random_init": encoder.source == "random_init",
       "feature_layer": config.feature_layer,
-      "feature_dim": int(train[0].shape[1]),
+      "feature_dim": int(test[0].shape[1]),
       "dataset": data_config.dataset,
-      "num_train_examples": int(len(train[1])),
+      "num_train_examples": int(train_source.num_examples),
       "num_eval_examples": int(len(test[1])),
       "model": encoder.model_config,
       "image_size": encoder.image_size,
       "num_devices": int(mesh.devices.size),
   }
   t = time.time()
-  if config.protocol == "knn":  # kNN only: no linear or few-label probe.
-    results.update(top1=None, top5=None, few_label_top1={},
-                   few_label_top1_std={})
-  else:
+  results.update(top1=None, top5=None, few_label_top1={},
+                 few_label_top1_std={})
+  if run_probes:
     results.update(_linear_probe(config, encoder, data_config, mesh, workdir,
                                  num_classes, train_std, test_std, test,
                                  feature_fn))
     times["linear_s"] = time.time() - t
+  if run_few_label:
     t = time.time()
     results["few_label_top1"], results["few_label_top1_std"] = (
         few_label_probes(config, train_std, test_std, num_classes))
     results["few_label_draws"] = config.num_label_draws
     times["few_label_s"] = time.time() - t
 
-  if config.knn or config.protocol == "knn":
+  if run_knn:
     t = time.time()
     results["knn_top1"] = knn.knn_accuracy(
         test[0], test[1], train[0], train[1], num_classes=num_classes,

@@ -159,4 +159,5 @@ def run_paper_probe(config, encoder: encoder_lib.FrozenEncoder, data_config,
   return {"top1": linear.top_k_accuracy(logits, labels, 1),
           "top5": linear.top_k_accuracy(logits, labels, 5),
           "steps": total_steps, "epochs": config.num_epochs,
+          "resumed_from_step": start,
           "peak_learning_rate": peak_lr, "batch_size": batch_size}
