@@ -183,6 +183,18 @@ def test_not_a_workdir_and_random_init_errors(tmp_path):
   assert not (tmp_path / "out4").exists()  # Refused before the workdir.
 
 
+def test_evaluation_reads_the_labelled_training_split():
+  """STL-10 pretrains on 'unlabelled' (labels -1): probes and kNN banks must
+  read its labelled 'train' split, unless the eval config names a split."""
+  random_init = encoder_lib.FrozenEncoder(None, {}, {}, 96, None,
+                                          "random_init")
+  c = eval_config("none", dataset="stl10", image_size=96)
+  d = job.labelled_data_config(c, random_init)
+  assert (d.dataset, d.train_split) == ("stl10", "train")
+  c.train_split = "unlabelled"
+  assert job.labelled_data_config(c, random_init).train_split == "unlabelled"
+
+
 def test_class_balanced_subsets_are_balanced_and_deterministic():
   labels = np.repeat(np.arange(7), [5, 9, 3, 12, 8, 2, 20])
   a = linear.class_balanced_subset(labels, 3, seed=0, draw=0)

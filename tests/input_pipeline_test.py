@@ -291,6 +291,10 @@ def test_stl10_pretrains_on_unlabelled_split():
   c = _config(dataset="stl10")
   assert sources.resolve_split(c, None, "train") == "unlabelled"
   assert sources.resolve_split(c, None, "eval") == "test"
+  # Evaluation (probes, the kNN bank) reads the labelled training images.
+  assert sources.labelled_train_split(c) == "train"
+  assert sources.labelled_train_split(_config(dataset="cifar10")) == "train"
+  assert sources.labelled_train_split(_config()) == "train"  # digits
 
 
 def test_uint8_transfer_is_the_rounded_float_views():

@@ -66,6 +66,19 @@ def default_splits(dataset: str) -> tuple[str, str]:
   return ("train", "train")  # folder:/npz: have one split.
 
 
+# Pretraining splits without labels, and where the dataset keeps its labelled
+# training examples (what evaluation probes and kNN banks must read).
+LABELLED_INSTEAD_OF = {("stl10", "unlabelled"): "train"}
+
+
+def labelled_train_split(config) -> str:
+  """The training split that evaluation reads: the pretraining split, unless
+  that is a dataset's unlabelled split (STL-10 pretrains on 'unlabelled'; its
+  5,000 labelled training images are 'train')."""
+  split = resolve_split(config, None, "train")
+  return LABELLED_INSTEAD_OF.get((config.dataset, split), split)
+
+
 def resolve_split(config, split: Optional[str], which: str) -> str:
   """`split`, or the config's, or the dataset's default for `which`."""
   if split is None:

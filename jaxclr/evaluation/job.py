@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from jaxclr import config_lib, workdir as workdir_lib
-from jaxclr.data import input_pipeline
+from jaxclr.data import input_pipeline, sources
 from jaxclr.evaluation import encoder as encoder_lib
 from jaxclr.evaluation import knn, linear
 from jaxclr.parallel import sharding
@@ -81,6 +81,8 @@ def labelled_data_config(config, encoder):
   for key in ("dataset", "data_dir", "train_split", "eval_split", "image_size"):
     if config[key] is not None:
       d[key] = config[key]
+  if config.train_split is None:  # Not the pretraining run's unlabelled one.
+    d.train_split = sources.labelled_train_split(d)
   return d
 
 
@@ -90,7 +92,6 @@ def eval_model_fields(config) -> dict:
 
 
 def _features(feature_fn, encoder, mesh, data_config, split_kind, batch_size):
-  from jaxclr.data import sources  # pylint: disable=g-import-not-at-top
   split = sources.resolve_split(data_config, None, split_kind)
   batches = input_pipeline.eval_batches(data_config, split, batch_size,
                                         jax.process_index(),

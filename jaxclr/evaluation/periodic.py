@@ -48,7 +48,8 @@ class PeriodicKnnEvaluator:
   def _batches(self, which: str):
     if which in self._cache:
       return self._cache[which]
-    split = sources.resolve_split(self.config, None, which)
+    split = (sources.labelled_train_split(self.config) if which == "train"
+             else sources.resolve_split(self.config, None, which))
     it = input_pipeline.eval_batches(
         self.config, split, self.batch_size, jax.process_index(),
         jax.process_count())
