@@ -168,7 +168,7 @@ def run(config, workdir: str, mesh=None) -> dict:
                    config.eval_batch_size)
   times["features_s"] = time.time() - t
   train_std = test_std = None
-  if need_train:
+  if config.protocol == "fast" or run_few_label:  # The L-BFGS probes' input.
     mean, std = linear.standardizer(train[0])
     train_std = ((train[0] - mean) / std, train[1])
     test_std = ((test[0] - mean) / std, test[1])
