@@ -29,15 +29,14 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxclr import workdir as workdir_lib
+from jaxclr import errors, workdir as workdir_lib
 
 CORRUPT_PREFIX = "corrupt_"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
 FINGERPRINT_KEY = "fingerprint"
 
 
-class CheckpointError(workdir_lib.WorkdirError):
-  """No checkpoint in a workdir can be restored (user-facing, one line)."""
+CheckpointError = errors.CheckpointError
 
 
 def fingerprint(state) -> dict[str, int]:

@@ -15,13 +15,12 @@ from typing import Sequence
 
 from absl import app, flags, logging
 
+from jaxclr import errors
+
 FLAGS = flags.FLAGS
-EXIT_USER_ERROR = 2
-EXIT_DIVERGED = 3
-# SIGTERM / preemption: a checkpoint at the current step was committed; the
-# same command resumes. Non-zero so that restart-on-failure policies
-# (Kubernetes, SLURM --requeue, shell retry loops) resume the run.
-EXIT_PREEMPTED = 4
+EXIT_USER_ERROR = errors.EXIT_USER_ERROR
+EXIT_DIVERGED = errors.EXIT_DIVERGED
+EXIT_PREEMPTED = errors.EXIT_PREEMPTED
 
 
 def _one_line(text: str) -> str:
@@ -127,24 +126,15 @@ def initialize_runtime():
 def user_errors_exit():
   """Turns user errors into one line on stderr and an exit status.
 
-  Imports nothing heavy (no TensorFlow), so that it can wrap the whole job:
-  errors that carry a `jaxclr_exit_status` class attribute (a diverged run,
-  a preempted one) are recognised by that attribute.
+  Every jaxclr.errors.JaxclrError carries its status (2 user error, 3
+  diverged, 4 preempted, 5 distributed runtime); anything else is a bug and
+  keeps its traceback.
   """
-  from jaxclr import config_lib, workdir  # pylint: disable=g-import-not-at-top
-  from jaxclr.data import errors  # pylint: disable=g-import-not-at-top
   try:
     yield
-  except (config_lib.ConfigError, errors.DataError,
-          workdir.WorkdirError) as e:
+  except errors.JaxclrError as e:
     logging.flush()
-    print(f"jaxclr: error: {_one_line(e)}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USER_ERROR)
-  except Exception as e:  # pylint: disable=broad-except
-    status = getattr(type(e), "jaxclr_exit_status", None)
-    if status is None:
-      raise
-    logging.flush()
+    status = e.exit_status
     prefix = "jaxclr: " if status == EXIT_PREEMPTED else "jaxclr: error: "
     print(prefix + _one_line(e), file=sys.stderr, flush=True)
     sys.exit(status)

@@ -13,6 +13,8 @@ import os
 
 import ml_collections
 
+from jaxclr import errors
+
 
 def parse_arg(arg: str | None, **defaults):
   """Parses 'key=value,flag' config arguments into a ConfigDict of defaults.
@@ -144,8 +146,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-class ConfigError(ValueError):
-  """An invalid configuration (user error: reported in one line, no traceback)."""
+ConfigError = errors.ConfigError
 
 
 DEPTHS = (18, 34, 50, 101, 152, 200)

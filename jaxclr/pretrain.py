@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import jax
 from absl import logging
 
-from jaxclr import checkpoint, cli, config_lib, optim, train, workdir as workdir_lib
+from jaxclr import checkpoint, config_lib, errors, optim, train, workdir as workdir_lib
 from jaxclr.data import input_pipeline
 from jaxclr.evaluation import periodic
 from jaxclr.metrics import MetricsLogger
@@ -26,20 +26,7 @@ from jaxclr.models.simclr import build_model
 from jaxclr.parallel import distributed, sharding
 
 
-class NonFiniteError(RuntimeError):
-  """The loss or gradient became NaN/Inf; nothing poisoned was saved."""
-  jaxclr_exit_status = cli.EXIT_DIVERGED
-
-
-class Preempted(Exception):
-  """SIGTERM or a preemption notice stopped the run after a checkpoint was
-  committed at the current step; the same command resumes it."""
-  jaxclr_exit_status = cli.EXIT_PREEMPTED
-
-  def __init__(self, step: int, path: str):
-    super().__init__(f"preempted: saved a checkpoint at step {step} ({path}); "
-                     "re-run the same command to resume")
-    self.step, self.path = step, path
+NonFiniteError, Preempted = errors.NonFiniteError, errors.Preempted
 
 
 class PreemptionFlag:

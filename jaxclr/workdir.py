@@ -13,7 +13,7 @@ import os
 
 import ml_collections
 
-from jaxclr import config_lib
+from jaxclr import config_lib, errors
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -27,8 +27,7 @@ RESUMABLE_CHANGES = frozenset({
 })
 
 
-class WorkdirError(ValueError):
-  """A workdir that cannot be used as asked (user error, no traceback)."""
+WorkdirError = errors.WorkdirError
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

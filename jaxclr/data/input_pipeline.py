@@ -29,7 +29,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from jaxclr.data import augment
-from jaxclr.data import errors
+from jaxclr import errors
 from jaxclr.data import sources
 
 DataError = errors.DataError

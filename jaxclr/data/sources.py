@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from jaxclr.data import errors
+from jaxclr import errors
 from jaxclr.data import synthetic
 
 DataError = errors.DataError

@@ -29,7 +29,8 @@ from typing import Mapping
 import jax
 from absl import logging
 
-from jaxclr.config_lib import ConfigError
+from jaxclr import errors
+from jaxclr.errors import ConfigError
 
 MODES = ("auto", "on", "off")
 ENV_COORDINATOR = "JAXCLR_COORDINATOR_ADDRESS"
@@ -44,9 +45,7 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 30
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
-class DistributedError(RuntimeError):
-  """The processes of a job could not form the distributed runtime."""
-  jaxclr_exit_status = 5  # cli.user_errors_exit: one line, this status.
+DistributedError = errors.DistributedError
 
 
 @dataclasses.dataclass(frozen=True)
