@@ -8,8 +8,9 @@ them in its finalize thread only after the new step is committed, so a crash
 mid-save leaves max_to_keep + 1 checkpoints, never fewer valid ones.
 
 A committed checkpoint whose files were later damaged is caught at restore:
-TensorStore reports truncated files, and a per-leaf CRC-32 stored in the
-"meta" item catches changed bytes, which TensorStore does not. A damaged
+TensorStore reports truncated files, and a per-leaf hash stored in the
+"meta" item (computed on the devices, layout-independent) catches changed
+bytes, which TensorStore does not. A damaged
 checkpoint newer than the newest valid one is moved aside (never deleted) and
 the valid one is used. When none can be restored (e.g. the model changed) no
 checkpoint is touched and CheckpointError names the newest one's error.
@@ -19,10 +20,10 @@ from __future__ import annotations
 
 import os
 import time
-import zlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -33,41 +34,100 @@ from jaxclr import errors, workdir as workdir_lib
 
 CORRUPT_PREFIX = "corrupt_"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-FINGERPRINT_KEY = "fingerprint"
+# Named apart from the CRC-32 'fingerprint' of jaxclr <= 0.1 checkpoints.
+FINGERPRINT_KEY = "state_hash"
 
 
 CheckpointError = errors.CheckpointError
 
 
-def fingerprint(state) -> dict[str, int]:
-  """{leaf path: CRC-32 of the leaf's bytes} of a pytree of arrays.
+def _as_uint32(x):
+  """The bits of each element of `x` as uint32 (widened when narrower)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  width = jnp.dtype(x.dtype).itemsize
+  if width not in (1, 2, 4):
+    raise ValueError(f"cannot fingerprint a {x.dtype} array (x64 is off)")
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[width]
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
-  Computed on the host from this process's copy of each (replicated) array:
-  a compiled on-device hash would cost a compilation per model, while the
-  host copy is what Orbax writes anyway. ~1 s per GB.
+
+def _leaf_hash(x):
+  """uint32 [2]: two position-weighted sums of the element bits, mod 2**32.
+
+  Sums of integers do not depend on the order in which a sharded reduction
+  adds them, so the hash is the same on any device or process layout (a
+  state saved on 8 devices checks out when restored on 1), and no array is
+  gathered onto one host. Each element is weighted by an odd number
+  (invertible mod 2**32), so any single changed element changes both sums.
   """
-  flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
-  return {jax.tree_util.keystr(path): zlib.crc32(
-              np.ascontiguousarray(np.asarray(leaf)).view(np.uint8))
-          for path, leaf in flat}
+  bits = _as_uint32(jnp.asarray(x))
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  for axis in range(bits.ndim):  # The row-major position of each element.
+    stride = int(np.prod(bits.shape[axis + 1:]))
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape,
+                                             axis) * jnp.uint32(stride)
+  odd = index * jnp.uint32(2) + jnp.uint32(1)
+  mixed = (bits ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B)
+  return jnp.stack([jnp.sum(bits * odd, dtype=jnp.uint32),
+                    jnp.sum(mixed * odd, dtype=jnp.uint32)])
+
+
+@jax.jit
+def _tree_hash(tree):
+  return jax.tree.map(_leaf_hash, tree)
+
+
+def fingerprint(state) -> dict[str, list[int]]:
+  """{leaf path: [h1, h2]} of a pytree of (possibly sharded) arrays.
+
+  Computed on the devices where the state lives (one small compiled
+  program per state structure); only 8 bytes per leaf reach the host.
+  """
+  hashes = jax.device_get(_tree_hash(state))
+  flat = jax.tree_util.tree_flatten_with_path(hashes)[0]
+  return {jax.tree_util.keystr(path): [int(v) for v in np.asarray(h)]
+          for path, h in flat}
+
+
+def abstract_state(init_state):
+  """Shapes, dtypes and shardings of the state `init_state()` creates.
+
+  `init_state` is jitted with out_shardings: that one place decides where
+  each array lives, for a fresh state and for a restored one alike.
+  """
+  abstract = jax.eval_shape(init_state)
+  unplaced = [jax.tree_util.keystr(path) for path, leaf in
+              jax.tree_util.tree_leaves_with_path(abstract)
+              if getattr(leaf, "sharding", None) is None]
+  if unplaced:
+    raise ValueError(f"init_state must be jitted with out_shardings; "
+                     f"{unplaced[0]} has no sharding")
+  return abstract
 
 
 class CheckpointStore:
   """Saves and restores TrainState pytrees under `directory/<step>/`."""
 
-  def __init__(self, directory, *, save_every_steps: int, max_to_keep: int,
-               async_save: bool = True):
+  def __init__(self, directory, *, save_every_steps: int = 1,
+               max_to_keep: int | None = None, async_save: bool = True,
+               read_only: bool = False):
     # Orbax needs absolute paths (a relative one fails inside its background
     # commit, after training has moved on); cloud URLs are left as they are.
     directory = os.fspath(directory)
     if "://" not in directory:
       directory = os.path.abspath(directory)
     self.directory = epath.Path(directory)
-    self.report_incomplete_saves()
-    options = ocp.CheckpointManagerOptions(
-        save_interval_steps=max(1, save_every_steps), max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save, create=True,
-        cleanup_tmp_directories=True)
+    if read_only:  # Another job's checkpoints (an encoder to evaluate).
+      options = ocp.CheckpointManagerOptions(create=False, read_only=True)
+    else:
+      self.report_incomplete_saves()
+      options = ocp.CheckpointManagerOptions(
+          save_interval_steps=max(1, save_every_steps),
+          max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+          create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
 
@@ -127,6 +187,19 @@ class CheckpointStore:
                          f"{len(bad)} array(s), first {bad[0]}")
     return restored.state, restored.meta
 
+  def restore_subtree(self, step: int, item):
+    """The leaves of the saved state that `item` (a pytree of
+    ShapeDtypeStructs with shardings, a subset of the state) names.
+
+    Leaves that the checkpoint lacks come back as the ShapeDtypeStructs
+    they were asked as; callers check for them.
+    """
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                     partial_restore=True)))
+    return restored.state
+
   def report_incomplete_saves(self) -> list[str]:
     """Warns about saves that never committed (Orbax removes them)."""
     if not self.directory.exists():
@@ -170,3 +243,9 @@ class CheckpointStore:
 
   def close(self):
     self.manager.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -12,6 +12,7 @@ import math
 
 import flax
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -89,10 +90,90 @@ def probe_l2_penalty(params, weight_decay: float):
   return weight_decay * 0.5 * sum(jax.numpy.sum(k * k) for k in kernels)
 
 
-def create_optimizer(config, plan: TrainingPlan) -> optax.GradientTransformation:
+# Updates with a non-finite gradient are never applied, however many come in
+# a row (optax.apply_if_finite gives up after max_consecutive_errors).
+_NEVER_GIVE_UP = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """An optax transformation whose learning rate is `schedule(state.step)`.
+
+  optax schedules count the updates they were given; an update skipped for
+  a non-finite gradient (optax.apply_if_finite keeps the old state) would
+  then leave that count, and so the learning rate, behind the train step for
+  the rest of the run. Here the learning rate is injected
+  (optax.inject_hyperparams) from the step the caller passes, so the rate
+  applied is always the scheduled (and logged) one.
+  """
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+
+  def init(self, params):
+    return self.tx.init(params)
+
+  def update(self, grads, opt_state, params, step):
+    """(updates, opt_state): zero updates and the old inner state when any
+    gradient is non-finite."""
+    inner = opt_state.inner_state
+    hyper = inner.hyperparams
+    lr = jnp.asarray(self.schedule(step), hyper["learning_rate"].dtype)
+    opt_state = opt_state._replace(inner_state=inner._replace(
+        hyperparams={**hyper, "learning_rate": lr}))
+    return self.tx.update(grads, opt_state, params)
+
+
+def nonfinite_count(opt_state) -> jax.Array:
+  """int32 []: updates skipped so far for a non-finite gradient."""
+  return opt_state.total_notfinite
+
+
+def update_applied(opt_state) -> jax.Array:
+  """bool []: whether the last update was applied (its gradient finite)."""
+  return opt_state.last_finite
+
+
+def applied_learning_rate(opt_state) -> jax.Array:
+  """The learning rate of the last update (tests, logs)."""
+  return opt_state.inner_state.hyperparams["learning_rate"]
+
+
+def _guarded(factory, schedule, static_args=(), **hyperparams) -> Optimizer:
+  inner = optax.inject_hyperparams(factory, static_args=static_args)(
+      learning_rate=0.0, **hyperparams)
+  return Optimizer(optax.apply_if_finite(inner, _NEVER_GIVE_UP), schedule)
+
+
+def lars(schedule, *, weight_decay: float, momentum: float,
+         trust_coefficient: float) -> Optimizer:
   """optax.lars with both masks: algebraically SimCLR's classic-momentum LARS."""
-  return optax.lars(
-      learning_rate=learning_rate_schedule(plan),
-      weight_decay=config.weight_decay, weight_decay_mask=lars_mask,
-      trust_ratio_mask=lars_mask, trust_coefficient=config.trust_coefficient,
-      eps=0.0, momentum=config.momentum, nesterov=False)
+  return _guarded(
+      optax.lars, schedule,
+      static_args=("weight_decay_mask", "trust_ratio_mask", "nesterov"),
+      weight_decay=weight_decay, weight_decay_mask=lars_mask,
+      trust_ratio_mask=lars_mask, trust_coefficient=trust_coefficient,
+      eps=0.0, momentum=momentum, nesterov=False)
+
+
+def _sgd_nesterov(learning_rate, momentum, weight_decay):
+  tx = optax.sgd(learning_rate, momentum=momentum, nesterov=True)
+  if weight_decay > 0:  # L2 on kernels only, when asked (off in the paper).
+    mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+    tx = optax.chain(optax.add_decayed_weights(weight_decay, mask), tx)
+  return tx
+
+
+def sgd_nesterov(schedule, *, momentum: float,
+                 weight_decay: float = 0.0) -> Optimizer:
+  """SGD with Nesterov momentum (the paper's linear-eval and fine-tuning
+  optimiser); weight decay on kernels when weight_decay > 0."""
+  # weight_decay is static: whether the decay transform exists depends on it.
+  return _guarded(_sgd_nesterov, schedule, static_args=("weight_decay",),
+                  momentum=momentum, weight_decay=weight_decay)
+
+
+def create_optimizer(config, plan: TrainingPlan) -> Optimizer:
+  """Pretraining's LARS on the warmup + cosine schedule of `plan`."""
+  return lars(learning_rate_schedule(plan), weight_decay=config.weight_decay,
+              momentum=config.momentum,
+              trust_coefficient=config.trust_coefficient)

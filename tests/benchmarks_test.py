@@ -157,13 +157,13 @@ def test_markdown_appends_to_its_own_table_only(tmp_path):
 
 
 def test_prefetch_overlaps_input_with_compute():
-  """pretrain.prefetch produces the next batches while the step runs: with a
+  """loop.prefetch produces the next batches while the step runs: with a
   producer and a consumer that each take d per item (sleeps release the GIL,
   like XLA execution does), n items take ~(n+1)*d instead of the 2*n*d of
   the same loop without prefetch (measured alongside, as the machine is
   shared and sleeps overshoot under load)."""
   import time
-  from jaxclr import pretrain
+  from jaxclr import loop
   n, d = 10, 0.1
 
   def produce():
@@ -179,7 +179,7 @@ def test_prefetch_overlaps_input_with_compute():
     return time.perf_counter() - t0, got
 
   serial, got_serial = consume(produce())
-  overlapped, got = consume(pretrain.prefetch(produce(), size=2))
+  overlapped, got = consume(loop.prefetch(produce(), size=2))
   assert got == got_serial == list(range(n))
   assert serial >= 2 * n * d
   assert overlapped < 0.75 * serial, (overlapped, serial)

@@ -12,7 +12,7 @@ from jaxclr import config_lib, optim
 
 def simclr_lars_reference(params, grads_per_step, lrs, *, wd, eeta, momentum,
                           excluded):
-  """SimCLR's classic-momentum LARS (SIMCLR_REFERENCE.md 2.2), in NumPy.
+  """SimCLR's classic-momentum LARS (docs/simclr.md 2.2), in NumPy.
 
   excluded: names skipped for both weight decay and trust-ratio adaptation.
   """
@@ -63,7 +63,7 @@ def test_lars_matches_simclr_classic_momentum_with_changing_lr():
         lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p)
     grads_seq.append(g)
     lrs.append(float(schedule(step)))
-    updates, opt_state = tx.update(g, opt_state, p)
+    updates, opt_state = tx.update(g, opt_state, p, step)
     p = jax.tree.map(lambda a, u: a + u, p, updates)
   assert len(set(lrs)) == 6  # The LR changes every step.
 
@@ -80,6 +80,63 @@ def test_lars_matches_simclr_classic_momentum_with_changing_lr():
   for k in expected:
     np.testing.assert_allclose(got[k], expected[k], rtol=2e-5, atol=1e-6,
                                err_msg=k)
+
+
+def test_skipped_update_keeps_state_and_the_schedule_follows_the_step():
+  """A non-finite gradient leaves params and momentum as they were, and the
+  next update uses the schedule at ITS step (optax's own update count, which
+  a skipped update does not advance, would lag behind)."""
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+  c = make_config(batch_size=256, num_train_steps=5, learning_rate=1.0,
+                  warmup_epochs=0.0, weight_decay=0.0)
+  plan = optim.training_plan(c, num_examples=256)
+  tx, schedule = optim.create_optimizer(c, plan), \
+      optim.learning_rate_schedule(plan)
+  grads = [{"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
+           for _ in range(4)]
+  grads[2] = {"w": grads[2]["w"].at[0, 0].set(jnp.nan)}
+  opt_state, p, applied = tx.init(params), params, []
+  for step, g in enumerate(grads):
+    before = p
+    updates, opt_state = tx.update(g, opt_state, p, step)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+    applied.append(bool(optim.update_applied(opt_state)))
+    if step == 2:
+      np.testing.assert_array_equal(p["w"], before["w"])
+  assert applied == [True, True, False, True]
+  assert int(optim.nonfinite_count(opt_state)) == 1
+  assert float(optim.applied_learning_rate(opt_state)) == pytest.approx(
+      float(schedule(3)))
+  # Steps 0, 1 and 3 in the reference, at their own learning rates.
+  expected = simclr_lars_reference(
+      {"w": params["w"]}, [grads[0], grads[1], grads[3]],
+      [float(schedule(s)) for s in (0, 1, 3)], wd=0.0, eeta=1e-3,
+      momentum=0.9, excluded=set())
+  np.testing.assert_allclose(p["w"], expected["w"], rtol=2e-5, atol=1e-7)
+
+
+def test_sgd_nesterov_follows_the_step_and_decays_kernels_only():
+  rng = np.random.default_rng(2)
+  params = {"k": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+            "b": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+  schedule = lambda step: 0.1 * (step + 1.0)
+  tx = optim.sgd_nesterov(schedule, momentum=0.9, weight_decay=0.01)
+  opt_state, p = tx.init(params), params
+  w = {k: np.asarray(v, np.float64) for k, v in params.items()}
+  m = {k: np.zeros_like(v) for k, v in w.items()}
+  for step in range(3):
+    g = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32)
+         for k, v in params.items()}
+    updates, opt_state = tx.update(g, opt_state, p, step + 10)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+    lr = schedule(step + 10)
+    for k in w:  # optax: trace = g + mu * trace; update = -lr (g + mu trace).
+      gk = np.asarray(g[k], np.float64) + (0.01 * w[k] if k == "k" else 0.0)
+      m[k] = gk + 0.9 * m[k]
+      w[k] = w[k] - lr * (gk + 0.9 * m[k])
+  for k in w:
+    np.testing.assert_allclose(p[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
 def test_lars_mask_excludes_bn_biases_and_probe():

@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from jaxclr import config_lib, workdir as workdir_lib
+from jaxclr import checkpoint, config_lib, errors, workdir as workdir_lib
 from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
 
@@ -66,7 +65,7 @@ def check_architecture(eval_model: dict | None, pretrained_model: dict,
            if eval_model.get(k) is not None and k in pretrained_model
            and eval_model[k] != pretrained_model[k]]
   if diffs:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         "eval config's model does not match the pretrained checkpoint in "
         f"{workdir}: " + "; ".join(diffs) + ". Drop these fields (the "
         "architecture is read from the workdir's config.json) or fix them.")
@@ -90,10 +89,7 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
   model_dict = workdir_lib.config_to_dict(config.model)
   check_architecture(eval_model, model_dict, workdir)
   ckpt_dir = os.path.join(os.path.abspath(workdir), workdir_lib.CHECKPOINT_DIR)
-  steps = []
-  if os.path.isdir(ckpt_dir):
-    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit() and
-                   os.path.isdir(os.path.join(ckpt_dir, d, "state")))
+  steps = workdir_lib.checkpoint_steps(workdir)
   if not steps:
     raise workdir_lib.WorkdirError(
         f"pretrained_workdir={workdir!r} has no checkpoint under {ckpt_dir}; "
@@ -109,15 +105,10 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
   item = {"params": {k: abstract["params"][k] for k in VARIABLE_PARTS},
           "batch_stats": {k: abstract["batch_stats"][k]
                           for k in VARIABLE_PARTS}}
-  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
-  with ocp.CheckpointManager(ckpt_dir, item_names=("state", "meta"),
-                             options=ocp.CheckpointManagerOptions(
-                                 create=False, read_only=True)) as manager:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                     partial_restore=True)))
-  variables = {"params": restored.state["params"],
-               "batch_stats": restored.state["batch_stats"]}
+  with checkpoint.CheckpointStore(ckpt_dir, read_only=True) as store:
+    restored = store.restore_subtree(step, item)
+  variables = {"params": restored["params"],
+               "batch_stats": restored["batch_stats"]}
   # A partial restore leaves abstract leaves where the checkpoint lacks a
   # variable of the current model: the code that wrote it named them otherwise.
   missing = [jax.tree_util.keystr(path) for path, leaf in
@@ -136,7 +127,7 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
 def random_encoder(eval_config, mesh) -> FrozenEncoder:
   """A randomly initialised encoder of the eval config's architecture."""
   if eval_config.get("model") is None or eval_config.model.get("depth") is None:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         "pretrained_workdir='none' (random init) needs the architecture in "
         "the eval config: set model.depth, model.width_multiplier, ... (e.g. "
         "configs/linear_eval.py:random_init)")
@@ -171,23 +162,21 @@ def select_features(out: dict, feature_layer: int):
   return out["proj"][feature_layer - 1].astype(jnp.float32)
 
 
-def make_feature_fn(encoder: FrozenEncoder, mesh, feature_layer: int):
-  """Jitted images [B, H, W, 3] (batch-sharded) -> features [B, D], inference
-  mode (BatchNorm moving statistics), batch-sharded output."""
-  n_layers = encoder.model_config["num_proj_layers"]
+def make_feature_fn(model, mesh, feature_layer: int = 0):
+  """Jitted (variables, images [B, H, W, 3] batch-sharded) -> features
+  [B, D], batch-sharded, in inference mode (BatchNorm moving statistics).
+  `model` is a SimCLRModel; feature_layer as in select_features."""
+  n_layers = model.projection_head.num_layers
   if not 0 <= feature_layer <= n_layers:
-    raise config_lib.ConfigError(
+    raise errors.ConfigError(
         f"feature_layer={feature_layer} is invalid for a {n_layers}-layer "
         f"projection head; valid: 0 (h) to {n_layers}")
 
-  def fn(variables, images):
-    out = encoder.model.apply(variables, images.astype(jnp.float32),
-                              train=False)
+  def features(variables, images):
+    out = model.apply(variables, images.astype(jnp.float32), train=False)
     return select_features(out, feature_layer)
 
-  return jax.jit(fn, in_shardings=(sharding.replicated(mesh),
-                                   sharding.batch_sharded(mesh)),
-                 out_shardings=sharding.batch_sharded(mesh))
+  return sharding.jit_over_batch(features, mesh)
 
 
 def extract_features(feature_fn, variables, mesh, batches

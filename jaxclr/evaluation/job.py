@@ -13,6 +13,7 @@ only process 0 writes results.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,69 +22,35 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxclr import config_lib, workdir as workdir_lib
-from jaxclr.data import input_pipeline, sources
+from jaxclr import config_lib, errors, workdir as workdir_lib
+from jaxclr.data import input_pipeline
+from jaxclr.data import spec as spec_lib
 from jaxclr.evaluation import encoder as encoder_lib
 from jaxclr.evaluation import knn, linear
 from jaxclr.parallel import sharding
 
 RESULTS_FILE = "results.json"
-PROTOCOLS = ("fast", "paper", "knn")
 
 
-def validate(config) -> None:
-  def check(ok, msg):
-    if not ok:
-      raise config_lib.ConfigError(msg)
-  check(config.pretrained_workdir is not None,
-        "pretrained_workdir is required: a pretraining --workdir, or 'none' "
-        "for a random-init baseline")
-  check(config.protocol in PROTOCOLS,
-        f"protocol={config.protocol!r}; valid: {PROTOCOLS}")
-  check(config.feature_layer >= 0,
-        f"feature_layer={config.feature_layer} must be >= 0 (0 = h)")
-  for name in ("batch_size", "num_epochs", "learning_rate", "eval_batch_size",
-               "knn_k", "knn_temperature", "fast_max_iters", "log_every_steps",
-               "checkpoint_every_steps"):
-    check(config[name] > 0, f"{name}={config[name]!r} must be > 0")
-  check(config.fast_l2 >= 0, f"fast_l2={config.fast_l2!r} must be >= 0")
-  check(0 <= config.momentum < 1, f"momentum={config.momentum!r} must be in [0, 1)")
-  check(all(int(k) >= 1 for k in config.labels_per_class),
-        f"labels_per_class={tuple(config.labels_per_class)!r}: each must be >= 1")
-  check(config.num_label_draws >= 1,
-        f"num_label_draws={config.num_label_draws} must be >= 1")
-
-
-def check_batch_sizes(config, mesh, names) -> None:
-  """ConfigError unless each config[name] splits over the processes and
-  devices (checked before anything is read or compiled)."""
-  for name in names:
-    try:
-      sharding.check_batch_divides(config[name], mesh)
-    except ValueError as e:
-      raise config_lib.ConfigError(f"{name}: {e}") from None
-
-
-def labelled_data_config(config, encoder):
-  """A pretraining-schema config that tells input_pipeline what to read for
-  an evaluation job: the pretraining run's data, crop + flip augmentation,
-  and the eval config's dataset/split/size overrides."""
+def labelled_data_spec(config, encoder) -> spec_lib.DataSpec:
+  """What an evaluation job reads: the pretraining run's data (or, for a
+  random-init encoder, the eval config's), with the eval config's
+  dataset/split/size overrides, its seed, and crop + flip augmentation
+  (the paper probe's and fine-tuning's views)."""
   if encoder.source != "random_init":
     d = encoder_lib.pretraining_config(config.pretrained_workdir)
   else:
     d = config_lib.base_config()
     if config.dataset is None or config.image_size is None:
-      raise config_lib.ConfigError(
+      raise errors.ConfigError(
           "pretrained_workdir='none' needs dataset and image_size in the eval "
           "config")
-  d.augment = config_lib.base_config().augment  # Paper: crop + flip only.
   d.seed = config.seed
   for key in ("dataset", "data_dir", "train_split", "eval_split", "image_size"):
     if config[key] is not None:
       d[key] = config[key]
-  if config.train_split is None:  # Not the pretraining run's unlabelled one.
-    d.train_split = sources.labelled_train_split(d)
-  return d
+  spec = config_lib.data_spec(d)
+  return dataclasses.replace(spec, augment=spec_lib.AugmentParams().crop_only())
 
 
 def eval_model_fields(config) -> dict:
@@ -91,13 +58,23 @@ def eval_model_fields(config) -> dict:
   return {k: v for k, v in config.model.items() if v is not None}
 
 
-def _features(feature_fn, encoder, mesh, data_config, split_kind, batch_size):
-  split = sources.resolve_split(data_config, None, split_kind)
-  batches = input_pipeline.eval_batches(data_config, split, batch_size,
+def _features(feature_fn, encoder, mesh, spec, which, batch_size):
+  src = input_pipeline.open_source(spec, which)
+  batches = input_pipeline.eval_batches(spec, src, batch_size,
                                         jax.process_index(),
                                         jax.process_count())
   return encoder_lib.extract_features(feature_fn, encoder.variables, mesh,
                                       batches)
+
+
+def load_encoder(config, mesh) -> encoder_lib.FrozenEncoder:
+  """The eval config's encoder: restored, or random-init ('none')."""
+  if config.pretrained_workdir.lower() == "none":
+    return encoder_lib.random_encoder(config, mesh)
+  step = config.checkpoint_step if config.checkpoint_step >= 0 else None
+  return encoder_lib.restore_encoder(config.pretrained_workdir, mesh,
+                                     step=step,
+                                     eval_model=eval_model_fields(config))
 
 
 def few_label_probes(config, train, test, num_classes) -> tuple[dict, dict]:
@@ -128,31 +105,28 @@ def few_label_probes(config, train, test, num_classes) -> tuple[dict, dict]:
 
 def run(config, workdir: str, mesh=None) -> dict:
   """Evaluates; writes and returns the results dict."""
-  validate(config)
+  config_lib.validate(config, job="linear_eval")
   t_start = time.time()
-  mesh = sharding.make_mesh("auto") if mesh is None else mesh
-  check_batch_sizes(config, mesh, ("eval_batch_size",) + (
-      ("batch_size",) if config.protocol == "paper" else ()))
+  mesh = sharding.make_mesh(config.mesh_axis_type) if mesh is None else mesh
+  config_lib.check_batch_sizes(
+      config, ("eval_batch_size",) + (
+          ("batch_size",) if config.protocol == "paper" else ()),
+      num_devices=mesh.devices.size, num_processes=jax.process_count())
   workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
   logging.info("jaxclr linear_eval: %s; protocol %s, eval batch %d (%d per "
                "process)", sharding.describe_layout(mesh), config.protocol,
                config.eval_batch_size,
                config.eval_batch_size // jax.process_count())
-  if config.pretrained_workdir.lower() == "none":
-    encoder = encoder_lib.random_encoder(config, mesh)
-  else:
-    step = config.checkpoint_step if config.checkpoint_step >= 0 else None
-    encoder = encoder_lib.restore_encoder(
-        config.pretrained_workdir, mesh, step=step,
-        eval_model=eval_model_fields(config))
-  data_config = labelled_data_config(config, encoder)
-  train_source = input_pipeline.get_source(data_config, None, "train")
+  encoder = load_encoder(config, mesh)
+  spec = labelled_data_spec(config, encoder)
+  train_source = input_pipeline.open_source(spec, "labelled_train")
   num_classes = train_source.num_classes
   if num_classes <= 0:
     raise input_pipeline.DataError(
-        f"dataset={data_config.dataset!r} has no labels; evaluation needs a "
+        f"dataset={spec.dataset!r} has no labels; evaluation needs a "
         "labelled dataset")
-  feature_fn = encoder_lib.make_feature_fn(encoder, mesh, config.feature_layer)
+  feature_fn = encoder_lib.make_feature_fn(encoder.model, mesh,
+                                           config.feature_layer)
   run_probes = config.protocol != "knn"
   run_few_label = run_probes and len(config.labels_per_class) > 0
   run_knn = config.knn or config.protocol == "knn"
@@ -162,9 +136,9 @@ def run(config, workdir: str, mesh=None) -> dict:
   need_train = config.protocol == "fast" or run_few_label or run_knn
   times = {}
   t = time.time()
-  train = (_features(feature_fn, encoder, mesh, data_config, "train",
+  train = (_features(feature_fn, encoder, mesh, spec, "labelled_train",
                      config.eval_batch_size) if need_train else None)
-  test = _features(feature_fn, encoder, mesh, data_config, "eval",
+  test = _features(feature_fn, encoder, mesh, spec, "eval",
                    config.eval_batch_size)
   times["features_s"] = time.time() - t
   train_std = test_std = None
@@ -180,7 +154,7 @@ def run(config, workdir: str, mesh=None) -> dict:
       "random_init": encoder.source == "random_init",
       "feature_layer": config.feature_layer,
       "feature_dim": int(test[0].shape[1]),
-      "dataset": data_config.dataset,
+      "dataset": spec.dataset,
       "num_train_examples": int(train_source.num_examples),
       "num_eval_examples": int(len(test[1])),
       "model": encoder.model_config,
@@ -191,9 +165,8 @@ def run(config, workdir: str, mesh=None) -> dict:
   results.update(top1=None, top5=None, few_label_top1={},
                  few_label_top1_std={})
   if run_probes:
-    results.update(_linear_probe(config, encoder, data_config, mesh, workdir,
-                                 num_classes, train_std, test_std, test,
-                                 feature_fn))
+    results.update(_linear_probe(config, encoder, spec, mesh, workdir,
+                                 num_classes, train_std, test_std, test))
     times["linear_s"] = time.time() - t
   if run_few_label:
     t = time.time()
@@ -217,8 +190,8 @@ def run(config, workdir: str, mesh=None) -> dict:
   return results
 
 
-def _linear_probe(config, encoder, data_config, mesh, workdir, num_classes,
-                  train_std, test_std, test, feature_fn) -> dict:
+def _linear_probe(config, encoder, spec, mesh, workdir, num_classes,
+                  train_std, test_std, test) -> dict:
   """top1/top5 of the full-label probe (fast or paper protocol) + details."""
   if config.protocol == "fast":
     params, info = linear.fit_logistic_regression(
@@ -228,8 +201,7 @@ def _linear_probe(config, encoder, data_config, mesh, workdir, num_classes,
             "fast": {"l2": config.fast_l2, **info}}
   from jaxclr.evaluation import paper_probe  # pylint: disable=g-import-not-at-top
   paper = paper_probe.run_paper_probe(
-      config, encoder, data_config, mesh, workdir, num_classes,
-      eval_features=test, eval_feature_fn=feature_fn)
+      config, encoder, spec, mesh, workdir, num_classes, eval_features=test)
   return {"top1": paper.pop("top1"), "top5": paper.pop("top5"),
           "paper": paper}
 

@@ -1,163 +1,97 @@
-"""SimCLR's linear-evaluation protocol (P1 B.6; SIMCLR_REFERENCE.md 6.1, 6.3).
+"""SimCLR's linear-evaluation protocol (P1 B.6; docs/simclr.md 6.1, 6.3).
 
 A linear classifier (Dense with bias, N(0, 0.01) kernel) on the frozen
 encoder's features, run in inference mode (BatchNorm moving statistics),
 trained on random crop + flip views of the labelled training split with SGD,
 Nesterov momentum 0.9, lr = base_lr x B / 256 (base 0.1) with cosine decay to
-0, no warmup, no weight decay. Every step re-runs the frozen encoder on the
-new views (that is what makes it slower than the fast protocol). Evaluation:
-centre-cropped eval split, top-1/top-5.
+0, no warmup, no weight decay, for `optim.training_plan`'s number of steps
+(num_examples x epochs // B + 1, as every jaxclr job and the reference).
+Every step re-runs the frozen encoder on the new views (that is what makes
+it slower than the fast protocol). Evaluation: centre-cropped eval split,
+top-1/top-5.
 
-The head trains in its own Orbax checkpoints under OUT/checkpoints, so the job
-resumes after an interruption; its data order is a function of (seed, step).
+The head trains through jaxclr.loop in its own checkpoints under
+OUT/checkpoints, so the job resumes after an interruption; its data order is
+a function of (seed, step).
 """
 
 from __future__ import annotations
 
-import os
-from typing import Iterator
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from jaxclr.data import augment, input_pipeline
+from jaxclr import loop, optim
+from jaxclr import state as state_lib
+from jaxclr.data import input_pipeline
 from jaxclr.evaluation import encoder as encoder_lib
-from jaxclr.metrics import MetricsLogger
+from jaxclr.evaluation import linear
 from jaxclr.models.heads import LinearHead
 from jaxclr.parallel import sharding
 
 
-def train_batches(data_config, batch_size: int, *, start_step: int,
-                  indices: np.ndarray | None = None, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Crop + flip (no colour) single views of the training split, labelled.
-
-  indices: restrict to these training examples (label subsets). Yields this
-  process's rows [p*b, (p+1)*b) of each global batch (b = batch_size //
-  process_count), as pretraining does: images float32 [b, H, W, 3], labels
-  int32 [b]. The global batch depends only on (seed, step).
-  """
-  import tensorflow as tf
-
-  src = input_pipeline.get_source(data_config, None, "train")
-  if src.labels is None or src.num_classes == 0:
-    raise input_pipeline.DataError(
-        f"{src.name} has no labels: linear evaluation needs a labelled "
-        "training split")
-  pool = np.arange(src.num_examples) if indices is None else np.asarray(indices)
-  if batch_size > len(pool):
-    raise input_pipeline.DataError(
-        f"batch_size={batch_size} exceeds the {len(pool)} labelled training "
-        "examples")
-  input_pipeline.check_layout(batch_size, process_index, process_count)
-  local = batch_size // process_count
-  lo, hi = process_index * local, (process_index + 1) * local
-  aug, size, seed = data_config.augment, data_config.image_size, data_config.seed
-  decode = input_pipeline._decode_fn(src.kind)  # pylint: disable=protected-access
-
-  def fetch(step):
-    ids = pool[input_pipeline.global_example_ids(seed, int(step), batch_size,
-                                                 len(pool))[lo:hi]]
-    raw, labels = input_pipeline.raw_batch(src, ids)
-    return raw, labels, ids.astype(np.int32), np.full(len(ids), step, np.int64)
-
-  def view(raw, label, eid, step):
-    s = augment.view_seed(seed, step, eid, 0)
-    x = augment.crop_and_flip(decode(raw), s, aug, size)
-    return {"images": tf.ensure_shape(x, [size, size, 3]), "labels": label}
-
-  ds = input_pipeline.fetched_elements(
-      src, tf.data.Dataset.range(start_step, 2**62), fetch, tf.int64)
-  ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  yield from ds.batch(local, drop_remainder=True).prefetch(2).as_numpy_iterator()
+def _init(rng, *, head, optimizer, feature_dim):
+  params = head.init(rng, jnp.zeros((1, feature_dim)))["params"]
+  return state_lib.create(params, {}, optimizer)
 
 
-def run_paper_probe(config, encoder: encoder_lib.FrozenEncoder, data_config,
-                    mesh, workdir: str, num_classes: int, eval_features,
-                    eval_feature_fn) -> dict:
+def _step(state, batch, variables, *, model, feature_layer, head, optimizer):
+  out = model.apply(variables, batch["images"].astype(jnp.float32),
+                    train=False)
+  feats = jax.lax.stop_gradient(
+      encoder_lib.select_features(out, feature_layer))
+
+  def loss_fn(params):
+    logits = head.apply({"params": params}, feats)
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, batch["labels"]).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  state, metrics = state_lib.apply_gradients(state, grads, {}, optimizer)
+  return state, {"loss": loss, **metrics}
+
+
+def run_paper_probe(config, encoder: encoder_lib.FrozenEncoder, spec, mesh,
+                    workdir: str, num_classes: int, eval_features) -> dict:
   """Trains the head (resuming from workdir/checkpoints); returns metrics."""
-  n_train = input_pipeline.get_source(data_config, None, "train").num_examples
-  batch_size = config.batch_size
-  steps_per_epoch = n_train // batch_size
-  total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
-  peak_lr = config.learning_rate * batch_size / 256.0
-  schedule = optax.cosine_decay_schedule(peak_lr, total_steps)
-  tx = optax.sgd(schedule, momentum=config.momentum, nesterov=True)
+  src = input_pipeline.open_source(spec, "labelled_train")
+  plan = optim.training_plan(config, src.num_examples)
+  optimizer = optim.sgd_nesterov(optim.learning_rate_schedule(plan),
+                                 momentum=config.momentum)
   head = LinearHead(num_classes)
-  feature_fn = eval_feature_fn
+  dim = eval_features[0].shape[1]
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  dim = jax.eval_shape(feature_fn, encoder.variables, jax.ShapeDtypeStruct(
-      (batch_size, data_config.image_size, data_config.image_size, 3),
-      jnp.float32, sharding=batch_sh)).shape[-1]
-
-  def init(rng):
-    params = head.init(rng, jnp.zeros((1, dim)))["params"]
-    return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": tx.init(params)}
-
-  init = jax.jit(init, out_shardings=repl)
-
-  def step_fn(state, variables, images, labels):
-    feats = jax.lax.stop_gradient(feature_fn(variables, images))
-
-    def loss_fn(params):
-      logits = head.apply({"params": params}, feats)
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    return {"step": state["step"] + 1,
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state}, {"loss": loss,
-                                      "learning_rate": schedule(state["step"])}
-
-  step_fn = jax.jit(step_fn, in_shardings=(repl, repl, batch_sh, batch_sh),
-                    out_shardings=(repl, repl), donate_argnums=0)
-
+  init = jax.jit(functools.partial(_init, head=head, optimizer=optimizer,
+                                   feature_dim=dim), out_shardings=repl)
+  step = jax.jit(
+      functools.partial(_step, model=encoder.model,
+                        feature_layer=config.feature_layer, head=head,
+                        optimizer=optimizer),
+      in_shardings=(repl, batch_sh, repl), out_shardings=(repl, repl),
+      donate_argnums=0)
   rng = jax.random.key(config.seed)
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=repl),
-      jax.eval_shape(init, rng))
-  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
-  manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
-      max_to_keep=2, create=True, save_interval_steps=config.checkpoint_every_steps))
-  latest = manager.latest_step()
-  if latest is None:
-    state, start = init(rng), 0
-  else:
-    state = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
-    start = int(latest)
-  logger = MetricsLogger(workdir, is_primary=jax.process_index() == 0,
-                         total_steps=total_steps, batch_size=batch_size,
-                         start_step=start)
-  batches = train_batches(data_config, batch_size, start_step=start,
-                          process_index=jax.process_index(),
-                          process_count=jax.process_count())
-  try:
-    for step in range(start, total_steps):
-      b = sharding.global_batch(mesh, next(batches))
-      state, metrics = step_fn(state, encoder.variables, b["images"],
-                               b["labels"])
-      done = step + 1
-      if done % config.log_every_steps == 0 or done == total_steps:
-        logger.log_train(done, {**jax.device_get(metrics),
-                                "epoch": done / steps_per_epoch})
-      manager.save(done, args=ocp.args.StandardSave(state),
-                   force=done == total_steps)
-    manager.wait_until_finished()
-  finally:
-    manager.close()
-    logger.close()
-  params = jax.device_get(state["params"])["Dense_0"]
+
+  def batches(start_step):
+    return input_pipeline.labelled_batches(
+        spec, src, batch_size=config.batch_size, start_step=start_step,
+        process_index=jax.process_index(), process_count=jax.process_count())
+
+  job = loop.Job(
+      name="linear probe (paper protocol)", init_state=lambda: init(rng),
+      step=step, step_args=(encoder.variables,), batches=batches,
+      total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
+      batch_size=config.batch_size)
+  result = loop.run(job, workdir=workdir, mesh=mesh,
+                    cadence=loop.Cadence.from_config(config))
+  params = jax.device_get(result.state.params)["Dense_0"]
   feats, labels = eval_features
   logits = feats @ np.asarray(params["kernel"]) + np.asarray(params["bias"])
-  from jaxclr.evaluation import linear  # pylint: disable=g-import-not-at-top
   return {"top1": linear.top_k_accuracy(logits, labels, 1),
           "top5": linear.top_k_accuracy(logits, labels, 5),
-          "steps": total_steps, "epochs": config.num_epochs,
-          "resumed_from_step": start,
-          "peak_learning_rate": peak_lr, "batch_size": batch_size}
+          "steps": plan.total_steps, "epochs": config.num_epochs,
+          "resumed_from_step": result.start_step,
+          "peak_learning_rate": plan.peak_learning_rate,
+          "batch_size": config.batch_size}

@@ -12,22 +12,21 @@ from __future__ import annotations
 import jax
 from absl import logging
 
-from jaxclr.data import input_pipeline, sources
+from jaxclr.data import input_pipeline
 from jaxclr.evaluation import encoder as encoder_lib
 from jaxclr.evaluation import knn
-from jaxclr.parallel import sharding
 
 MAX_CACHED_BYTES = 2**30  # Keep preprocessed eval images in memory below this.
 
 
 class PeriodicKnnEvaluator:
-  """`maybe_evaluate(step, state) -> dict | None` for the pretraining loop."""
+  """`maybe_evaluate(step, state) -> dict | None` for the training loop."""
 
-  def __init__(self, config, mesh, model, num_classes: int, *,
+  def __init__(self, spec, mesh, model, num_classes: int, *, every: int,
                batch_size: int = 256, k: int = knn.DEFAULT_K,
                temperature: float = knn.DEFAULT_TEMPERATURE):
-    self.config, self.mesh, self.num_classes = config, mesh, num_classes
-    self.every = config.eval_every_steps
+    self.spec, self.mesh, self.num_classes = spec, mesh, num_classes
+    self.every = every
     self.k, self.temperature = k, temperature
     n = mesh.devices.size
     self.batch_size = max(n, batch_size // n * n)
@@ -35,26 +34,18 @@ class PeriodicKnnEvaluator:
     self.enabled = self.every > 0 and num_classes > 0
     if self.every > 0 and num_classes <= 0:
       logging.warning("eval_every_steps=%d ignored: %s has no labels.",
-                      self.every, config.dataset)
-
-    def features(variables, images):
-      return model.apply(variables, images, train=False)["h"]
-
-    self._features = jax.jit(
-        features, in_shardings=(sharding.replicated(mesh),
-                                sharding.batch_sharded(mesh)),
-        out_shardings=sharding.batch_sharded(mesh))
+                      self.every, spec.dataset)
+    self._features = encoder_lib.make_feature_fn(model, mesh, feature_layer=0)
 
   def _batches(self, which: str):
+    """which: 'labelled_train' (the bank) or 'eval' (the queries)."""
     if which in self._cache:
       return self._cache[which]
-    split = (sources.labelled_train_split(self.config) if which == "train"
-             else sources.resolve_split(self.config, None, which))
+    src = input_pipeline.open_source(self.spec, which)
     it = input_pipeline.eval_batches(
-        self.config, split, self.batch_size, jax.process_index(),
+        self.spec, src, self.batch_size, jax.process_index(),
         jax.process_count())
-    src = input_pipeline.get_source(self.config, split, which)
-    small = (src.num_examples * self.config.image_size**2 * 12
+    small = (src.num_examples * self.spec.image_size**2 * 12
              <= MAX_CACHED_BYTES)
     if not small:
       return it
@@ -67,7 +58,7 @@ class PeriodicKnnEvaluator:
 
   def evaluate(self, state) -> dict[str, float]:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    bank, bank_labels = self._embed(variables, "train")
+    bank, bank_labels = self._embed(variables, "labelled_train")
     queries, query_labels = self._embed(variables, "eval")
     acc = knn.knn_accuracy(queries, query_labels, bank, bank_labels,
                            num_classes=self.num_classes, k=self.k,

@@ -66,3 +66,10 @@ def global_batch(mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Arra
   sharding = batch_sharded(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local_batch.items()}
+
+
+def jit_over_batch(fn, mesh):
+  """jit of fn(variables, images): variables replicated, images and the
+  result sharded over the batch (every inference pass of every job)."""
+  return jax.jit(fn, in_shardings=(replicated(mesh), batch_sharded(mesh)),
+                 out_shardings=batch_sharded(mesh))
