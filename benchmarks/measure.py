@@ -9,6 +9,7 @@ large matmul timed in the same process, times from wall clock with a
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
 import statistics
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
@@ -101,8 +103,14 @@ def matmul_peak(dtype: str, size: int, repeats: int = 5,
           "best_flops_per_s": flops / min(times)}
 
 
+def today_utc() -> str:
+  """The current date in UTC, ISO format (YYYY-MM-DD): when a result was taken."""
+  return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+
+
 def machine() -> dict[str, Any]:
-  """Where the numbers were taken: CPU model, cores, platform, device kind."""
+  """Where the numbers were taken: CPU model, cores, jax/jaxlib versions,
+  platform, device kind and count, load average."""
   cpu = platform.processor() or platform.machine()
   try:
     with open("/proc/cpuinfo") as f:
@@ -116,13 +124,31 @@ def machine() -> dict[str, Any]:
   load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
   return {"cpu": cpu, "nproc": os.cpu_count(), "platform": dev.platform,
           "device_kind": dev.device_kind, "num_devices": jax.device_count(),
-          "jax": jax.__version__, "loadavg": [round(x, 2) for x in load]}
+          "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "loadavg": [round(x, 2) for x in load]}
+
+
+def run_record() -> dict[str, Any]:
+  """`date` (UTC, today) and `machine` for a result: one helper, so every
+  benchmark records when and where it ran rather than a fixed string."""
+  return {"date": today_utc(), "machine": machine()}
 
 
 def machine_label(m: dict[str, Any]) -> str:
   if m["platform"] == "cpu":
     return f"{m['cpu']}, {m['nproc']} cores (CPU, no accelerator)"
   return f"{m['device_kind']} x{m['num_devices']} ({m['platform']})"
+
+
+def machine_description(m: dict[str, Any]) -> str:
+  """machine_label plus the host CPU, device count and jax/jaxlib versions,
+  for Markdown rows and headings."""
+  versions = f"jax {m.get('jax', '?')}, jaxlib {m.get('jaxlib', '?')}"
+  if m["platform"] == "cpu":
+    return (f"{m['cpu']}, {m['nproc']} cores, {m['num_devices']} "
+            f"{m['device_kind']} device(s) (CPU, no accelerator); {versions}")
+  return (f"{m['device_kind']} x{m['num_devices']} ({m['platform']}) on "
+          f"{m['cpu']}, {m['nproc']} cores; {versions}")
 
 
 def compile_with_warnings(lowered):

@@ -81,6 +81,7 @@ def loss_study_inner(path: str):
     r = measure.measure_loss(mesh, b, FLAGS.dim, FLAGS.temperature,
                              steps=steps, warmup=1, budget_s=10.0)
     r["loadavg"] = list(os.getloadavg())
+    r.update(measure.run_record())
     rows.append(r)
     print(json.dumps({"batch": b, "devices": jax.device_count(),
                       "loss_time": r["loss"]["time"]}), flush=True)
@@ -170,10 +171,10 @@ def main(argv):
   print(table)
   if FLAGS.append_results:
     from benchmarks import measure  # pylint: disable=g-import-not-at-top
-    m = measure.machine_label(measure.machine())
-    del jax
+    record = measure.run_record()
+    m = measure.machine_description(record["machine"])
     with open(FLAGS.results_md, "a") as f:
-      f.write(f"\n{title}\n\nDate 2026-11-23, machine {m}; "
+      f.write(f"\n{title}\n\nDate {record['date']} (UTC), machine {m}; "
               f"{time.time() - t0:.0f} s wall.\n\n    {command}\n\n{table}")
 
 

@@ -48,7 +48,6 @@ flags.DEFINE_string("results_md", os.path.join(os.path.dirname(__file__),
                     "Markdown file for --append-results.")
 flags.DEFINE_string("note", "", "Free text for the Markdown row.")
 
-DATE = "2026-11-23"
 TABLE_TITLE = "## Train step (benchmarks/step.py)"
 TABLE_HEADER = (
     "| date | machine (load avg 1/5/15 min) | config | dev | B/dev | dtype | "
@@ -98,7 +97,7 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
   num_classes = config.synthetic.num_classes if config.linear_probe else 0
   plan = optim.training_plan(config, config.synthetic.num_examples)
   trainer = pretrain.create_trainer(config, mesh, plan, num_classes)
-  result: dict = {"date": DATE, "machine": measure.machine(),
+  result: dict = {**measure.run_record(),
                   "config": describe(config), "devices": n,
                   "per_device_batch": config.batch_size // n}
 
@@ -196,7 +195,7 @@ def markdown_row(r: dict, command: str, note: str = "") -> str:
   load = "/".join(f"{x:g}" for x in r["machine"]["loadavg"])
   gather = r["all_gather_fraction_time"] * 100
   return (
-      f"| {r['date']} | {measure.machine_label(r['machine'])} ({load}) | "
+      f"| {r['date']} | {measure.machine_description(r['machine'])} ({load}) | "
       f"{cfg} | {r['devices']} | {r['per_device_batch']} | "
       f"{c['compute_dtype']} | {r['compile_s']:.1f} | "
       f"{s['median_s']:.4g} [{s['min_s']:.4g}, {s['max_s']:.4g}] "

@@ -5,9 +5,11 @@ One harness run on a tiny config (8 simulated devices) is shared
 by every test in this module.
 """
 
+import datetime
 import json
 import math
 import os
+import re
 import sys
 
 import jax
@@ -128,6 +130,49 @@ def test_json_has_every_field_and_they_agree(config, result):
   assert r["loss"]["all_gather"] is not None and 0 < r["loss_fraction_flops"] < 1
   row = step_bench.markdown_row(r, "python -m benchmarks.step ...")
   assert row.count("|") == step_bench.TABLE_HEADER.splitlines()[0].count("|")
+
+
+def _utc_dates_now() -> set[str]:
+  """Today's UTC date (and yesterday's in the first minutes after midnight,
+  so a run that straddles it still passes)."""
+  now = datetime.datetime.now(datetime.timezone.utc)
+  dates = {now.date().isoformat()}
+  if now.hour == 0 and now.minute < 30:
+    dates.add((now - datetime.timedelta(days=1)).date().isoformat())
+  return dates
+
+
+def test_json_and_markdown_record_the_actual_date_and_machine(result):
+  """The date is taken when the benchmark runs (not a literal), and the
+  machine is described: CPU model, cores, jax/jaxlib, device kind and count."""
+  r = json.loads(json.dumps(result))
+  assert r["date"] in _utc_dates_now(), r["date"]
+  m = r["machine"]
+  for key in ("cpu", "nproc", "platform", "device_kind", "num_devices", "jax",
+              "jaxlib", "loadavg"):
+    assert key in m, key
+  assert m["cpu"] and m["nproc"] >= 1 and m["device_kind"]
+  assert m["num_devices"] == jax.device_count() == r["devices"]
+  assert m["jax"] == jax.__version__
+  import jaxlib
+  assert m["jaxlib"] == jaxlib.__version__
+  row = step_bench.markdown_row(r, "python -m benchmarks.step ...")
+  assert row.startswith(f"| {r['date']} | ")
+  for text in (m["cpu"], f"{m['nproc']} cores", f"jax {m['jax']}",
+               f"jaxlib {m['jaxlib']}", str(m["num_devices"])):
+    assert text in row, (text, row)
+
+
+def test_benchmarks_hold_no_literal_date():
+  """step.py and scaling.py take their date from measure.run_record()."""
+  from benchmarks import measure
+  assert measure.run_record()["date"] in _utc_dates_now()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  for name in ("step.py", "scaling.py"):
+    with open(os.path.join(root, "benchmarks", name)) as f:
+      source = f.read()
+    assert not re.search(r"\b20\d\d-\d\d-\d\d\b", source), name
+    assert "run_record()" in source, name
 
 
 def test_state_is_donated(result):
