@@ -6,6 +6,10 @@ ResNet-18 with the CIFAR stem, B=512, LARS lr 1.0 x B/256 (peak 2.0),
 wd 1e-6 (v1 README; v2 README 1e-4), tau=0.5, 1000 epochs (97,657 steps,
 976 warmup), colour strength 0.5, no blur. The reference reports ~91% linear
 top-1 for this recipe. Requires the TFDS cifar10 dataset prepared in data_dir.
+Arguments (e.g. configs/cifar10.py:depth=50,epochs=500):
+  depth=D      ResNet depth (default 18)
+  batch=B      global batch size (default 512)
+  epochs=E     training epochs (default 1000)
 """
 
 from jaxclr import config_lib
@@ -13,7 +17,7 @@ from jaxclr import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, depth=18, batch=512, epochs=1000)
-  c = config_lib.base_config()
+  c = config_lib.pretrain_config()
   c.dataset = "cifar10"
   c.eval_split = "test"
   c.image_size = 32

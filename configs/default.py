@@ -15,7 +15,10 @@ Cost on a 2-core CPU, 1 device: 276 s wall on an idle machine (2026-12-01:
 jobs share it (2026-11-23: 0.3-0.5 steps/s).
 Result: see the README's Evaluation section (linear probe, few-label probes
 and kNN against a random-init encoder).
-Arguments: configs/default.py:steps=50,batch=128 for a quicker look.
+Arguments (configs/default.py:steps=50,batch=128 for a quicker look):
+  steps=N      training steps (default 300)
+  batch=B      global batch size (default 256)
+  on_device    colour jitter, grayscale and blur on the accelerator
 """
 
 from jaxclr import config_lib
@@ -23,7 +26,7 @@ from jaxclr import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, batch=256, steps=300, on_device=False)
-  c = config_lib.base_config()
+  c = config_lib.pretrain_config()
   c.dataset = "digits"
   # The digits are 8x8 underneath: training at 16 px loses nothing the 32 px
   # upscale had, and each step costs ~4x less on a CPU.

@@ -39,58 +39,23 @@ peak_learning_rate, steps, wall_times, ... (and the linear-eval keys
 knn_top1=None, few_label_top1={}).
 """
 
-import os
-
-import ml_collections
-from ml_collections import config_dict
-
 from jaxclr import config_lib
-
-# Where the encoder and the data come from, read by the same code as the
-# linear-eval job (jaxclr/evaluation/job.py): configs/linear_eval.py's fields.
-SHARED_FIELDS = ("pretrained_workdir", "checkpoint_step", "seed", "dataset",
-                 "data_dir", "train_split", "eval_split", "image_size",
-                 "eval_batch_size", "model")
-
-
-def shared_fields(random_init: bool) -> ml_collections.ConfigDict:
-  """Those fields, placeholders (None: the checkpoint's value) included."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "linear_eval.py")
-  ev = config_lib.load_config_file(path, "random_init" if random_init else None)
-  return ml_collections.ConfigDict(
-      {k: ev[k] if k == "model" else ev.get_ref(k) for k in SHARED_FIELDS})
 
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, per_class=-1, fraction=-1.0, lars=False,
                              random_init=False, **{"1pct": False,
                                                    "10pct": False})
-  # Data and architecture: None takes the pretraining run's value; a model
-  # field set here must match the checkpoint. dataset may name a TFDS subset
-  # (imagenet2012_subset/1pct) whose train split is the labelled set.
-  # random_init: the default digits architecture (configs/default.py), and
-  # dataset digits at 16 px.
-  c = shared_fields(arg.random_init)
-  # Label subset: set exactly one of these, or a subset dataset.
-  c.label_fraction = config_dict.placeholder(float)
-  c.labels_per_class = config_dict.placeholder(int)
-  # 0: classifier on h (head discarded); k: after projection-head layer k.
-  c.ft_proj_selector = 1
-  # Optimisation (P1 B.5). Steps = n_labelled x epochs // B + 1, as pretraining.
-  c.optimizer = "momentum"  # 'momentum' (SGD + Nesterov) or 'lars'.
-  c.batch_size = 32
-  c.num_epochs = 60.0
-  c.num_train_steps = -1  # > 0 overrides num_epochs.
-  c.learning_rate = 0.05
-  c.learning_rate_scaling = "linear"  # lr x B/256; 'sqrt': lr x sqrt(B).
-  c.warmup_epochs = 0.0
-  c.momentum = 0.9
-  c.weight_decay = 0.0
-  c.trust_coefficient = 1e-3  # LARS only.
-  c.log_every_steps = 10
-  c.checkpoint_every_steps = 100
-  c.max_checkpoints_to_keep = 2
+  # The schema's defaults (P1 B.5): SGD + Nesterov 0.9, B=32, 60 epochs,
+  # lr 0.05 x B/256, no warmup, no weight decay, ft_proj_selector=1. Data and
+  # architecture: None takes the pretraining run's value; a model field set
+  # here must match the checkpoint.
+  c = config_lib.finetune_config()
+  if arg.random_init:
+    # The default digits architecture (configs/default.py), and dataset
+    # digits at 16 px.
+    config_lib.set_digits_random_init(c)
+  # Label subset: a subset dataset (1pct / 10pct), else 10 per class.
   if arg["1pct"] or arg["10pct"]:
     c.dataset = ("imagenet2012_subset/1pct" if arg["1pct"] else
                  "imagenet2012_subset/10pct")

@@ -13,6 +13,12 @@ Variants (as config arguments, e.g. configs/imagenet.py:epochs=1000):
   * 1000 epochs (P1 Table 6: 69.3% R-50, 74.2% R-50 2x with width=2).
   * SimCLRv2: v2 -> 3-layer head, wd 1e-4, lr 0.1 x sqrt(B) (6.4 at B=4096),
     800 epochs with 5% warmup (the maintainers' description; no memory bank).
+Arguments:
+  depth=D      ResNet depth (default 50)
+  width=W      width multiplier (default 1.0)
+  batch=B      global batch size (default 4096)
+  epochs=E     training epochs (default 100)
+  v2           the SimCLRv2 changes above (pass epochs=800 with it)
 """
 
 from jaxclr import config_lib
@@ -21,7 +27,7 @@ from jaxclr import config_lib
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, depth=50, width=1.0, batch=4096,
                              epochs=100, v2=False)
-  c = config_lib.base_config()
+  c = config_lib.pretrain_config()
   c.dataset = "imagenet2012"
   c.image_size = 224
   c.batch_size = arg.batch

@@ -6,7 +6,9 @@ ResNet-18 at width 1/8 on 8x8 synthetic images (64 examples, 4 classes),
 B=16, 12 steps, a checkpoint every 3 and a log line every step. Nothing is
 downloaded. Cost: ~25 s of compilation, then well under a second per step on
 a laptop CPU. No accuracy to expect: this exercises the machinery only.
-Arguments: configs/synthetic_tiny.py:steps=40,every=5 (checkpoint cadence).
+Arguments (e.g. configs/synthetic_tiny.py:steps=40,every=5):
+  steps=N      training steps (default 12)
+  every=N      checkpoint cadence in steps (default 3)
 """
 
 from jaxclr import config_lib
@@ -14,7 +16,7 @@ from jaxclr import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=12, every=3)
-  c = config_lib.base_config()
+  c = config_lib.pretrain_config()
   c.dataset = "synthetic"
   c.synthetic.num_examples = 64
   c.synthetic.num_classes = 4

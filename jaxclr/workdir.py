@@ -23,8 +23,12 @@ CHECKPOINT_DIR = "checkpoints"
 RESUMABLE_CHANGES = frozenset({
     "num_train_steps", "log_every_steps", "checkpoint_every_steps",
     "max_checkpoints_to_keep", "eval_every_steps", "data_dir",
-    "allow_config_mismatch", "nonfinite_policy", "debug_inject_nan_at_step",
+    "allow_config_mismatch", "nonfinite_policy",
 })
+# Fields a saved config.json may hold that the schemas no longer have, with
+# the value that computes what today's code does (the test-only NaN hook,
+# off): not a difference at that value.
+REMOVED_FIELDS = {"debug_inject_nan_at_step": -1}
 
 
 WorkdirError = errors.WorkdirError
@@ -45,16 +49,22 @@ def config_differences(old: dict, new: dict) -> list[str]:
   """'key: old -> new' for every field that differs and may not change.
 
   A field the saved config lacks but the new one holds at its schema default
-  is not a difference: it was added to jaxclr after the run started, and a
-  new field's default keeps the behaviour the run was started with.
+  (the schema of the new config's job) is not a difference: it was added to
+  jaxclr after the run started, and a new field's default keeps the
+  behaviour the run was started with. Nor is a field of REMOVED_FIELDS that
+  the saved config holds at its listed value.
   """
   a, b = flatten(old), flatten(new)
-  defaults = flatten(config_to_dict(config_lib.base_config()))
+  # A config dict without 'job' (older than the field) is a pretraining one.
+  defaults = flatten(config_to_dict(config_lib.schema(
+      new.get("job", "pretrain"))))
   diffs = []
   for key in sorted(set(a) | set(b)):
     if key.split(".")[0] in RESUMABLE_CHANGES:
       continue
     if key not in a and key in defaults and b.get(key) == defaults[key]:
+      continue
+    if key not in b and key in REMOVED_FIELDS and a[key] == REMOVED_FIELDS[key]:
       continue
     if a.get(key, "<absent>") != b.get(key, "<absent>"):
       diffs.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
@@ -146,7 +156,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *,
   old = load_config(workdir) if checkpoint_steps(workdir) else None
   if old is not None:
     diffs = config_differences(old, new)
-    if diffs and not config.get("allow_config_mismatch", False):
+    if diffs and not config.allow_config_mismatch:
       raise WorkdirError(
           f"Workdir {workdir!r} holds a run with a different config; "
           f"refusing to resume it ({len(diffs)} difference(s), saved -> "

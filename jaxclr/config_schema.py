@@ -1,0 +1,238 @@
+"""The config schemas of the three jobs: pretraining, linear evaluation and
+fine-tuning (read them as `jaxclr.config_lib.pretrain_config()` etc.).
+
+Every hyperparameter that SIMCLR_REFERENCE.md names has a field with the
+paper's default; the files in configs/ override what differs. A field that
+several jobs read (seed, the data source, the optimisation and loop fields,
+where the encoder comes from) is defined once, by one of the `_add_*`
+helpers below, and every schema that has it calls that helper. Each schema
+says which job it is for in `job`. Derived values (scaled learning rate,
+step counts) are never stored: `jaxclr.optim.training_plan` computes them.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+JOBS = ("pretrain", "linear_eval", "finetune")
+
+# (name, type, pretraining default): the architecture fields. Pretraining
+# sets them; an evaluation job reads them from the checkpoint's config.json
+# (so they are None there, and a value set must match the checkpoint).
+MODEL_FIELDS = (
+    ("depth", int, 50),
+    ("width_multiplier", float, 1.0),
+    ("cifar_stem", bool, None),  # None: image_size <= 32.
+    ("num_proj_layers", int, 3),  # 3 = SimCLRv2 head; 2 = SimCLRv1.
+    ("proj_out_dim", int, 128),
+    ("bn_momentum", float, 0.9),
+    ("bn_epsilon", float, 1e-5),
+    ("compute_dtype", str, "float32"),  # 'bfloat16': bf16 compute, float32 params.
+)
+
+
+def _add_job(c: ml_collections.ConfigDict, job: str) -> None:
+  # Which entry point the config is for: 'pretrain' (jaxclr.main),
+  # 'linear_eval' (jaxclr.linear_eval) or 'finetune' (jaxclr.finetune).
+  c.job = job
+  c.seed = 0
+
+
+def _add_data_source(c: ml_collections.ConfigDict, *, dataset, image_size):
+  """The data source fields; None values (evaluation jobs) take the
+  pretraining run's value."""
+  # 'imagenet2012', 'imagenet2012_subset/1pct', 'cifar10', 'cifar100', 'stl10',
+  # 'digits' (embedded), 'synthetic', 'folder:/path', 'npz:/path.npz',
+  # 'tfds:NAME'.
+  c.dataset = dataset if dataset is not None else config_dict.placeholder(str)
+  c.data_dir = config_dict.placeholder(str)
+  # None: the dataset's own default (pretraining 'train', or 'unlabelled' for
+  # stl10; labelled jobs 'train'; eval 'validation' for ImageNet, 'test' for
+  # CIFAR/STL-10/digits).
+  c.train_split = config_dict.placeholder(str)
+  c.eval_split = config_dict.placeholder(str)
+  c.image_size = (image_size if image_size is not None
+                  else config_dict.placeholder(int))
+
+
+def _model(pretraining: bool) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict({
+      name: (default if pretraining and default is not None
+             else config_dict.placeholder(kind))
+      for name, kind, default in MODEL_FIELDS})
+
+
+def _add_encoder_source(c: ml_collections.ConfigDict) -> None:
+  """Where an evaluation job's encoder comes from, and its architecture."""
+  c.pretrained_workdir = config_dict.placeholder(str)  # 'none': random init.
+  c.checkpoint_step = -1  # -1: the newest checkpoint.
+  c.eval_batch_size = 256  # Feature extraction and evaluation batches.
+  # Architecture: None takes the checkpoint's; set values must match it. A
+  # random-init baseline (pretrained_workdir='none') needs them set.
+  c.model = _model(pretraining=False)
+
+
+def _add_optimization(c: ml_collections.ConfigDict, *, batch_size: int,
+                      num_epochs: float, learning_rate: float,
+                      learning_rate_scaling: str, warmup_epochs: float,
+                      momentum: float, weight_decay: float) -> None:
+  """Batch, duration and the warmup + cosine schedule's fields."""
+  c.batch_size = batch_size  # Global, in images.
+  c.num_epochs = num_epochs
+  c.num_train_steps = -1  # > 0 overrides num_epochs.
+  c.learning_rate = learning_rate
+  c.learning_rate_scaling = learning_rate_scaling  # 'linear': lr*B/256; 'sqrt': lr*sqrt(B).
+  c.warmup_epochs = warmup_epochs
+  c.momentum = momentum
+  c.weight_decay = weight_decay
+
+
+def _add_lars(c: ml_collections.ConfigDict) -> None:
+  c.trust_coefficient = 1e-3  # LARS's eta.
+
+
+def _add_loop(c: ml_collections.ConfigDict, *, log_every_steps: int,
+              checkpoint_every_steps: int, max_checkpoints_to_keep: int,
+              mesh_axis_type: str) -> None:
+  """The training loop's logging, checkpoint and failure fields."""
+  c.log_every_steps = log_every_steps
+  c.checkpoint_every_steps = checkpoint_every_steps
+  c.max_checkpoints_to_keep = max_checkpoints_to_keep
+  c.nonfinite_policy = "stop"  # 'stop' or 'skip' the update.
+  c.mesh_axis_type = mesh_axis_type  # 'explicit' or 'auto' data axis.
+  # Resume a workdir whose config.json differs in fields that change results.
+  c.allow_config_mismatch = False
+
+
+def pretrain_config() -> ml_collections.ConfigDict:
+  """All pretraining fields with SimCLR's defaults (ImageNet, R-50)."""
+  c = ml_collections.ConfigDict()
+  _add_job(c, "pretrain")
+
+  # ---- Data ----
+  _add_data_source(c, dataset="imagenet2012", image_size=224)
+  # TFDS access: 'auto' (array_record -> random access; tfrecord -> in memory
+  # when small, else a layout-dependent stream), 'random', 'memory', 'stream'.
+  c.data_access = "auto"
+  c.shuffle_buffer_multiplier = 10  # tf.data streaming fallback only.
+  c.synthetic = ml_collections.ConfigDict(dict(
+      num_examples=1024, num_classes=10))
+
+  # ---- Augmentation (SIMCLR_REFERENCE.md section 4) ----
+  c.augment = ml_collections.ConfigDict(dict(
+      crop_area_range=(0.08, 1.0),
+      crop_min_object_covered=0.1,
+      crop_aspect_ratio_range=(3.0 / 4.0, 4.0 / 3.0),
+      flip=True,
+      color_jitter_strength=1.0,
+      color_jitter_prob=0.8,
+      grayscale_prob=0.2,
+      brightness_impl="simclrv2",  # 'simclrv2' multiplicative, 'simclrv1' additive.
+      use_blur=True,
+      blur_prob=0.5,
+      blur_sigma_range=(0.1, 2.0),
+      on_device=False,  # Colour/grayscale/blur in JAX on the accelerator.
+      # Host -> device views: 'float32' (exact), or 'uint8' (rounded to the
+      # nearest 1/255 on the host, scaled back on device): 4x fewer bytes to
+      # batch, copy and transfer, which roughly doubles host throughput at
+      # 224 px (benchmarks/RESULTS.md).
+      transfer_dtype="float32",
+  ))
+
+  # ---- Model (section 5) ----
+  c.model = _model(pretraining=True)
+
+  # ---- Objective ----
+  c.temperature = 0.1
+  c.hidden_norm = True
+  # Online linear probe on stop_gradient(h) (TF2 lineareval_while_pretraining);
+  # only active when the dataset has labels.
+  c.linear_probe = True
+
+  # ---- Optimisation (sections 2, 3): LARS ----
+  _add_optimization(c, batch_size=4096, num_epochs=100, learning_rate=0.3,
+                    learning_rate_scaling="linear", warmup_epochs=10.0,
+                    momentum=0.9, weight_decay=1e-6)
+  _add_lars(c)
+
+  # ---- Loop, logging, checkpoints ----
+  _add_loop(c, log_every_steps=100, checkpoint_every_steps=1000,
+            max_checkpoints_to_keep=3, mesh_axis_type="explicit")
+  c.eval_every_steps = -1  # > 0: periodic kNN evaluation (labelled data only).
+  return c
+
+
+def linear_eval_config() -> ml_collections.ConfigDict:
+  """All linear-evaluation fields (jaxclr.linear_eval): the paper protocol's
+  defaults (P1 B.6), the fast probe, few-label probes and kNN."""
+  c = ml_collections.ConfigDict()
+  _add_job(c, "linear_eval")
+  _add_encoder_source(c)
+  _add_data_source(c, dataset=None, image_size=None)
+  c.protocol = "fast"  # 'fast', 'paper' or 'knn'.
+  c.feature_layer = 0  # 0: h; k: output of projection-head layer k.
+  # Paper protocol (P1 B.6): SGD + Nesterov 0.9, lr 0.1 x B/256, cosine, no
+  # warmup, no weight decay, crop + flip.
+  _add_optimization(c, batch_size=256, num_epochs=100.0, learning_rate=0.1,
+                    learning_rate_scaling="linear", warmup_epochs=0.0,
+                    momentum=0.9, weight_decay=0.0)
+  _add_loop(c, log_every_steps=50, checkpoint_every_steps=500,
+            max_checkpoints_to_keep=2, mesh_axis_type="auto")
+  # Fast protocol: L-BFGS logistic regression on standardised features.
+  c.fast_l2 = 1e-3
+  c.fast_max_iters = 500
+  # Few-label probes (always the fast solver): k labels per class, draws.
+  c.labels_per_class = (1, 5, 10)
+  c.num_label_draws = 5
+  # Weighted kNN (Wu et al. 2018).
+  c.knn = True
+  c.knn_k = 200
+  c.knn_temperature = 0.1
+  return c
+
+
+def finetune_config() -> ml_collections.ConfigDict:
+  """All fine-tuning fields (jaxclr.finetune): the paper's recipe (P1 B.5)."""
+  c = ml_collections.ConfigDict()
+  _add_job(c, "finetune")
+  # Data and architecture: None takes the pretraining run's value. dataset
+  # may name a TFDS subset (imagenet2012_subset/1pct) whose train split is
+  # the labelled set.
+  _add_encoder_source(c)
+  _add_data_source(c, dataset=None, image_size=None)
+  # Label subset: set exactly one of these, or a subset dataset.
+  c.label_fraction = config_dict.placeholder(float)
+  c.labels_per_class = config_dict.placeholder(int)
+  # 0: classifier on h (head discarded); k: after projection-head layer k.
+  c.ft_proj_selector = 1
+  # Optimisation (P1 B.5). Steps = n_labelled x epochs // B + 1, as pretraining.
+  c.optimizer = "momentum"  # 'momentum' (SGD + Nesterov) or 'lars'.
+  _add_optimization(c, batch_size=32, num_epochs=60.0, learning_rate=0.05,
+                    learning_rate_scaling="linear", warmup_epochs=0.0,
+                    momentum=0.9, weight_decay=0.0)
+  _add_lars(c)  # optimizer='lars' only.
+  _add_loop(c, log_every_steps=10, checkpoint_every_steps=100,
+            max_checkpoints_to_keep=2, mesh_axis_type="auto")
+  return c
+
+
+_SCHEMAS = {"pretrain": pretrain_config, "linear_eval": linear_eval_config,
+            "finetune": finetune_config}
+
+
+def schema(job: str) -> ml_collections.ConfigDict:
+  """The schema (every field at its default) of `job`, one of JOBS."""
+  if job not in _SCHEMAS:
+    raise ValueError(f"job={job!r} is unknown; valid: {JOBS}")
+  return _SCHEMAS[job]()
+
+
+def set_digits_random_init(c: ml_collections.ConfigDict) -> None:
+  """An eval config's architecture and data for a random-init baseline
+  (pretrained_workdir='none'): configs/default.py's digits model (R-18 x0.25,
+  CIFAR stem, 2-layer 64-d head) at 16 px (tests/configs_test.py checks that
+  the two agree)."""
+  c.model.update(depth=18, width_multiplier=0.25, cifar_stem=True,
+                 num_proj_layers=2, proj_out_dim=64)
+  c.dataset, c.image_size = "digits", 16
