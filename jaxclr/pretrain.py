@@ -167,7 +167,7 @@ def create_trainer(config, mesh, plan: optim.TrainingPlan,
   if config.augment.on_device:
     from jaxclr.data import device_augment  # pylint: disable=g-import-not-at-top
     augment_fn = functools.partial(device_augment.augment_views,
-                                   augment_config=config.augment)
+                                   params=config_lib.data_spec(config).augment)
   step_fn = train.make_train_step(
       config=config, model=model, tx=tx, schedule=schedule, mesh=mesh,
       state_sharding=repl, batch_sharding=sharding.batch_sharded(mesh),
@@ -203,7 +203,9 @@ def run(config, workdir: str) -> dict[str, float]:
 
 
 def _run(config, workdir, mesh, is_primary, preemption) -> dict[str, float]:
-  info = input_pipeline.dataset_info(config)
+  data = config_lib.data_spec(config)
+  train_source = input_pipeline.open_source(data, "train")
+  info = input_pipeline.dataset_info(train_source)
   plan = optim.training_plan(config, info.num_train_examples)
   logging.info("jaxclr pretraining: %s", describe_run(config, plan, mesh))
 
@@ -231,7 +233,8 @@ def _run(config, workdir, mesh, is_primary, preemption) -> dict[str, float]:
   step_fn = trainer.step_fn
   batches = prefetch(
       sharding.global_batch(mesh, b) for b in input_pipeline.pretrain_batches(
-          config, start_step=start_step, process_index=jax.process_index(),
+          data, train_source, batch_size=config.batch_size,
+          start_step=start_step, process_index=jax.process_index(),
           process_count=jax.process_count()))
   if jax.process_count() > 1 and start_step < plan.total_steps:
     # Compile, then start together: see distributed.compile_together.

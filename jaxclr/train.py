@@ -88,15 +88,16 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
   """One SimCLR update on the global batch. Pure in (state, batch).
 
   batch: images [B, 2, H, W, 3] float in [0, 1] (or uint8 in [0, 255]),
-  labels [B], example_ids [B].
-  augment_fn(images, example_ids, rng, step) -> images runs on device when
-  the colour/blur augmentations are configured to.
+  labels [B], example_ids [B] (and color_params [B, 2, P] with
+  augment.on_device).
+  augment_fn(images, color_params) -> images runs on device when the
+  colour/blur augmentations are configured to.
   debug_inject_nan_at_step > 0 (tests) makes the loss of the update that
   produces that step NaN; at -1 the program does not contain the check.
   """
   images = images_as_float(batch["images"])
   if augment_fn is not None:
-    images = augment_fn(images, batch["example_ids"], rng, state.step)
+    images = augment_fn(images, batch["color_params"])
   num_images = images.shape[0]
   inputs = flatten_views(images)  # [2B, H, W, 3]
 

@@ -29,7 +29,8 @@ def tiny_config(**overrides):
 
 def restore_state(config, workdir, step=None):
   mesh = sharding.make_mesh("explicit")
-  info = input_pipeline.dataset_info(config)
+  info = input_pipeline.dataset_info(
+      input_pipeline.open_source(config_lib.data_spec(config)))
   plan = pretrain.optim.training_plan(config, info.num_train_examples)
   trainer = pretrain.create_trainer(config, mesh, plan, info.num_classes)
   store = checkpoint.CheckpointStore(

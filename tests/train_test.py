@@ -23,12 +23,15 @@ def tiny_config():
 
 
 def run_steps(config, mesh):
-  info = input_pipeline.dataset_info(config)
+  data = config_lib.data_spec(config)
+  src = input_pipeline.open_source(data, "train")
+  info = input_pipeline.dataset_info(src)
   plan = optim.training_plan(config, info.num_train_examples)
   trainer = pretrain.create_trainer(config, mesh, plan, info.num_classes)
   state = trainer.init_fn(jax.random.key(config.seed))
-  batches = input_pipeline.pretrain_batches(config, start_step=0,
-                                            process_index=0, process_count=1)
+  batches = input_pipeline.pretrain_batches(
+      data, src, batch_size=config.batch_size, start_step=0, process_index=0,
+      process_count=1)
   for _ in range(NUM_STEPS):
     state, metrics = trainer.step_fn(state, sharding.global_batch(mesh, next(batches)))
   return jax.device_get(state), jax.device_get(metrics)
@@ -115,7 +118,8 @@ def test_step_changes_parameters_and_batch_stats():
   ref_state, _ = one_device_result()
   config = tiny_config()
   mesh = sharding.make_mesh("explicit", jax.devices()[:1])
-  info = input_pipeline.dataset_info(config)
+  info = input_pipeline.dataset_info(
+      input_pipeline.open_source(config_lib.data_spec(config), "train"))
   plan = optim.training_plan(config, info.num_train_examples)
   init = jax.device_get(pretrain.create_trainer(
       config, mesh, plan, info.num_classes).init_fn(jax.random.key(config.seed)))

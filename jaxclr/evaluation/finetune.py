@@ -39,9 +39,9 @@ from absl import logging
 
 from jaxclr import checkpoint, config_lib, metrics as metrics_lib, optim
 from jaxclr import workdir as workdir_lib
-from jaxclr.data import input_pipeline, sources
+from jaxclr.data import input_pipeline
 from jaxclr.evaluation import encoder as encoder_lib
-from jaxclr.evaluation import job, linear, paper_probe
+from jaxclr.evaluation import job, linear
 from jaxclr.models.heads import LinearHead
 from jaxclr.parallel import sharding
 
@@ -242,12 +242,12 @@ def evaluate(net, state: FineTuneState, mesh, data_config,
       lambda variables, images: net.apply(variables, images, train=False),
       in_shardings=(sharding.replicated(mesh), sharding.batch_sharded(mesh)),
       out_shardings=sharding.batch_sharded(mesh))
-  split = sources.resolve_split(data_config, None, "eval")
+  data = config_lib.data_spec(data_config)
   logits, labels = encoder_lib.extract_features(
       logits_fn, {"params": state.params, "batch_stats": state.batch_stats},
-      mesh, input_pipeline.eval_batches(data_config, split, batch_size,
-                                        jax.process_index(),
-                                        jax.process_count()))
+      mesh, input_pipeline.eval_batches(
+          data.image_size, input_pipeline.open_source(data, "eval"),
+          batch_size, jax.process_index(), jax.process_count()))
   return {"top1": linear.top_k_accuracy(logits, labels, 1),
           "top5": linear.top_k_accuracy(logits, labels, 5),
           "num_eval_examples": int(len(labels))}
@@ -277,8 +277,11 @@ def _train(config, state, step_fn, *, mesh, data_config, indices, plan, store,
       start_step=start_step)
   preemption = pretrain.PreemptionFlag()
   batches = pretrain.prefetch(
-      sharding.global_batch(mesh, b) for b in paper_probe.train_batches(
-          data_config, config.batch_size, start_step=start_step,
+      sharding.global_batch(mesh, b) for b in input_pipeline.labelled_batches(
+          config_lib.data_spec(data_config),
+          input_pipeline.open_source(config_lib.data_spec(data_config),
+                                     "train"),
+          batch_size=config.batch_size, start_step=start_step,
           indices=indices, process_index=jax.process_index(),
           process_count=jax.process_count()))
   try:
@@ -315,7 +318,7 @@ def _labelled_data(config, encoder):
   ConfigError when the batch is larger than the subset."""
   # The linear-eval job's reading of dataset/split/size overrides.
   data_config = job.labelled_data_config(config, encoder)
-  src = input_pipeline.get_source(data_config, None, "train")
+  src = input_pipeline.open_source(config_lib.data_spec(data_config), "train")
   if src.num_classes <= 0:
     raise input_pipeline.DataError(
         f"dataset={data_config.dataset!r} has no labels; fine-tuning needs a "

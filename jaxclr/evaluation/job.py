@@ -82,7 +82,7 @@ def labelled_data_config(config, encoder):
     if config[key] is not None:
       d[key] = config[key]
   if config.train_split is None:  # Not the pretraining run's unlabelled one.
-    d.train_split = sources.labelled_train_split(d)
+    d.train_split = sources.labelled_train_split(config_lib.data_spec(d))
   return d
 
 
@@ -92,10 +92,10 @@ def eval_model_fields(config) -> dict:
 
 
 def _features(feature_fn, encoder, mesh, data_config, split_kind, batch_size):
-  split = sources.resolve_split(data_config, None, split_kind)
-  batches = input_pipeline.eval_batches(data_config, split, batch_size,
-                                        jax.process_index(),
-                                        jax.process_count())
+  data = config_lib.data_spec(data_config)
+  batches = input_pipeline.eval_batches(
+      data.image_size, input_pipeline.open_source(data, split_kind),
+      batch_size, jax.process_index(), jax.process_count())
   return encoder_lib.extract_features(feature_fn, encoder.variables, mesh,
                                       batches)
 
@@ -146,7 +146,8 @@ def run(config, workdir: str, mesh=None) -> dict:
         config.pretrained_workdir, mesh, step=step,
         eval_model=eval_model_fields(config))
   data_config = labelled_data_config(config, encoder)
-  train_source = input_pipeline.get_source(data_config, None, "train")
+  train_source = input_pipeline.open_source(config_lib.data_spec(data_config),
+                                            "train")
   num_classes = train_source.num_classes
   if num_classes <= 0:
     raise input_pipeline.DataError(

@@ -15,7 +15,6 @@ resumes after an interruption; its data order is a function of (seed, step).
 from __future__ import annotations
 
 import os
-from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -23,63 +22,21 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from jaxclr.data import augment, input_pipeline
+from jaxclr import config_lib
+from jaxclr.data import input_pipeline
 from jaxclr.evaluation import encoder as encoder_lib
 from jaxclr.metrics import MetricsLogger
 from jaxclr.models.heads import LinearHead
 from jaxclr.parallel import sharding
 
 
-def train_batches(data_config, batch_size: int, *, start_step: int,
-                  indices: np.ndarray | None = None, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """Crop + flip (no colour) single views of the training split, labelled.
-
-  indices: restrict to these training examples (label subsets). Yields this
-  process's rows [p*b, (p+1)*b) of each global batch (b = batch_size //
-  process_count), as pretraining does: images float32 [b, H, W, 3], labels
-  int32 [b]. The global batch depends only on (seed, step).
-  """
-  import tensorflow as tf
-
-  src = input_pipeline.get_source(data_config, None, "train")
-  if src.labels is None or src.num_classes == 0:
-    raise input_pipeline.DataError(
-        f"{src.name} has no labels: linear evaluation needs a labelled "
-        "training split")
-  pool = np.arange(src.num_examples) if indices is None else np.asarray(indices)
-  if batch_size > len(pool):
-    raise input_pipeline.DataError(
-        f"batch_size={batch_size} exceeds the {len(pool)} labelled training "
-        "examples")
-  input_pipeline.check_layout(batch_size, process_index, process_count)
-  local = batch_size // process_count
-  lo, hi = process_index * local, (process_index + 1) * local
-  aug, size, seed = data_config.augment, data_config.image_size, data_config.seed
-  decode = input_pipeline._decode_fn(src.kind)  # pylint: disable=protected-access
-
-  def fetch(step):
-    ids = pool[input_pipeline.global_example_ids(seed, int(step), batch_size,
-                                                 len(pool))[lo:hi]]
-    raw, labels = input_pipeline.raw_batch(src, ids)
-    return raw, labels, ids.astype(np.int32), np.full(len(ids), step, np.int64)
-
-  def view(raw, label, eid, step):
-    s = augment.view_seed(seed, step, eid, 0)
-    x = augment.crop_and_flip(decode(raw), s, aug, size)
-    return {"images": tf.ensure_shape(x, [size, size, 3]), "labels": label}
-
-  ds = input_pipeline.fetched_elements(
-      src, tf.data.Dataset.range(start_step, 2**62), fetch, tf.int64)
-  ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  yield from ds.batch(local, drop_remainder=True).prefetch(2).as_numpy_iterator()
-
-
 def run_paper_probe(config, encoder: encoder_lib.FrozenEncoder, data_config,
                     mesh, workdir: str, num_classes: int, eval_features,
                     eval_feature_fn) -> dict:
   """Trains the head (resuming from workdir/checkpoints); returns metrics."""
-  n_train = input_pipeline.get_source(data_config, None, "train").num_examples
+  data = config_lib.data_spec(data_config)
+  train_source = input_pipeline.open_source(data, "train")
+  n_train = train_source.num_examples
   batch_size = config.batch_size
   steps_per_epoch = n_train // batch_size
   total_steps = max(1, int(round(config.num_epochs * steps_per_epoch)))
@@ -134,9 +91,9 @@ def run_paper_probe(config, encoder: encoder_lib.FrozenEncoder, data_config,
   logger = MetricsLogger(workdir, is_primary=jax.process_index() == 0,
                          total_steps=total_steps, batch_size=batch_size,
                          start_step=start)
-  batches = train_batches(data_config, batch_size, start_step=start,
-                          process_index=jax.process_index(),
-                          process_count=jax.process_count())
+  batches = input_pipeline.labelled_batches(
+      data, train_source, batch_size=batch_size, start_step=start,
+      process_index=jax.process_index(), process_count=jax.process_count())
   try:
     for step in range(start, total_steps):
       b = sharding.global_batch(mesh, next(batches))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 from absl import logging
 
+from jaxclr import config_lib
 from jaxclr.data import input_pipeline, sources
 from jaxclr.evaluation import encoder as encoder_lib
 from jaxclr.evaluation import knn
@@ -48,12 +49,13 @@ class PeriodicKnnEvaluator:
   def _batches(self, which: str):
     if which in self._cache:
       return self._cache[which]
-    split = (sources.labelled_train_split(self.config) if which == "train"
-             else sources.resolve_split(self.config, None, which))
+    data = config_lib.data_spec(self.config)
+    split = (sources.labelled_train_split(data) if which == "train"
+             else sources.resolve_split(data, None, which))
+    src = input_pipeline.open_source(data, which, split)
     it = input_pipeline.eval_batches(
-        self.config, split, self.batch_size, jax.process_index(),
+        data.image_size, src, self.batch_size, jax.process_index(),
         jax.process_count())
-    src = input_pipeline.get_source(self.config, split, which)
     small = (src.num_examples * self.config.image_size**2 * 12
              <= MAX_CACHED_BYTES)
     if not small:
