@@ -16,13 +16,13 @@ times `pretrain_batches` (each image yields two views) for:
   * the same JPEGs as a `folder:` dataset (PIL decode, corrupt-file tolerant);
   * 32 px arrays: crop + flip only, and full host augmentation (no blur);
   each with float32 views and with uint8 views (augment.transfer_dtype);
-  * device_augment.augment_views under jit on the local JAX backend.
+  * device_augment.augment_views under jit on the local JAX backend, on
+    colour parameters drawn by the host (augment.draw_color_params).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import tempfile
 import time
@@ -75,42 +75,49 @@ def jpeg_bytes_source(folder: str):
 def time_pipeline(dataset, image_size, batch, steps, source=None, repeats=1,
                   **aug):
   """images/s of `repeats` consecutive windows of `steps` batches each."""
-  from unittest import mock
   from jaxclr import config_lib
   from jaxclr.data import input_pipeline
   c = config_lib.base_config()
   c.dataset, c.image_size, c.batch_size = dataset, image_size, batch
   c.augment.update(aug)
-  with mock.patch.object(input_pipeline, "get_source",
-                         lambda *a, **k: source) if source else \
-      contextlib.nullcontext():
-    it = input_pipeline.pretrain_batches(c, start_step=0, process_index=0,
-                                         process_count=1)
-    next(it)  # Warm-up: graph tracing, thread pools.
-    rates = []
-    for _ in range(repeats):
-      t = time.perf_counter()
-      for _ in range(steps):
-        next(it)
-      rates.append(steps * batch / (time.perf_counter() - t))
-    return rates
+  data = config_lib.data_spec(c)
+  src = source or input_pipeline.open_source(data, "train")
+  it = input_pipeline.pretrain_batches(data, src, batch_size=batch,
+                                       start_step=0, process_index=0,
+                                       process_count=1)
+  next(it)  # Warm-up: graph tracing, thread pools.
+  rates = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    for _ in range(steps):
+      next(it)
+    rates.append(steps * batch / (time.perf_counter() - t))
+  return rates
 
 
 def time_device(image_size, batch, steps, **aug):
+  """images/s of jit(augment_views) on host-drawn colour parameters."""
+  import functools
   import jax
-  import jax.numpy as jnp
+  import tensorflow as tf
   from jaxclr import config_lib
-  from jaxclr.data import device_augment
-  a = config_lib.base_config().augment
-  a.update(aug)
-  fn = jax.jit(device_augment.make_augment_fn(a))
+  from jaxclr.data import augment, device_augment
+  c = config_lib.base_config()
+  c.augment.update(aug)
+  params = config_lib.data_spec(c).augment
+  fn = jax.jit(functools.partial(device_augment.augment_views, params=params))
   x = jax.random.uniform(jax.random.key(0), (batch, 2, image_size,
                                              image_size, 3))
-  ids, rng = jnp.arange(batch), jax.random.key(1)
-  fn(x, ids, rng, 0).block_until_ready()
+  # One batch of real draws; every branch is computed whatever the values
+  # (jnp.where under vmap), so reusing it times the same program.
+  draw = lambda k: augment.draw_color_params(
+      augment.view_seed(0, 0, k // 2, k % 2), params)
+  p = next(tf.data.Dataset.range(2 * batch).map(draw).batch(2 * batch)
+           .as_numpy_iterator()).reshape(batch, 2, -1)
+  fn(x, p).block_until_ready()
   t = time.perf_counter()
-  for s in range(steps):
-    fn(x, ids, rng, s + 1).block_until_ready()
+  for _ in range(steps):
+    fn(x, p).block_until_ready()
   return steps * batch / (time.perf_counter() - t), jax.devices()[0].platform
 
 

@@ -92,13 +92,13 @@ def fingerprint(state) -> dict[str, list[int]]:
           for path, h in flat}
 
 
-def abstract_state(init_state):
-  """Shapes, dtypes and shardings of the state `init_state()` creates.
+def abstract_state(init_state, *args):
+  """Shapes, dtypes and shardings of the state `init_state(*args)` creates.
 
   `init_state` is jitted with out_shardings: that one place decides where
   each array lives, for a fresh state and for a restored one alike.
   """
-  abstract = jax.eval_shape(init_state)
+  abstract = jax.eval_shape(init_state, *args)
   unplaced = [jax.tree_util.keystr(path) for path, leaf in
               jax.tree_util.tree_leaves_with_path(abstract)
               if getattr(leaf, "sharding", None) is None]

@@ -79,11 +79,13 @@ def parse_flags(argv: list[str], validate=None) -> list[str]:
   return rest
 
 
-def parse_pretrain_flags(argv: list[str]) -> list[str]:
-  """parse_flags that also validates --config before JAX or TensorFlow load
-  (a bad value is reported in about a second, not after the imports)."""
+def job_flags_parser(job: str):
+  """parse_flags that also validates --config as a `job` config before JAX
+  or TensorFlow load (a bad value, or another job's config, is reported in
+  about a second, not after the imports)."""
   from jaxclr import config_lib  # pylint: disable=g-import-not-at-top
-  return parse_flags(argv, validate=config_lib.validate)
+  return lambda argv: parse_flags(
+      argv, validate=lambda c: config_lib.validate(c, job=job))
 
 
 def define_distributed_flags():

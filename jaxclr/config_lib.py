@@ -70,3 +70,32 @@ def load_config_file(path: str, arg: str | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def data_spec(config):
+  """The frozen `jaxclr.data.spec.DataSpec` of a config: the only place a
+  ConfigDict becomes what jaxclr/data reads."""
+  from jaxclr.data import spec  # pylint: disable=g-import-not-at-top
+  a = config.augment
+  return spec.DataSpec(
+      dataset=config.dataset, data_dir=config.data_dir,
+      train_split=config.train_split,
+      eval_split=config.eval_split,
+      data_access=config.data_access,
+      image_size=int(config.image_size), seed=int(config.seed),
+      synthetic_num_examples=int(config.synthetic.num_examples),
+      synthetic_num_classes=int(config.synthetic.num_classes),
+      shuffle_buffer_multiplier=int(config.shuffle_buffer_multiplier),
+      augment=spec.AugmentParams(
+          crop_area_range=tuple(float(v) for v in a.crop_area_range),
+          crop_min_object_covered=float(a.crop_min_object_covered),
+          crop_aspect_ratio_range=tuple(
+              float(v) for v in a.crop_aspect_ratio_range),
+          flip=bool(a.flip),
+          color_jitter_strength=float(a.color_jitter_strength),
+          color_jitter_prob=float(a.color_jitter_prob),
+          grayscale_prob=float(a.grayscale_prob),
+          brightness_impl=str(a.brightness_impl),
+          use_blur=bool(a.use_blur), blur_prob=float(a.blur_prob),
+          blur_sigma_range=tuple(float(v) for v in a.blur_sigma_range),
+          on_device=bool(a.on_device), transfer_dtype=str(a.transfer_dtype)))

@@ -1,7 +1,7 @@
 """The config schemas of the three jobs: pretraining, linear evaluation and
 fine-tuning (read them as `jaxclr.config_lib.pretrain_config()` etc.).
 
-Every hyperparameter that SIMCLR_REFERENCE.md names has a field with the
+Every hyperparameter that docs/simclr.md names has a field with the
 paper's default; the files in configs/ override what differs. A field that
 several jobs read (seed, the data source, the optimisation and loop fields,
 where the encoder comes from) is defined once, by one of the `_add_*`
@@ -119,7 +119,7 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.synthetic = ml_collections.ConfigDict(dict(
       num_examples=1024, num_classes=10))
 
-  # ---- Augmentation (SIMCLR_REFERENCE.md section 4) ----
+  # ---- Augmentation (docs/simclr.md section 4) ----
   c.augment = ml_collections.ConfigDict(dict(
       crop_area_range=(0.08, 1.0),
       crop_min_object_covered=0.1,

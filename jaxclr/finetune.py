@@ -17,5 +17,6 @@ cli.define_job_flags("Path to a fine-tuning config file.",
 
 if __name__ == "__main__":
   cli.run_job("jaxclr.evaluation.finetune",
+              flags_parser=cli.job_flags_parser("finetune"),
               summary_keys=("top1", "top5", "num_labelled_examples",
                             "steps", "checkpoint_step"))

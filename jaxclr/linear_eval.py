@@ -15,5 +15,6 @@ cli.define_job_flags("Path to an eval config file.",
 
 if __name__ == "__main__":
   cli.run_job("jaxclr.evaluation.job",
+              flags_parser=cli.job_flags_parser("linear_eval"),
               summary_keys=("top1", "top5", "knn_top1", "few_label_top1",
                             "checkpoint_step"))

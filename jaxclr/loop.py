@@ -57,8 +57,9 @@ class Cadence:
 class Job:
   """What a training job supplies to the loop.
 
-  init_state: () -> a fresh state (a TrainState), jitted with out_shardings:
-    those shardings are also where a restored state is placed.
+  init_state: jitted (*init_args) -> a fresh state (a TrainState), with
+    out_shardings: those shardings are also where a restored state is
+    placed. init_args: its arguments (an rng, restored variables).
   step: jitted (state, global batch, *step_args) -> (state, metrics);
     donates the state. step_args: device arrays the step reads but never
     changes (a frozen encoder's variables), passed as arguments rather than
@@ -71,12 +72,13 @@ class Job:
   meta: JSON-serialisable facts saved with every checkpoint.
   """
   name: str
-  init_state: Callable[[], Any]
+  init_state: Callable[..., Any]
   step: Callable[[Any, dict], tuple[Any, dict]]
   batches: Callable[[int], Iterator[dict]]
   total_steps: int
   steps_per_epoch: int
   batch_size: int
+  init_args: tuple = ()
   step_args: tuple = ()
   evaluate: Callable[[int, Any], dict | None] | None = None
   meta: dict = dataclasses.field(default_factory=dict)
@@ -188,11 +190,12 @@ class _NonFiniteGuard:
 
 
 def _restore_or_init(job: Job, store: checkpoint.CheckpointStore):
-  restored = store.restore(checkpoint.abstract_state(job.init_state))
+  restored = store.restore(
+      checkpoint.abstract_state(job.init_state, *job.init_args))
   if restored is None:
-    return job.init_state(), 0
+    return job.init_state(*job.init_args), 0
   state, _, step = restored
-  logging.info("%s: resumed from %s.", job.name, store.path(step))
+  logging.info("Resumed from %s (%s).", store.path(step), job.name)
   return state, step
 
 

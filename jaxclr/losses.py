@@ -1,4 +1,4 @@
-"""NT-Xent, SimCLR's contrastive loss, and its metrics (SIMCLR_REFERENCE.md 1).
+"""NT-Xent, SimCLR's contrastive loss, and its metrics (docs/simclr.md 1).
 
 Scale is the official code's, not the paper's: mean over view-1 anchors plus
 mean over view-2 anchors, i.e. 2x the paper's L. The learning rates and weight

@@ -12,4 +12,4 @@ cli.define_job_flags("Path to a config file.",
                      "Directory for checkpoints and metrics.")
 
 if __name__ == "__main__":
-  cli.run_job("jaxclr.pretrain", flags_parser=cli.parse_pretrain_flags)
+  cli.run_job("jaxclr.pretrain", flags_parser=cli.job_flags_parser("pretrain"))

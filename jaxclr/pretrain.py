@@ -74,7 +74,7 @@ def run(config, workdir: str) -> dict[str, float]:
     Preempted: after saving at the current step on SIGTERM / preemption.
     NonFiniteError: policy 'stop' and a NaN/Inf gradient.
   """
-  config_lib.validate(config)
+  config_lib.validate(config, job="pretrain")
   mesh = sharding.make_mesh(config.mesh_axis_type)
   config_lib.check_batch_sizes(config, ("batch_size",),
                                num_devices=mesh.devices.size,
@@ -82,7 +82,8 @@ def run(config, workdir: str) -> dict[str, float]:
   workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
 
   spec = config_lib.data_spec(config)
-  info = input_pipeline.dataset_info(spec)
+  train_source = input_pipeline.open_source(spec, "train")
+  info = input_pipeline.dataset_info(train_source)
   plan = optim.training_plan(config, info.num_train_examples)
   logging.info("jaxclr pretraining: %s", describe_run(config, plan, mesh))
   num_classes = info.num_classes if config.linear_probe else 0
@@ -94,12 +95,12 @@ def run(config, workdir: str) -> dict[str, float]:
 
   def batches(start_step):
     return input_pipeline.pretrain_batches(
-        spec, input_pipeline.open_source(spec, "train"),
+        spec, train_source,
         batch_size=config.batch_size, start_step=start_step,
         process_index=jax.process_index(), process_count=jax.process_count())
 
   job = loop.Job(
-      name="pretraining", init_state=lambda: trainer.init_fn(init_rng),
+      name="pretraining", init_state=trainer.init_fn, init_args=(init_rng,),
       step=trainer.step_fn, batches=batches, total_steps=plan.total_steps,
       steps_per_epoch=plan.steps_per_epoch, batch_size=config.batch_size,
       evaluate=evaluator.maybe_evaluate,

@@ -202,8 +202,8 @@ def test_config_errors(pretrained, tmp_path):
                      r"\(labels_per_class=1\); use batch_size <= 4"):
     finetune.run(ft_config(pretrained, labels_per_class=1), str(tmp_path))
   with pytest.raises(config_lib.ConfigError, match=r"label_fraction=1.5"):
-    finetune.validate(ft_config(pretrained, labels_per_class=None,
-                                label_fraction=1.5))
+    config_lib.validate(ft_config(pretrained, labels_per_class=None,
+                                  label_fraction=1.5), job="finetune")
   with pytest.raises(config_lib.ConfigError, match="model.depth"):
     finetune.run(ft_config("none"), str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "config.json"))

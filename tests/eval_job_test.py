@@ -112,7 +112,7 @@ def test_knn_protocol_runs_the_knn_alone(pretrained, results_8dev, tmp_path):
 
 def paper_state(out):
   path = os.path.join(out, "checkpoints", str(max(
-      workdir_lib.checkpoint_steps(out))), "default")
+      workdir_lib.checkpoint_steps(out))), "state")
   return ocp.StandardCheckpointer().restore(path)
 
 
@@ -131,14 +131,16 @@ def test_paper_protocol_schedule_resume_and_no_unused_features(
   monkeypatch.setattr(job, "_features", recording)
   c = eval_config(pretrained, protocol="paper", batch_size=16, num_epochs=1.0,
                   labels_per_class=(), knn=False, log_every_steps=1,
-                  checkpoint_every_steps=2)
+                  checkpoint_every_steps=2, max_checkpoints_to_keep=3)
   out = str(tmp_path / "paper")
   r = job.run(c, out)
   assert embedded == ["eval"]
-  assert r["paper"]["steps"] == 4 and r["num_train_examples"] == 64
+  # Every job's step count: num_examples x epochs // B + 1 (the reference's).
+  total = 64 * 1 // 16 + 1
+  assert r["paper"]["steps"] == total and r["num_train_examples"] == 64
   assert r["few_label_top1"] == {} and r["knn_top1"] is None
   assert 0.0 <= r["top1"] <= r["top5"] <= 1.0
-  peak, total = 0.1 * 16 / 256, 4
+  peak = 0.1 * 16 / 256
   with open(os.path.join(out, "metrics.jsonl")) as f:
     lrs = [json.loads(line)["learning_rate"] for line in f]
   want = [peak * 0.5 * (1 + np.cos(np.pi * t / total)) for t in range(total)]
@@ -147,7 +149,8 @@ def test_paper_protocol_schedule_resume_and_no_unused_features(
 
   resumed = str(tmp_path / "resumed")
   shutil.copytree(out, resumed)
-  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  for step in (4, total):  # As if killed after the step-2 checkpoint.
+    shutil.rmtree(os.path.join(resumed, "checkpoints", str(step)))
   os.remove(os.path.join(resumed, job.RESULTS_FILE))
   r2 = job.run(c, resumed)
   assert r["paper"]["resumed_from_step"] == 0
@@ -174,7 +177,7 @@ def test_not_a_workdir_and_random_init_errors(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="model.depth"):
     job.run(eval_config("none"), str(tmp_path / "out2"))
   with pytest.raises(config_lib.ConfigError, match="protocol='slow'"):
-    job.run(eval_config("none", protocol="slow"), str(tmp_path / "out3"))
+    job.run(eval_config(str(empty), protocol="slow"), str(tmp_path / "out3"))
   with pytest.raises(config_lib.ConfigError,
                      match=r"eval_batch_size: batch_size=100 must be divisible"
                      r" by the number of devices \(8\)"):
@@ -189,10 +192,12 @@ def test_evaluation_reads_the_labelled_training_split():
   random_init = encoder_lib.FrozenEncoder(None, {}, {}, 96, None,
                                           "random_init")
   c = eval_config("none", dataset="stl10", image_size=96)
-  d = job.labelled_data_config(c, random_init)
+  d = job.labelled_data_spec(c, random_init)
   assert (d.dataset, d.train_split) == ("stl10", "train")
   c.train_split = "unlabelled"
-  assert job.labelled_data_config(c, random_init).train_split == "unlabelled"
+  d = job.labelled_data_spec(c, random_init)
+  assert d.train_split == "unlabelled"
+  assert not d.augment.color_jitter_prob and not d.augment.use_blur
 
 
 def test_class_balanced_subsets_are_balanced_and_deterministic():

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from jaxclr import pretrain
+from jaxclr import config_lib, pretrain
 from jaxclr.data import input_pipeline
 from jaxclr.evaluation import encoder as encoder_lib
 from jaxclr.evaluation import knn
@@ -37,13 +37,16 @@ def test_periodic_knn_matches_standalone(tmp_path):
 
   mesh = sharding.make_mesh("explicit")
   enc = encoder_lib.restore_encoder(workdir, mesh, step=2)
-  fn = encoder_lib.make_feature_fn(enc, mesh, feature_layer=0)
-  data = encoder_lib.pretraining_config(workdir)
+  fn = encoder_lib.make_feature_fn(enc.model, mesh, feature_layer=0)
+  data = config_lib.data_spec(encoder_lib.pretraining_config(workdir))
+  src = input_pipeline.open_source(data, "train")
   bank = encoder_lib.extract_features(
-      fn, enc.variables, mesh, input_pipeline.eval_batches(data, "train", 16))
+      fn, enc.variables, mesh,
+      input_pipeline.eval_batches(data.image_size, src, 16))
   # synthetic's eval split is its train split: the bank is queried by itself.
   q = encoder_lib.extract_features(
-      fn, enc.variables, mesh, input_pipeline.eval_batches(data, "train", 16))
+      fn, enc.variables, mesh,
+      input_pipeline.eval_batches(data.image_size, src, 16))
   want = knn.knn_accuracy(q[0], q[1], bank[0], bank[1], num_classes=4,
                           mesh=None)
   assert 0.0 < logged <= 1.0

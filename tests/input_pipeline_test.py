@@ -21,10 +21,33 @@ def _config(dataset="digits", image_size=32, batch_size=16, **aug):
   return c
 
 
+def _spec(config):
+  return config_lib.data_spec(config)
+
+
+def _source(config, which="train", split=None):
+  return ip.open_source(_spec(config), which, split)
+
+
+def _info(config):
+  return ip.dataset_info(_source(config))
+
+
 def _take(config, start_step, n, index=0, count=1):
-  it = ip.pretrain_batches(config, start_step=start_step, process_index=index,
+  it = ip.pretrain_batches(_spec(config), _source(config),
+                           batch_size=config.batch_size,
+                           start_step=start_step, process_index=index,
                            process_count=count)
   return [next(it) for _ in range(n)]
+
+
+def _eval_arrays(config, split):
+  return ip.eval_arrays(config.image_size, _source(config, "eval", split))
+
+
+def _eval_batches(config, split, batch_size, index=0, count=1):
+  return ip.eval_batches(config.image_size, _source(config, "eval", split),
+                         batch_size, index, count)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +93,7 @@ def test_digits_split_is_stratified_disjoint_and_complete():
 
 def test_digits_pretrain_batch_format():
   c = _config()
-  info = ip.dataset_info(c)
+  info = _info(c)
   assert info == ip.DatasetInfo("digits", 1347, 10)
   b = _take(c, 0, 1)[0]
   assert b["images"].shape == (16, 2, 32, 32, 3)
@@ -87,8 +110,8 @@ def test_digits_pretrain_batch_format():
 
 def test_eval_arrays_digits_deterministic_and_unaugmented():
   c = _config()
-  x, y = ip.eval_arrays(c, "test")
-  x2, y2 = ip.eval_arrays(c, "test")
+  x, y = _eval_arrays(c, "test")
+  x2, y2 = _eval_arrays(c, "test")
   np.testing.assert_array_equal(x, x2)
   np.testing.assert_array_equal(y, y2)
   te = sources.digits_source("test")
@@ -100,7 +123,7 @@ def test_eval_arrays_digits_deterministic_and_unaugmented():
 def test_eval_batches_padding_and_process_slices():
   c = _config()
   n = sources.digits_source("test").num_examples  # 450
-  per_proc = [list(ip.eval_batches(c, "test", 128, p, 2)) for p in range(2)]
+  per_proc = [list(_eval_batches(c, "test", 128, p, 2)) for p in range(2)]
   assert len(per_proc[0]) == len(per_proc[1]) == -(-n // 128)
   ids = np.concatenate([np.concatenate([b0["example_ids"], b1["example_ids"]])
                         for b0, b1 in zip(*per_proc)])
@@ -156,17 +179,12 @@ def test_process_slices_are_disjoint_and_cover_each_epoch():
 def test_bad_layout_and_values_raise_data_error():
   c = _config(batch_size=15)
   with pytest.raises(ip.DataError, match="batch_size=15.*process_count=2"):
-    next(ip.pretrain_batches(c, start_step=0, process_index=0,
-                             process_count=2))
-  c = _config(brightness_impl="v3")
-  with pytest.raises(ip.DataError, match="brightness_impl"):
-    next(ip.pretrain_batches(c, start_step=0, process_index=0,
-                             process_count=1))
+    _take(c, 0, 1, 0, 2)
   c = _config(dataset="nope:/x")
   with pytest.raises(ip.DataError, match="nope:/x"):
-    ip.dataset_info(c)
+    _info(c)
   with pytest.raises(ip.DataError, match="'train', 'test'"):
-    ip.eval_arrays(_config(), "validation")
+    _eval_arrays(_config(), "validation")
 
 
 # ------------------------------------------------------------------ npz
@@ -177,20 +195,20 @@ def test_npz_source(tmp_path):
   path = str(tmp_path / "d.npz")
   np.savez(path, images=images, labels=labels)
   c = _config(dataset=f"npz:{path}", image_size=16, batch_size=8)
-  assert ip.dataset_info(c) == ip.DatasetInfo(f"npz:{path}", 40, 4)
+  assert _info(c) == ip.DatasetInfo(f"npz:{path}", 40, 4)
   b = _take(c, 0, 1)[0]
   assert b["images"].shape == (8, 2, 16, 16, 3)
   np.testing.assert_array_equal(b["labels"], labels[b["example_ids"]])
-  x, y = ip.eval_arrays(c, "train")
+  x, y = _eval_arrays(c, "train")
   assert x.shape == (40, 16, 16, 3)
   np.testing.assert_array_equal(y, labels)
   bad = str(tmp_path / "bad.npz")
   np.savez(bad, pixels=images)
   with pytest.raises(ip.DataError, match="no 'images' array"):
-    ip.dataset_info(_config(dataset=f"npz:{bad}"))
+    _info(_config(dataset=f"npz:{bad}"))
   np.savez(bad, images=images.astype(np.float32))
   with pytest.raises(ip.DataError, match="uint8"):
-    ip.dataset_info(_config(dataset=f"npz:{bad}"))
+    _info(_config(dataset=f"npz:{bad}"))
 
 
 # ------------------------------------------------------------------ folder
@@ -234,9 +252,9 @@ def test_folder_source_labels_skips_and_survives_bad_files(tmp_path):
 
 def test_empty_and_missing_folders_raise(tmp_path):
   with pytest.raises(ip.DataError, match="holds no image files"):
-    ip.dataset_info(_config(dataset=f"folder:{tmp_path}"))
+    _info(_config(dataset=f"folder:{tmp_path}"))
   with pytest.raises(ip.DataError, match="does not exist"):
-    ip.dataset_info(_config(dataset=f"folder:{tmp_path}/nothere"))
+    _info(_config(dataset=f"folder:{tmp_path}/nothere"))
 
 
 # ------------------------------------------------------------------ tfds
@@ -246,12 +264,12 @@ def test_tfds_mock_pipeline(name, size):
   c = _config(dataset=name, image_size=size, batch_size=8)
   c.data_dir = "/tmp/jaxclr-no-such-dir"
   with tfds.testing.mock_data(num_examples=n):
-    info = ip.dataset_info(c)
+    info = _info(c)
     assert info.num_train_examples == n
     assert info.num_classes == (1000 if name == "imagenet2012" else 10)
     one = _take(c, 0, 3)  # Steps 0, 1 = epoch 0 (drop-remainder), 2 = epoch 1.
     two = [_take(c, 0, 2, index=p, count=2) for p in range(2)]
-    ev = next(ip.eval_batches(c, None, 8))
+    ev = next(_eval_batches(c, None, 8))
   b = one[0]
   assert b["images"].shape == (8, 2, size, size, 3)
   assert b["images"].dtype == np.float32
@@ -276,12 +294,12 @@ def test_tfds_not_prepared_names_dir_and_command(tmp_path):
   c = _config(dataset="cifar10")
   c.data_dir = str(tmp_path)
   with pytest.raises(ip.DataError) as e:
-    ip.dataset_info(c)
+    _info(c)
   msg = str(e.value)
   assert str(tmp_path) in msg and "tfds build cifar10" in msg
   c.dataset = "imagenet2012"
   with pytest.raises(ip.DataError, match="ILSVRC2012_img_train.tar"):
-    ip.dataset_info(c)
+    _info(c)
   assert not any(tmp_path.iterdir()) or all(
       p.name in ("cifar10", "imagenet2012", "downloads")
       for p in tmp_path.iterdir())
@@ -289,12 +307,13 @@ def test_tfds_not_prepared_names_dir_and_command(tmp_path):
 
 def test_stl10_pretrains_on_unlabelled_split():
   c = _config(dataset="stl10")
-  assert sources.resolve_split(c, None, "train") == "unlabelled"
-  assert sources.resolve_split(c, None, "eval") == "test"
+  assert sources.resolve_split(_spec(c), None, "train") == "unlabelled"
+  assert sources.resolve_split(_spec(c), None, "eval") == "test"
   # Evaluation (probes, the kNN bank) reads the labelled training images.
-  assert sources.labelled_train_split(c) == "train"
-  assert sources.labelled_train_split(_config(dataset="cifar10")) == "train"
-  assert sources.labelled_train_split(_config()) == "train"  # digits
+  assert sources.labelled_train_split(_spec(c)) == "train"
+  assert sources.labelled_train_split(
+      _spec(_config(dataset="cifar10"))) == "train"
+  assert sources.labelled_train_split(_spec(_config())) == "train"  # digits
 
 
 def test_uint8_transfer_is_the_rounded_float_views():
@@ -347,7 +366,7 @@ def test_tfds_builds_and_access_paths(tiny_tfds, fmt, access, kind):
   tfrecord builds too big for memory) gives disjoint per-process shards."""
   c = _config(dataset="jaxclr_tiny_images", image_size=16, batch_size=8)
   c.data_dir, c.data_access = tiny_tfds[fmt], access
-  src = ip.get_source(c)
+  src = _source(c)
   assert (src.kind, src.num_examples, src.num_classes) == (kind, 24, 3)
   one = _take(c, 0, 4)  # Steps 0-2: epoch 0; step 3: epoch 1.
   two = [_take(c, 0, 4, index=p, count=2) for p in range(2)]
@@ -385,14 +404,39 @@ def test_any_tfds_dataset_through_the_tfds_prefix(tiny_tfds):
   c = _config(dataset="tfds:jaxclr_tiny_images", image_size=16, batch_size=8)
   c.data_dir = tiny_tfds["array_record"]
   config_lib.validate(c)
-  src = ip.get_source(c)
+  src = _source(c)
   assert (src.name, src.num_examples, src.num_classes) == (
       "jaxclr_tiny_images", 24, 3)
   assert _take(c, 0, 1)[0]["images"].shape == (8, 2, 16, 16, 3)
   with pytest.raises(ip.DataError, match=r"no split 'test'; valid: \['train'\]"):
-    ip.get_source(c, None, "eval")
+    _source(c, "eval")
   c.dataset = "tfds:jaxclr_no_such_dataset"
   config_lib.validate(c)  # The name is TFDS's to check, when it is opened.
   with pytest.raises(ip.DataError,
                      match="unknown TFDS dataset 'jaxclr_no_such_dataset'"):
-    ip.get_source(c)
+    _source(c)
+
+
+def test_labelled_batches_are_crop_flip_views_of_the_subset():
+  """Single labelled views for the paper probe and fine-tuning: view 0's
+  crop + flip of the pretraining stream (colour never applied: crop_only),
+  from the indices' examples only, layout-invariant."""
+  c = _config(batch_size=8, color_jitter_strength=1.0)
+  data, src = _spec(c), _source(c)
+  take = lambda p, n, indices=None: next(ip.labelled_batches(
+      data, src, batch_size=8, start_step=3, indices=indices,
+      process_index=p, process_count=n))
+  full = take(0, 1)
+  crops = _take(_config(batch_size=8, on_device=True), 3, 1)[0]
+  np.testing.assert_array_equal(full["images"], crops["images"][:, 0])
+  np.testing.assert_array_equal(full["labels"], crops["labels"])
+  indices = np.arange(100, 140)
+  one, two = take(0, 1, indices), [take(p, 2, indices) for p in range(2)]
+  assert one["images"].shape == (8, 32, 32, 3)
+  for key in ("images", "labels"):
+    np.testing.assert_array_equal(
+        one[key], np.concatenate([two[0][key], two[1][key]]))
+  assert set(one["labels"]) <= set(src.labels[indices])
+  with pytest.raises(ip.DataError, match="exceeds the 40 labelled"):
+    next(ip.labelled_batches(data, src, batch_size=64, start_step=0,
+                             indices=indices))

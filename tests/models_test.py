@@ -1,4 +1,4 @@
-"""ResNet and heads: structure, init and parameter counts (SIMCLR_REFERENCE 5)."""
+"""ResNet and heads: structure, init and parameter counts (docs/simclr.md 5)."""
 
 import flax
 import jax

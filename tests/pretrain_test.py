@@ -29,7 +29,8 @@ def tiny_config(**overrides):
 
 def restore_state(config, workdir, step=None):
   mesh = sharding.make_mesh("explicit")
-  info = input_pipeline.dataset_info(config_lib.data_spec(config))
+  info = input_pipeline.dataset_info(
+      input_pipeline.open_source(config_lib.data_spec(config)))
   plan = optim.training_plan(config, info.num_train_examples)
   trainer = pretrain.create_trainer(config, mesh, plan, info.num_classes)
   store = checkpoint.CheckpointStore(
@@ -37,7 +38,7 @@ def restore_state(config, workdir, step=None):
       max_to_keep=10)
   try:
     state, meta, restored_step = store.restore(
-        checkpoint.abstract_state(lambda: trainer.init_fn(jax.random.key(0))),
+        checkpoint.abstract_state(trainer.init_fn, jax.random.key(0)),
         step=step)
   finally:
     store.close()

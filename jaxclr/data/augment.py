@@ -1,7 +1,7 @@
-"""SimCLR augmentations on the host, in TensorFlow (SIMCLR_REFERENCE.md §4).
+"""SimCLR augmentations on the host, in TensorFlow (docs/simclr.md §4).
 
 Every random draw uses a stateless TF op whose seed is derived from
-(config.seed, step, example id, view, op) only, so a view is a pure function of
+(seed, step, example id, view, op) only, so a view is a pure function of
 those numbers: the same global batch arises on any process/device layout and
 after a resume.
 
@@ -9,11 +9,17 @@ Deviation from the reference, on purpose: SimCLR draws one blur sigma per
 (replica, view, step) and shares it over that replica's batch, which makes the
 result depend on the layout. Here sigma is drawn per example and view (as in
 BYOL's port); the per-image p=0.5 selector is unchanged.
+
+Colour and blur take their random parameters from `draw_color_params`, the
+one stream of both paths: applied here (augment.on_device=False) or shipped
+in the batch and applied by `device_augment.augment_views` (True).
 """
 
 from __future__ import annotations
 
 import tensorflow as tf
+
+from jaxclr.data import spec
 
 # Op indices folded into a view's seed; fixed forever so streams stay stable.
 _CROP, _FLIP, _JITTER_COIN, _ORDER, _BRIGHT, _CONTRAST, _SAT, _HUE, _GRAY, \
@@ -37,21 +43,21 @@ def _uniform(s, op, minval=0.0, maxval=1.0):
   return tf.random.stateless_uniform([], _op_seed(s, op), minval, maxval)
 
 
-def crop_window(image_shape, s, aug):
+def crop_window(image_shape, s, aug: spec.AugmentParams):
   """Inception-style crop box (begin [3], size [3]) with TF's exact sampler."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       image_shape,
       bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
       seed=_op_seed(s, _CROP),
       min_object_covered=aug.crop_min_object_covered,
-      aspect_ratio_range=tuple(aug.crop_aspect_ratio_range),
-      area_range=tuple(aug.crop_area_range),
+      aspect_ratio_range=aug.crop_aspect_ratio_range,
+      area_range=aug.crop_area_range,
       max_attempts=100,
       use_image_if_no_bounding_boxes=True)
   return begin, size
 
 
-def crop_and_flip(image, s, aug, image_size: int):
+def crop_and_flip(image, s, aug: spec.AugmentParams, image_size: int):
   """Random crop + bicubic resize + flip of a float [h, w, 3] image."""
   begin, size = crop_window(tf.shape(image), s, aug)
   crop = tf.slice(image, begin, size)
@@ -61,30 +67,47 @@ def crop_and_flip(image, s, aug, image_size: int):
   return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def color_jitter(x, s, aug):
-  """Four jitter ops in a random order, clipping after each (p=1 here)."""
-  strength = aug.color_jitter_strength
-  b = c = sat = 0.8 * strength
-  h = 0.2 * strength
+def jitter_ranges(aug: spec.AugmentParams):
+  """(brightness lo, hi), contrast, saturation ranges and the hue bound."""
+  b = 0.8 * aug.color_jitter_strength
+  factor = (max(1.0 - b, 0.0), 1.0 + b)
+  bright = factor if aug.brightness_impl == "simclrv2" else (-b, b)
+  return bright, factor, factor, min(0.2 * aug.color_jitter_strength, 0.5)
 
+
+def draw_color_params(s, aug: spec.AugmentParams):
+  """float32 [P]: every random parameter of a view's colour and blur.
+
+  Layout: spec.py. Each draw uses the seed (and op index) that the TF ops
+  `tf.image.stateless_random_{contrast,saturation,hue}` used to draw
+  internally, so the views are the same as when those ops drew them.
+  """
+  bright, contrast, sat, hue = jitter_ranges(aug)
+  coin = lambda op, p: tf.cast(_uniform(s, op) < p, tf.float32)
+  order = tf.argsort(tf.random.stateless_uniform([4], _op_seed(s, _ORDER)))
+  lo, hi = aug.blur_sigma_range
+  return tf.concat([
+      [coin(_JITTER_COIN, aug.color_jitter_prob)],
+      tf.cast(order, tf.float32),
+      [_uniform(s, _BRIGHT, *bright), _uniform(s, _CONTRAST, *contrast),
+       _uniform(s, _SAT, *sat), _uniform(s, _HUE, -hue, hue),
+       coin(_GRAY, aug.grayscale_prob), coin(_BLUR_COIN, aug.blur_prob),
+       _uniform(s, _BLUR_SIGMA, lo, hi)]], axis=0)
+
+
+def color_jitter(x, p, aug: spec.AugmentParams):
+  """The four jitter ops of colour parameters `p` [P], in p's order,
+  clipping after each (applied unconditionally here)."""
   def brightness(x):
     if aug.brightness_impl == "simclrv2":
-      return x * _uniform(s, _BRIGHT, max(1.0 - b, 0.0), 1.0 + b)
-    return x + _uniform(s, _BRIGHT, -b, b)  # 'simclrv1': additive delta.
+      return x * p[spec.BRIGHT]
+    return x + p[spec.BRIGHT]  # 'simclrv1': additive delta.
 
-  def contrast(x):
-    return tf.image.stateless_random_contrast(
-        x, max(1.0 - c, 0.0), 1.0 + c, _op_seed(s, _CONTRAST))
-
-  def saturation(x):
-    return tf.image.stateless_random_saturation(
-        x, max(1.0 - sat, 0.0), 1.0 + sat, _op_seed(s, _SAT))
-
-  def hue(x):
-    return tf.image.stateless_random_hue(x, min(h, 0.5), _op_seed(s, _HUE))
-
-  ops = [brightness, contrast, saturation, hue]
-  order = tf.argsort(tf.random.stateless_uniform([4], _op_seed(s, _ORDER)))
+  ops = [brightness,
+         lambda x: tf.image.adjust_contrast(x, p[spec.CONTRAST]),
+         lambda x: tf.image.adjust_saturation(x, p[spec.SAT]),
+         lambda x: tf.image.adjust_hue(x, p[spec.HUE])]
+  order = tf.cast(p[spec.ORDER:spec.ORDER + 4], tf.int32)
   for i in range(4):
     x = tf.switch_case(order[i], [lambda f=f: f(x) for f in ops])
     x = tf.clip_by_value(x, 0.0, 1.0)
@@ -95,20 +118,17 @@ def to_grayscale(x):
   return tf.tile(tf.image.rgb_to_grayscale(x), [1, 1, 3])
 
 
-def color_distort(x, s, aug):
-  """Jitter with p=color_jitter_prob, then independently grayscale."""
-  if aug.color_jitter_strength > 0 and aug.color_jitter_prob > 0:
-    x = tf.cond(_uniform(s, _JITTER_COIN) < aug.color_jitter_prob,
-                lambda: color_jitter(x, s, aug), lambda: x)
-  if aug.grayscale_prob > 0:
-    x = tf.cond(_uniform(s, _GRAY) < aug.grayscale_prob,
-                lambda: to_grayscale(x), lambda: x)
+def color_distort(x, p, aug: spec.AugmentParams):
+  """Jitter if p's jitter coin says so, then independently grayscale."""
+  if aug.jitter_on:
+    x = tf.cond(p[spec.JITTER] > 0.5, lambda: color_jitter(x, p, aug),
+                lambda: x)
+  if aug.grayscale_on:
+    x = tf.cond(p[spec.GRAY] > 0.5, lambda: to_grayscale(x), lambda: x)
   return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def blur_kernel_radius(image_size: int) -> int:
-  """SimCLR's kernel: 2 * ((size // 10) // 2) + 1 taps (23 at 224, 3 at 32)."""
-  return (image_size // 10) // 2
+blur_kernel_radius = spec.blur_kernel_radius
 
 
 def _band_matrix(n, w, radius: int):
@@ -135,28 +155,30 @@ def gaussian_blur(x, sigma, radius: int):
   return tf.einsum("gwc,gh->hwc", x, _band_matrix(shape[0], w, radius))
 
 
-def random_blur(x, s, aug, image_size: int):
-  """Blur with p=blur_prob; sigma ~ U(blur_sigma_range) per example (deviation)."""
-  lo, hi = aug.blur_sigma_range
-  sigma = _uniform(s, _BLUR_SIGMA, lo, hi)
+def random_blur(x, p, image_size: int):
+  """Blur if p's blur coin says so, with p's sigma (drawn per example: the
+  deviation in the module doc)."""
   radius = blur_kernel_radius(image_size)
-  x = tf.cond(_uniform(s, _BLUR_COIN) < aug.blur_prob,
-              lambda: gaussian_blur(x, sigma, radius), lambda: x)
+  x = tf.cond(p[spec.BLUR] > 0.5,
+              lambda: gaussian_blur(x, p[spec.SIGMA], radius), lambda: x)
   return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def pretrain_view(image, s, aug, image_size: int, *, host_color: bool):
-  """One SimCLR view of a float [h, w, 3] image in [0, 1].
+def pretrain_view(image, s, aug: spec.AugmentParams, image_size: int):
+  """One SimCLR view of a float [h, w, 3] image in [0, 1], and its colour
+  parameters: (float32 [size, size, 3], float32 [P]).
 
-  host_color False leaves colour, grayscale and blur to the device
-  (`device_augment.augment_views`).
+  With aug.on_device the view is crop + flip only and the device applies
+  the parameters (`device_augment.augment_views`); otherwise they are
+  applied here.
   """
   x = crop_and_flip(image, s, aug, image_size)
-  if host_color:
-    x = color_distort(x, s, aug)
-    if aug.use_blur and aug.blur_prob > 0:
-      x = random_blur(x, s, aug, image_size)
-  return tf.ensure_shape(x, [image_size, image_size, 3])
+  p = draw_color_params(s, aug)
+  if not aug.on_device:
+    x = color_distort(x, p, aug)
+    if aug.blur_on:
+      x = random_blur(x, p, image_size)
+  return tf.ensure_shape(x, [image_size, image_size, 3]), p
 
 
 def eval_image(image, image_size: int):

@@ -1,13 +1,12 @@
 """Colour jitter, grayscale and blur on the accelerator (`augment.on_device`).
 
-With `config.augment.on_device` the host does crop + flip only, and the trainer
-calls `augment_views` inside its jitted step. The semantics are those of the
-host ops in augment.py (SIMCLR_REFERENCE.md §4.3-4.4); the random stream is a
-different one (JAX keys, not TF stateless seeds), so on_device=True and False
-give different, equally distributed, views. Every draw is keyed by
-fold_in(fold_in(fold_in(rng, step), example_id), view): layout-invariant.
-As on the host, the blur sigma is drawn per example (SimCLR shares one per
-replica batch, which depends on the layout).
+With augment.on_device the host does crop + flip only and ships each view's
+random colour parameters (drawn by `augment.draw_color_params` from the same
+TF stateless stream it uses otherwise; layout in spec.py) in the batch as
+"color_params"; the trainer calls `augment_views` inside its jitted step. The
+ops are JAX versions of the host's (docs/simclr.md section 4.3-4.4), so
+on_device=True and False give the same views up to float round-off
+(tests/augment_test.py measures it).
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from jaxclr.data import spec
 
 
 def rgb_to_hsv(rgb):
@@ -78,73 +79,50 @@ def gaussian_blur(x, sigma, radius: int):
   return sum(w[j] * rows[:, j:j + m] for j in range(2 * radius + 1))
 
 
-def _one_view(x, key, aug):
-  """Colour distortion (+ blur) of one [H, W, 3] view, as augment.py."""
-  s = aug.color_jitter_strength
-  bc = 0.8 * s
-  (k_coin, k_order, k_b, k_c, k_s, k_h, k_gray, k_bcoin,
-   k_sigma) = jax.random.split(key, 9)
-  u = lambda k, lo, hi: jax.random.uniform(k, (), jnp.float32, lo, hi)
-  if aug.brightness_impl == "simclrv2":
-    bright = lambda y: y * u(k_b, max(1.0 - bc, 0.0), 1.0 + bc)
+def _one_view(x, p, params: spec.AugmentParams):
+  """Colour distortion (+ blur) of one [H, W, 3] view with its colour
+  parameters p [P] (layout: spec.py), as augment.py applies them."""
+  if params.brightness_impl == "simclrv2":
+    bright = lambda y: y * p[spec.BRIGHT]
   else:
-    bright = lambda y: y + u(k_b, -bc, bc)
+    bright = lambda y: y + p[spec.BRIGHT]
   ops = [bright,
-         lambda y: adjust_contrast(y, u(k_c, max(1.0 - bc, 0.0), 1.0 + bc)),
-         lambda y: adjust_saturation(y, u(k_s, max(1.0 - bc, 0.0), 1.0 + bc)),
-         lambda y: adjust_hue(y, u(k_h, -min(0.2 * s, 0.5), min(0.2 * s, 0.5)))]
+         lambda y: adjust_contrast(y, p[spec.CONTRAST]),
+         lambda y: adjust_saturation(y, p[spec.SAT]),
+         lambda y: adjust_hue(y, p[spec.HUE])]
 
   def jitter(y):
-    order = jax.random.permutation(k_order, 4)
+    order = p[spec.ORDER:spec.ORDER + 4].astype(jnp.int32)
     for i in range(4):
       y = jnp.clip(jax.lax.switch(order[i], ops, y), 0.0, 1.0)
     return y
 
-  if s > 0 and aug.color_jitter_prob > 0:
-    apply = jax.random.uniform(k_coin) < aug.color_jitter_prob
-    x = jnp.where(apply, jitter(x), x)
-  if aug.grayscale_prob > 0:
-    x = jnp.where(jax.random.uniform(k_gray) < aug.grayscale_prob,
-                  to_grayscale(x), x)
+  if params.jitter_on:
+    x = jnp.where(p[spec.JITTER] > 0.5, jitter(x), x)
+  if params.grayscale_on:
+    x = jnp.where(p[spec.GRAY] > 0.5, to_grayscale(x), x)
   x = jnp.clip(x, 0.0, 1.0)
-  if aug.use_blur and aug.blur_prob > 0:
-    lo, hi = aug.blur_sigma_range
-    radius = (x.shape[0] // 10) // 2
-    blurred = gaussian_blur(x, u(k_sigma, lo, hi), radius)
-    x = jnp.where(jax.random.uniform(k_bcoin) < aug.blur_prob, blurred, x)
-    x = jnp.clip(x, 0.0, 1.0)
+  if params.blur_on:
+    radius = spec.blur_kernel_radius(x.shape[0])  # Static: the image size.
+    blurred = gaussian_blur(x, p[spec.SIGMA], radius)
+    x = jnp.clip(jnp.where(p[spec.BLUR] > 0.5, blurred, x), 0.0, 1.0)
   return x
 
 
-def augment_views(images, example_ids, rng, step, augment_config):
-  """Colour/grayscale/blur of both views, keyed per example.
+def augment_views(images, color_params, *, params: spec.AugmentParams):
+  """Colour/grayscale/blur of both views with the host-drawn parameters.
 
-  The trainer binds the config: partial(augment_views, augment_config=...)
-  and calls it as augment_fn(images, example_ids, rng, step) inside its jit.
+  The trainer binds `params` (static, hashable) with functools.partial and
+  calls augment_fn(images, batch["color_params"]) inside its jit.
 
   Args:
     images: float [B, 2, H, W, 3] in [0, 1] (host crop + flip only).
-    example_ids: int [B], the batch's example ids.
-    rng: a JAX key (typed or raw), e.g. from config.seed.
-    step: the train step (int or traced scalar).
-    augment_config: config.augment (static Python values).
+    color_params: float32 [B, 2, P], the batch's "color_params" (spec.py).
+    params: the run's augmentation.
   Returns:
-    float32 [B, 2, H, W, 3] in [0, 1].
+    float32 [B, 2, H, W, 3] in [0, 1]: the views the host would have made
+    with augment.on_device=False, up to float round-off.
   """
-  base = jax.random.fold_in(rng, step)
-
-  def per_example(views, eid):
-    k = jax.random.fold_in(base, eid)
-    return jnp.stack([_one_view(views[v], jax.random.fold_in(k, v),
-                                augment_config) for v in range(2)])
-
-  return jax.vmap(per_example)(images.astype(jnp.float32), example_ids)
-
-
-def make_augment_fn(augment_config):
-  """augment_fn(images, example_ids, rng, step) for the trainer."""
-  return functools.partial(_bound, augment_config=augment_config)
-
-
-def _bound(images, example_ids, rng, step, *, augment_config):
-  return augment_views(images, example_ids, rng, step, augment_config)
+  per_view = jax.vmap(functools.partial(_one_view, params=params))
+  return jax.vmap(per_view)(images.astype(jnp.float32),
+                            color_params.astype(jnp.float32))

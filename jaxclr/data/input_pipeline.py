@@ -7,6 +7,9 @@
                augment.transfer_dtype='uint8'; the train step scales it back)
   labels:      int32   [b], -1 when the dataset has no labels
   example_ids: int32   [b], the example's index in the training split
+  color_params: float32 [b, 2, P], only with augment.on_device: each view's
+               colour/blur parameters (layout in spec.py), applied on device
+               by `device_augment.augment_views`
 
 with b = batch_size // process_count. The global batch of step t is the
 concatenation of the processes' batches in process order, and it depends only
@@ -18,19 +21,25 @@ process_count but depends on the process layout.)
 
 Each example is fetched by index and augmented in a tf.data map whose random
 draws are stateless functions of (seed, step, example id, view): see augment.py.
+
+Every function takes explicit values: a `spec.DataSpec` (from
+`config_lib.data_spec(config)`) and a `sources.Source` that the caller opens
+once with `open_source` and passes on; nothing here caches a source (a
+folder's scan is cached by path in `sources.folder_source`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from jaxclr.data import augment
 from jaxclr import errors
+from jaxclr.data import augment
 from jaxclr.data import sources
+from jaxclr.data import spec as spec_lib
 
 DataError = errors.DataError
 MAX_EVAL_ARRAY_BYTES = 4 * 2**30
@@ -43,34 +52,19 @@ class DatasetInfo:
   num_classes: int  # 0 when unlabelled.
 
 
-@functools.lru_cache(maxsize=16)
-def _cached_source(dataset, data_dir, split, access, seed, image_size,
-                   syn_n, syn_k):
-  cfg = _Cfg(dataset=dataset, data_dir=data_dir, data_access=access, seed=seed,
-             image_size=image_size, synthetic=_Cfg(num_examples=syn_n,
-                                                   num_classes=syn_k))
-  return sources.make_source(cfg, split)
+def open_source(data: spec_lib.DataSpec, which: str = "train",
+                split: Optional[str] = None) -> sources.Source:
+  """Opens `split`, else the spec's split for `which`, else the dataset's
+  default (DataError on a bad dataset or split). which: 'train' (what
+  pretraining reads), 'eval', or 'labelled_train' (the training split that
+  evaluation reads: `sources.labelled_train_split`)."""
+  if which == "labelled_train":
+    split = sources.labelled_train_split(data) if split is None else split
+    which = "train"
+  return sources.make_source(data, sources.resolve_split(data, split, which))
 
 
-class _Cfg(dict):
-  """Minimal attribute dict: the hashable subset of a config a source reads."""
-  __getattr__ = dict.__getitem__
-
-
-def get_source(config, split: Optional[str] = None,
-               which: str = "train") -> sources.Source:
-  split = sources.resolve_split(config, split, which)
-  return _cached_source(config.dataset, config.get("data_dir"), split,
-                        config.get("data_access", "auto"), config.seed,
-                        config.image_size, config.synthetic.num_examples,
-                        config.synthetic.num_classes)
-
-
-def dataset_info(config) -> DatasetInfo:
-  if config.dataset == "synthetic":  # No need to render the images.
-    return DatasetInfo("synthetic", config.synthetic.num_examples,
-                       config.synthetic.num_classes)
-  src = get_source(config)
+def dataset_info(src: sources.Source) -> DatasetInfo:
   return DatasetInfo(src.name, src.num_examples, src.num_classes)
 
 
@@ -105,25 +99,7 @@ def check_layout(batch_size: int, process_index: int, process_count: int):
                     f"{process_count}")
 
 
-def check_augment_config(config):
-  aug = config.augment
-  s = aug.color_jitter_strength
-  if s < 0 or 0.2 * s > 0.5:
-    raise DataError(f"augment.color_jitter_strength={s}; valid: 0 to 2.5 "
-                    "(hue delta 0.2*s must stay <= 0.5)")
-  if aug.brightness_impl not in ("simclrv1", "simclrv2"):
-    raise DataError(f"augment.brightness_impl={aug.brightness_impl!r}; valid:"
-                    " 'simclrv2' (multiplicative), 'simclrv1' (additive)")
-  lo, hi = aug.crop_area_range
-  if not 0 < lo <= hi <= 1:
-    raise DataError(f"augment.crop_area_range={tuple(aug.crop_area_range)};"
-                    " need 0 < lo <= hi <= 1")
-  for key in ("color_jitter_prob", "grayscale_prob", "blur_prob"):
-    if not 0 <= aug[key] <= 1:
-      raise DataError(f"augment.{key}={aug[key]} is not a probability")
-
-
-def _decode_fn(kind: str):
+def decode_fn(kind: str):
   """tf function: raw element -> float32 [h, w, 3] in [0, 1]."""
   import tensorflow as tf
 
@@ -143,52 +119,66 @@ def _decode_fn(kind: str):
   return dec_file
 
 
-def pretrain_batches(config, *, start_step: int, process_index: int,
+def pretrain_batches(data: spec_lib.DataSpec, src: sources.Source, *,
+                     batch_size: int, start_step: int, process_index: int,
                      process_count: int) -> Iterator[dict[str, np.ndarray]]:
-  """Process-local pretraining batches from `start_step` on (see module doc)."""
+  """Process-local pretraining batches from `start_step` on (see module doc).
+
+  Args:
+    data: what to read and how to augment it.
+    src: the training source, `open_source(data, "train")`.
+    batch_size: the global batch, in images (each gives two views).
+    start_step: the first step to yield (a resume).
+    process_index, process_count: this process's rows of each global batch.
+  """
   import tensorflow as tf
 
-  check_layout(config.batch_size, process_index, process_count)
-  check_augment_config(config)
-  src = get_source(config)
-  local = config.batch_size // process_count
-  aug, size, seed = config.augment, config.image_size, config.seed
-  host_color = not aug.on_device
-  decode = _decode_fn(src.kind)
+  check_layout(batch_size, process_index, process_count)
+  local = batch_size // process_count
+  aug, size, seed = data.augment, data.image_size, data.seed
+  decode = decode_fn(src.kind)
 
   def make_views(raw, label, example_id, step):
     image = decode(raw)
-    views = tf.stack([augment.pretrain_view(
-        image, augment.view_seed(seed, step, example_id, v), aug, size,
-        host_color=host_color) for v in range(2)])
+    views, params = zip(*[augment.pretrain_view(
+        image, augment.view_seed(seed, step, example_id, v), aug, size)
+                          for v in range(2)])
+    views = tf.stack(views)
     if aug.transfer_dtype == "uint8":  # Views are clipped to [0, 1].
       views = tf.cast(tf.round(views * 255.0), tf.uint8)
-    return {"images": views, "labels": label,
-            "example_ids": example_id}
+    out = {"images": views, "labels": label, "example_ids": example_id}
+    if aug.on_device:
+      out["color_params"] = tf.stack(params)  # [2, P]
+    return out
 
   if src.kind == "stream":
-    ds = _stream_elements(src, config, start_step, process_index,
+    ds = _stream_elements(src, data, start_step, process_index,
                           process_count, local)
   else:
-    if config.batch_size > src.num_examples:
-      raise DataError(f"batch_size={config.batch_size} exceeds the "
+    if batch_size > src.num_examples:
+      raise DataError(f"batch_size={batch_size} exceeds the "
                       f"{src.num_examples} examples of {src.name}")
-    ds = _indexed_elements(src, config, start_step, process_index, local)
+    ds = _indexed_elements(src, seed, batch_size, start_step, process_index,
+                           local)
   ds = ds.map(make_views, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
   ds = ds.batch(local, drop_remainder=True).prefetch(2)
   yield from ds.as_numpy_iterator()
 
 
-def _indexed_elements(src, config, start_step, process_index, local):
-  """(raw, label, example id, step) of this process's slice of each step."""
+def _indexed_elements(src, seed, batch_size, start_step, process_index, local,
+                      pool: Optional[np.ndarray] = None):
+  """(raw, label, example id, step) of this process's slice of each step;
+  the examples are `pool` (all of src when None) in a per-epoch order."""
   import tensorflow as tf
 
   lo, hi = process_index * local, (process_index + 1) * local
+  n = src.num_examples if pool is None else len(pool)
 
   def fetch(step):
-    ids = global_example_ids(config.seed, int(step), config.batch_size,
-                             src.num_examples)[lo:hi]
+    ids = global_example_ids(seed, int(step), batch_size, n)[lo:hi]
+    if pool is not None:
+      ids = pool[ids]
     raw, labels = raw_batch(src, ids)
     return raw, labels, ids.astype(np.int32), np.full(len(ids), step, np.int64)
 
@@ -245,13 +235,13 @@ def raw_batch(src, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.array(raw, object), np.asarray(labels, np.int32)
 
 
-def _stream_elements(src, config, start_step, process_index, process_count,
+def _stream_elements(src, data, start_step, process_index, process_count,
                      local):
   """Layout-dependent fallback for big tfrecord-only TFDS builds."""
   import tensorflow as tf
-  ds = src.make_stream(process_index, process_count, config.seed)
-  ds = ds.shuffle(local * config.shuffle_buffer_multiplier,
-                  seed=config.seed).repeat()
+  ds = src.make_stream(process_index, process_count, data.seed)
+  ds = ds.shuffle(local * data.shuffle_buffer_multiplier,
+                  seed=data.seed).repeat()
   ds = ds.skip(start_step * local).enumerate(start=start_step * local)
 
   def fmt(pos, ex):
@@ -263,10 +253,11 @@ def _stream_elements(src, config, start_step, process_index, process_count,
   return ds.map(fmt)
 
 
-def eval_batches(config, split: Optional[str] = None, batch_size: int = 256,
+def eval_batches(image_size: int, src: sources.Source, batch_size: int,
                  process_index: int = 0, process_count: int = 1
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """One pass over `split`, centre-cropped, in process-local padded batches.
+  """One pass over `src`, centre-cropped to `image_size`, in process-local
+  padded batches (`batch_size` is global).
 
   Global batch k holds examples [k*B, (k+1)*B); process p gets its slice
   [p*b, (p+1)*b) of it (b = B // process_count), padded with zero images,
@@ -277,15 +268,14 @@ def eval_batches(config, split: Optional[str] = None, batch_size: int = 256,
   import tensorflow as tf
 
   check_layout(batch_size, process_index, process_count)
-  src = get_source(config, split, "eval")
   if src.kind == "stream":
     raise DataError(f"{src.name} is a tfrecord-only build with no random "
                     "access; rebuild it with --file_format=array_record for "
                     "evaluation")
-  local, size = batch_size // process_count, config.image_size
+  local, size = batch_size // process_count, image_size
   n = src.num_examples
   num_batches = -(-n // batch_size)
-  decode = _decode_fn(src.kind)
+  decode = decode_fn(src.kind)
 
   def fetch(k):
     ids = k * batch_size + process_index * local + np.arange(local)
@@ -311,27 +301,64 @@ def eval_batches(config, split: Optional[str] = None, batch_size: int = 256,
   yield from ds.batch(local).prefetch(2).as_numpy_iterator()
 
 
-def eval_arrays(config, split: Optional[str] = None
+def eval_arrays(image_size: int, src: sources.Source
                 ) -> tuple[np.ndarray, np.ndarray]:
-  """All of `split` with eval preprocessing: (float32 [N,H,W,3] in [0,1], int32 [N]).
+  """All of `src` with eval preprocessing: (float32 [N,H,W,3] in [0,1], int32 [N]).
 
   For datasets that fit in memory (digits, npz, CIFAR, folders); bigger ones
-  raise DataError: use `eval_batches`. `split` None: config.eval_split, or the
-  dataset's default eval split ('test' for digits/CIFAR/STL-10).
+  raise DataError: use `eval_batches`.
   """
-  src = get_source(config, split, "eval")
-  need = src.num_examples * config.image_size**2 * 3 * 4
+  need = src.num_examples * image_size**2 * 3 * 4
   if src.kind == "stream" or need > MAX_EVAL_ARRAY_BYTES:
-    raise DataError(f"{src.name} split {split!r} is too big for eval_arrays "
+    raise DataError(f"{src.name} is too big for eval_arrays "
                     f"({need / 2**30:.1f} GiB); use eval_batches")
   images, labels = [], []
-  for b in eval_batches(config, split, batch_size=512):
+  for b in eval_batches(image_size, src, batch_size=512):
     images.append(b["images"][b["mask"]])
     labels.append(b["labels"][b["mask"]])
   return np.concatenate(images), np.concatenate(labels)
 
 
+def labelled_batches(data: spec_lib.DataSpec, src: sources.Source, *,
+                     batch_size: int, start_step: int,
+                     indices: Optional[Sequence[int]] = None,
+                     process_index: int = 0, process_count: int = 1
+                     ) -> Iterator[dict[str, np.ndarray]]:
+  """Crop + flip (`data.augment.crop_only()`) single views, labelled: what
+  the paper probe and fine-tuning train on.
+
+  src: the labelled training source. indices: restrict to these examples
+  (label subsets). Yields this process's rows [p*b, (p+1)*b) of each global
+  batch (b = batch_size // process_count), as pretraining does: images
+  float32 [b, H, W, 3], labels int32 [b]. The global batch depends only on
+  (data.seed, step); view 0's crop of pretraining's seed stream.
+  """
+  import tensorflow as tf
+
+  if src.labels is None and src.kind != "encoded" or src.num_classes == 0:
+    raise DataError(f"{src.name} has no labels: linear evaluation needs a "
+                    "labelled training split")
+  pool = np.arange(src.num_examples) if indices is None else np.asarray(indices)
+  if batch_size > len(pool):
+    raise DataError(f"batch_size={batch_size} exceeds the {len(pool)} "
+                    "labelled training examples")
+  check_layout(batch_size, process_index, process_count)
+  local = batch_size // process_count
+  aug, size, seed = data.augment.crop_only(), data.image_size, data.seed
+  decode = decode_fn(src.kind)
+
+  def view(raw, label, eid, step):
+    s = augment.view_seed(seed, step, eid, 0)
+    x = augment.crop_and_flip(decode(raw), s, aug, size)
+    return {"images": tf.ensure_shape(x, [size, size, 3]), "labels": label}
+
+  ds = _indexed_elements(src, seed, batch_size, start_step, process_index,
+                         local, pool)
+  ds = ds.map(view, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  yield from ds.batch(local, drop_remainder=True).prefetch(2).as_numpy_iterator()
+
+
 def clear_caches():
-  """Forgets opened sources (tests; or after a dataset changed on disk)."""
-  _cached_source.cache_clear()
+  """Forgets the folder scans of `sources.folder_source` (tests; or after a
+  folder changed on disk)."""
   sources.folder_source.cache_clear()

@@ -1,4 +1,4 @@
-"""Random-access image sources: example i -> (image, label), by `config.dataset`.
+"""Random-access image sources: example i -> (image, label), by `spec.dataset`.
 
 Kinds of `Source.kind`:
   'array':   `images` is a uint8 array [N, H, W, 3] in memory.
@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from jaxclr import errors
+from jaxclr.data import spec as spec_lib
 from jaxclr.data import synthetic
 
 DataError = errors.DataError
@@ -71,26 +72,28 @@ def default_splits(dataset: str) -> tuple[str, str]:
 LABELLED_INSTEAD_OF = {("stl10", "unlabelled"): "train"}
 
 
-def labelled_train_split(config) -> str:
+def labelled_train_split(data: spec_lib.DataSpec) -> str:
   """The training split that evaluation reads: the pretraining split, unless
   that is a dataset's unlabelled split (STL-10 pretrains on 'unlabelled'; its
   5,000 labelled training images are 'train')."""
-  split = resolve_split(config, None, "train")
-  return LABELLED_INSTEAD_OF.get((config.dataset, split), split)
+  split = resolve_split(data, None, "train")
+  return LABELLED_INSTEAD_OF.get((data.dataset, split), split)
 
 
-def resolve_split(config, split: Optional[str], which: str) -> str:
-  """`split`, or the config's, or the dataset's default for `which`."""
+def resolve_split(data: spec_lib.DataSpec, split: Optional[str],
+                  which: str) -> str:
+  """`split`, or the spec's, or the dataset's default for `which`
+  ('train' or 'eval')."""
   if split is None:
-    split = config.train_split if which == "train" else config.eval_split
+    split = data.train_split if which == "train" else data.eval_split
   if split is None:
-    split = default_splits(config.dataset)[0 if which == "train" else 1]
+    split = default_splits(data.dataset)[0 if which == "train" else 1]
   return split
 
 
 # ---------------------------------------------------------------- digits
 DIGITS_TEST_FRACTION = 0.25
-DIGITS_SPLIT_SEED = 20261123  # Fixed: the split never depends on config.seed.
+DIGITS_SPLIT_SEED = 20261123  # Fixed: the split never depends on the seed.
 
 
 @functools.lru_cache(maxsize=None)
@@ -179,6 +182,9 @@ def _readable_header(path: str) -> Optional[str]:
 def folder_source(root: str, split: str = "train") -> Source:
   """Images under `root` (recursive); first-level sub-folders become labels.
 
+  Cached by (root, split): the scan reads every file's header once per
+  process (`clear_caches` forgets it, e.g. after the folder changed).
+
   Unreadable files (PIL cannot read the header) are logged with their path,
   counted, and left out of the index, so the index (and hence every batch) is
   fixed before training starts.
@@ -240,12 +246,12 @@ def decode_file(path: bytes) -> tuple[np.ndarray, bool]:
 
 
 # ---------------------------------------------------------------- synthetic
-def synthetic_source(config) -> Source:
-  n, k = config.synthetic.num_examples, config.synthetic.num_classes
+def synthetic_source(seed: int, image_size: int, n: int, k: int) -> Source:
+  """n images of synthetic.example_image, labels in [0, k) (-1 if k <= 0)."""
   images = np.stack([
-      np.rint(synthetic.example_image(config.seed, i, config.image_size) * 255)
+      np.rint(synthetic.example_image(seed, i, image_size) * 255)
       .astype(np.uint8) for i in range(n)])
-  labels = np.array([synthetic.example_label(config.seed, i, k)
+  labels = np.array([synthetic.example_label(seed, i, k)
                      for i in range(n)], np.int32)
   return Source("synthetic", "array", n, max(k, 0), labels, images=images)
 
@@ -346,13 +352,15 @@ def tfds_source(name: str, data_dir: Optional[str], split: str,
 
 
 # ---------------------------------------------------------------- dispatch
-def make_source(config, split: str) -> Source:
-  """The source of `config.dataset` for `split` (DataError on a bad value)."""
-  name = config.dataset
+def make_source(data: spec_lib.DataSpec, split: str) -> Source:
+  """The source of `data.dataset` for `split` (DataError on a bad value)."""
+  name = data.dataset
   if name == "digits":
     return digits_source(split)
   if name == "synthetic":
-    return synthetic_source(config)
+    return synthetic_source(data.seed, data.image_size,
+                            data.synthetic_num_examples,
+                            data.synthetic_num_classes)
   if name.startswith("npz:"):
     return npz_source(name[4:], split)
   if name.startswith("folder:"):
@@ -363,8 +371,8 @@ def make_source(config, split: str) -> Source:
     raise DataError(f"dataset {name!r}: unknown prefix; valid: 'folder:/path',"
                     " 'npz:/path.npz', 'tfds:NAME', a TFDS name, 'digits', "
                     "'synthetic'")
-  access = config.get("data_access", "auto")
+  access = data.data_access
   if access not in ("auto", "random", "memory", "stream"):
     raise DataError(f"data_access={access!r}; valid: 'auto', 'random', "
                     "'memory', 'stream'")
-  return tfds_source(name, config.data_dir, split, access)
+  return tfds_source(name, data.data_dir, split, access)

@@ -125,12 +125,8 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
 
 
 def random_encoder(eval_config, mesh) -> FrozenEncoder:
-  """A randomly initialised encoder of the eval config's architecture."""
-  if eval_config.get("model") is None or eval_config.model.get("depth") is None:
-    raise errors.ConfigError(
-        "pretrained_workdir='none' (random init) needs the architecture in "
-        "the eval config: set model.depth, model.width_multiplier, ... (e.g. "
-        "configs/linear_eval.py:random_init)")
+  """A randomly initialised encoder of the eval config's architecture
+  (config_lib.validate has checked that it is set)."""
   config = config_lib.base_config()
   config.model.update({k: v for k, v in eval_config.model.items()
                        if v is not None})

@@ -177,7 +177,7 @@ def evaluate(net, state: TrainState, mesh, spec, batch_size: int) -> dict:
   src = input_pipeline.open_source(spec, "eval")
   logits, labels = encoder_lib.extract_features(
       logits_fn, {"params": state.params, "batch_stats": state.batch_stats},
-      mesh, input_pipeline.eval_batches(spec, src, batch_size,
+      mesh, input_pipeline.eval_batches(spec.image_size, src, batch_size,
                                         jax.process_index(),
                                         jax.process_count()))
   return {"top1": linear.top_k_accuracy(logits, labels, 1),
@@ -195,7 +195,7 @@ def _labelled_data(config, encoder):
   ConfigError when the batch is larger than the subset."""
   # The linear-eval job's reading of dataset/split/size overrides.
   data_spec = job.labelled_data_spec(config, encoder)
-  src = input_pipeline.open_source(data_spec, "labelled_train")
+  src = input_pipeline.open_source(data_spec, "train")
   if src.num_classes <= 0:
     raise errors.DataError(
         f"dataset={data_spec.dataset!r} has no labels; fine-tuning needs a "
@@ -205,13 +205,14 @@ def _labelled_data(config, encoder):
   if config.batch_size > len(indices):
     raise errors.ConfigError(
         f"batch_size={config.batch_size} exceeds the {len(indices)} labelled "
-        f"examples ({subset}); use batch_size <= {len(indices)}")
+        f"examples ({', '.join(config_lib.subset_options(config))}); use "
+        f"batch_size <= {len(indices)}")
   return data_spec, src, labels, indices, subset
 
 
 def _compile(config, encoder, net, plan, mesh, image_size: int):
-  """(init_state, step_fn, feature_dim): jitted with shardings, state
-  donated; init_state() starts from the encoder's variables."""
+  """(init_fn, step_fn, feature_dim): jitted with shardings, state
+  donated; init_fn(encoder variables, rng)."""
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   feature_dim = jax.eval_shape(
       lambda v, x: encoder_lib.select_features(
@@ -222,12 +223,11 @@ def _compile(config, encoder, net, plan, mesh, image_size: int):
   init_fn = jax.jit(functools.partial(init_state, net=net, optimizer=optimizer,
                                       feature_dim=feature_dim),
                     out_shardings=repl)
-  rng = jax.random.key(config.seed)
   step_fn = jax.jit(
       functools.partial(train_step, net=net, optimizer=optimizer),
       in_shardings=(repl, batch_sh), out_shardings=(repl, repl),
       donate_argnums=0)
-  return (lambda: init_fn(encoder.variables, rng)), step_fn, feature_dim
+  return init_fn, step_fn, feature_dim
 
 
 def run(config, workdir: str, mesh=None) -> dict:
@@ -268,7 +268,9 @@ def run(config, workdir: str, mesh=None) -> dict:
   times = {"setup_s": time.time() - t_start}
   t = time.time()
   result = loop.run(
-      loop.Job(name="fine-tuning", init_state=init_fn, step=step_fn,
+      loop.Job(name="fine-tuning", init_state=init_fn,
+               init_args=(encoder.variables, jax.random.key(config.seed)),
+               step=step_fn,
                batches=batches, total_steps=plan.total_steps,
                steps_per_epoch=plan.steps_per_epoch,
                batch_size=config.batch_size),

@@ -13,7 +13,6 @@ only process 0 writes results.json.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -23,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from jaxclr import config_lib, errors, workdir as workdir_lib
-from jaxclr.data import input_pipeline
+from jaxclr.data import input_pipeline, sources
 from jaxclr.data import spec as spec_lib
 from jaxclr.evaluation import encoder as encoder_lib
 from jaxclr.evaluation import knn, linear
@@ -35,8 +34,9 @@ RESULTS_FILE = "results.json"
 def labelled_data_spec(config, encoder) -> spec_lib.DataSpec:
   """What an evaluation job reads: the pretraining run's data (or, for a
   random-init encoder, the eval config's), with the eval config's
-  dataset/split/size overrides, its seed, and crop + flip augmentation
-  (the paper probe's and fine-tuning's views)."""
+  dataset/split/size overrides, its seed, the labelled training split as
+  train_split, and crop + flip augmentation (the paper probe's and
+  fine-tuning's views)."""
   if encoder.source != "random_init":
     d = encoder_lib.pretraining_config(config.pretrained_workdir)
   else:
@@ -50,7 +50,12 @@ def labelled_data_spec(config, encoder) -> spec_lib.DataSpec:
     if config[key] is not None:
       d[key] = config[key]
   spec = config_lib.data_spec(d)
-  return dataclasses.replace(spec, augment=spec_lib.AugmentParams().crop_only())
+  if config.train_split is None:  # Not the pretraining run's unlabelled one.
+    spec = spec.replace(train_split=sources.labelled_train_split(spec))
+  # The paper's crop (not the pretraining run's); labelled_batches drops
+  # every colour op.
+  default_crop = config_lib.data_spec(config_lib.base_config()).augment
+  return spec.replace(augment=default_crop.crop_only())
 
 
 def eval_model_fields(config) -> dict:
@@ -60,7 +65,7 @@ def eval_model_fields(config) -> dict:
 
 def _features(feature_fn, encoder, mesh, spec, which, batch_size):
   src = input_pipeline.open_source(spec, which)
-  batches = input_pipeline.eval_batches(spec, src, batch_size,
+  batches = input_pipeline.eval_batches(spec.image_size, src, batch_size,
                                         jax.process_index(),
                                         jax.process_count())
   return encoder_lib.extract_features(feature_fn, encoder.variables, mesh,
@@ -119,7 +124,7 @@ def run(config, workdir: str, mesh=None) -> dict:
                config.eval_batch_size // jax.process_count())
   encoder = load_encoder(config, mesh)
   spec = labelled_data_spec(config, encoder)
-  train_source = input_pipeline.open_source(spec, "labelled_train")
+  train_source = input_pipeline.open_source(spec, "train")
   num_classes = train_source.num_classes
   if num_classes <= 0:
     raise input_pipeline.DataError(
@@ -136,7 +141,7 @@ def run(config, workdir: str, mesh=None) -> dict:
   need_train = config.protocol == "fast" or run_few_label or run_knn
   times = {}
   t = time.time()
-  train = (_features(feature_fn, encoder, mesh, spec, "labelled_train",
+  train = (_features(feature_fn, encoder, mesh, spec, "train",
                      config.eval_batch_size) if need_train else None)
   test = _features(feature_fn, encoder, mesh, spec, "eval",
                    config.eval_batch_size)

@@ -1,7 +1,7 @@
 """Linear probes on frozen features: the fast protocol and label subsets.
 
 Fast protocol (an approximation of SimCLR's linear evaluation, section 6.3 of
-SIMCLR_REFERENCE.md): the features of the training split are extracted ONCE
+docs/simclr.md): the features of the training split are extracted ONCE
 (eval preprocessing: centre crop, no augmentation), standardised with the
 training split's mean and std (no labels used), and a multinomial logistic
 regression W [D, C], b [C] is fitted on device by full-batch L-BFGS

@@ -57,7 +57,7 @@ def _step(state, batch, variables, *, model, feature_layer, head, optimizer):
 def run_paper_probe(config, encoder: encoder_lib.FrozenEncoder, spec, mesh,
                     workdir: str, num_classes: int, eval_features) -> dict:
   """Trains the head (resuming from workdir/checkpoints); returns metrics."""
-  src = input_pipeline.open_source(spec, "labelled_train")
+  src = input_pipeline.open_source(spec, "train")
   plan = optim.training_plan(config, src.num_examples)
   optimizer = optim.sgd_nesterov(optim.learning_rate_schedule(plan),
                                  momentum=config.momentum)
@@ -80,7 +80,7 @@ def run_paper_probe(config, encoder: encoder_lib.FrozenEncoder, spec, mesh,
         process_index=jax.process_index(), process_count=jax.process_count())
 
   job = loop.Job(
-      name="linear probe (paper protocol)", init_state=lambda: init(rng),
+      name="linear probe (paper protocol)", init_state=init, init_args=(rng,),
       step=step, step_args=(encoder.variables,), batches=batches,
       total_steps=plan.total_steps, steps_per_epoch=plan.steps_per_epoch,
       batch_size=config.batch_size)

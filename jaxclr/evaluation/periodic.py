@@ -43,7 +43,7 @@ class PeriodicKnnEvaluator:
       return self._cache[which]
     src = input_pipeline.open_source(self.spec, which)
     it = input_pipeline.eval_batches(
-        self.spec, src, self.batch_size, jax.process_index(),
+        self.spec.image_size, src, self.batch_size, jax.process_index(),
         jax.process_count())
     small = (src.num_examples * self.spec.image_size**2 * 12
              <= MAX_CACHED_BYTES)

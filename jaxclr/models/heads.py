@@ -1,4 +1,4 @@
-"""Projection head and linear classifier (SIMCLR_REFERENCE.md 5.5, 5.6)."""
+"""Projection head and linear classifier (docs/simclr.md 5.5, 5.6)."""
 
 from __future__ import annotations
 

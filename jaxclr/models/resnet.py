@@ -1,4 +1,4 @@
-"""ResNet v1.5 encoder as SimCLR builds it (SIMCLR_REFERENCE.md section 5.1).
+"""ResNet v1.5 encoder as SimCLR builds it (docs/simclr.md section 5.1).
 
 Post-activation blocks with the stride on the 3x3 conv, no conv biases,
 fan-in truncated-normal init (scale 1, not He's 2), the last BN of every
