@@ -19,6 +19,9 @@ Arguments:
   batch=B      global batch size (default 4096)
   epochs=E     training epochs (default 100)
   v2           the SimCLRv2 changes above (pass epochs=800 with it)
+  tiny         the same recipe and code paths (device colour + blur, uint8
+               transfer, bf16 compute, ImageNet stem) at CPU size: R-18
+               x1/8 on 32 px synthetic images, B=16, 2 steps (tests)
 """
 
 from jaxclr import config_lib
@@ -26,7 +29,7 @@ from jaxclr import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, depth=50, width=1.0, batch=4096,
-                             epochs=100, v2=False)
+                             epochs=100, v2=False, tiny=False)
   c = config_lib.pretrain_config()
   c.dataset = "imagenet2012"
   c.image_size = 224
@@ -58,4 +61,11 @@ def get_config(arg=None):
     c.warmup_epochs = 0.05 * arg.epochs
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
+  if arg.tiny:
+    c.dataset, c.image_size, c.batch_size = "synthetic", 32, 16
+    c.synthetic.num_examples, c.synthetic.num_classes = 64, 4
+    c.model.update(depth=18, width_multiplier=0.125, cifar_stem=False,
+                   proj_out_dim=16)
+    c.num_train_steps, c.warmup_epochs = 2, 0.0
+    c.log_every_steps, c.checkpoint_every_steps = 1, 2
   return c
