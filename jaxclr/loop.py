@@ -161,24 +161,31 @@ class _NonFiniteGuard:
                                f"{NONFINITE_POLICIES}")
     self.policy, self.store = policy, store
     self.reported, self.checked_at = 0, None
+    self._count, self._read_at = 0, None
 
-  def count(self, state) -> int:
-    return int(jax.device_get(optim.nonfinite_count(state.opt_state)))
+  def count(self, state, step: int) -> int:
+    """Updates skipped so far: one device read per step at most."""
+    if step != self._read_at:
+      self._count = int(jax.device_get(optim.nonfinite_count(state.opt_state)))
+      self._read_at = step
+    return self._count
 
-  def check(self, state, step: int) -> int:
-    """Skipped updates so far; NonFiniteError under 'stop' if any."""
-    count = self.count(state)
+  def check(self, state, step: int) -> None:
+    """NonFiniteError under 'stop' if an update was skipped since the last
+    check; a warning under 'skip'."""
+    count = self.count(state, step)
+    if count == self.reported:
+      self.checked_at = step
+      return
     since = "the start" if self.checked_at is None else \
         f"step {self.checked_at}"
     self.checked_at = step
-    if count == self.reported:
-      return count
     if self.policy == "skip":
       logging.warning("Skipped %d update(s) with a non-finite gradient so "
                       "far (%d since %s).", count, count - self.reported,
                       since)
       self.reported = count
-      return count
+      return
     steps = self.store.all_steps()
     last_good = (self.store.path(steps[-1]) if steps else
                  "none (no checkpoint yet)")
@@ -249,7 +256,7 @@ def _train(job, state, start, *, store, workdir, mesh, cadence,
       if step == start:
         logger.reset_timer(done)  # Exclude compilation from throughput.
       if done % cadence.log_every_steps == 0 or last:
-        skipped = guard.count(state)
+        skipped = guard.count(state, done)
         last_logged = logger.log_train(  # The bad step's record, too.
             done, {**jax.device_get(metrics),
                    "epoch": done / job.steps_per_epoch,

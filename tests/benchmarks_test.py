@@ -176,6 +176,10 @@ def test_benchmarks_hold_no_literal_date():
 
 
 def test_state_is_donated(result):
+  # Every state buffer the step reads; the two scalars it only overwrites
+  # are not step inputs.
+  assert result["donation"]["not_donated"] == sorted(
+      step_bench.UNREAD_STATE_LEAVES)
   assert result["donation"]["state_donated"]
   assert result["donation"]["unusable_donation_warnings"] == []
 

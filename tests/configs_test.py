@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+import config_validation_test  # Its config-editing helpers (tests/ is on the path).
 from jaxclr import config_lib, optim, workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,15 +313,8 @@ def test_a_config_without_or_with_a_bad_job_is_refused():
     config_lib.validate(_finetune(), job="fine-tune")
 
 
-def _set(**fields):
-  def apply(c):
-    for k, v in fields.items():
-      *parents, leaf = k.split("__")
-      node = c
-      for p in parents:
-        node = node[p]
-      node[leaf] = v
-  return apply
+# Fields as keyword arguments, nested ones with '__' (model__depth=...).
+_set = config_validation_test._many
 
 
 def _random_init(**fields):

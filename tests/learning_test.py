@@ -19,11 +19,11 @@ from jaxclr.evaluation import job
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH = 60, 128
-# Measured 2026-12-02 (8 simulated devices): pretrained kNN top-1 0.xx vs
-# random init 0.xx. Asserting half the measured margin leaves room for
-# round-off across machines, while a run that learned nothing (margin ~0)
-# or a broken encoder restore fails.
-MIN_MARGIN = 0.10
+# Measured 2026-12-02 (8 simulated CPU devices, 63 s for the whole test):
+# pretrained kNN top-1 0.711 vs random init 0.371, a margin of 0.34.
+# Asserting half of it leaves room for round-off across machines, while a
+# run that learned nothing (margin ~0) or a broken encoder restore fails.
+MIN_MARGIN = 0.17
 
 
 def load(name, arg=None):
@@ -43,7 +43,7 @@ def test_short_digits_pretraining_beats_random_init(tmp_path):
   config = load("default", f"steps={STEPS},batch={BATCH}")
   config.checkpoint_every_steps = STEPS
   last = pretrain.run(config, workdir)
-  assert last["contrast_acc"] > 0.5  # Chance is 1/128.
+  assert last["contrast_acc"] > 3 / BATCH  # Chance is 1/BATCH.
   pretrained = knn_top1(str(tmp_path / "eval"), pretrained_workdir=workdir)
   random_init = knn_top1(
       str(tmp_path / "eval_random"), pretrained_workdir="none",

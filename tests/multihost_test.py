@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -266,7 +265,8 @@ def test_two_processes_match_one_process_on_digits(digits_layout_runs,
 
 
 EVAL_JOBS = {
-    # Paper protocol for 3 steps (train_batches per process), the few-label
+    # Paper protocol for 4 steps (1347 x 0.6 // 256 + 1; labelled_batches per
+    # process), the few-label
     # L-BFGS probes and the kNN on the all-gathered features.
     "linear_eval": ["--config",
                     os.path.join(REPO, "configs", "linear_eval.py") +
@@ -326,11 +326,11 @@ def test_linear_eval_on_two_processes_matches_one(eval_layout_runs):
   a, b = (load_results(dirs[k]) for k in ("2x4", "1x8"))
   assert a["num_train_examples"] == b["num_train_examples"] == 1347
   assert a["num_eval_examples"] == b["num_eval_examples"] == 450
-  assert a["paper"]["steps"] == 3 and set(a["few_label_top1"]) == {"1", "5"}
+  assert a["paper"]["steps"] == 1347 * 0.6 // 256 + 1 == 4 and set(a["few_label_top1"]) == {"1", "5"}
   for key in ("top1", "top5", "knn_top1", "few_label_top1",
               "few_label_top1_std"):
     assert a[key] == b[key], (key, a[key], b[key])
-  heads = [load_final_state(dirs[k], "default") for k in ("2x4", "1x8")]
+  heads = [load_final_state(dirs[k]) for k in ("2x4", "1x8")]
   assert int(heads[0]["['step']"]) == 3
   for k, x in heads[0].items():
     np.testing.assert_allclose(x, heads[1][k], rtol=1e-5, atol=1e-6,
@@ -353,71 +353,6 @@ def test_finetune_on_two_processes_matches_one(eval_layout_runs):
   for k, x in states[0].items():
     np.testing.assert_allclose(x, states[1][k], rtol=1e-4, atol=1e-5,
                                err_msg=k)
-
-
-PREEMPT_STEPS = 40
-
-
-def start_two_processes(workdir: str, port: int, extra=()):
-  """The tiny run as 2 processes x 4 devices, started directly (not through
-  local.sh) so that each process's pid is known."""
-  procs = []
-  for i in range(2):
-    procs.append(start(
-        jaxclr_cmd(f"--config.num_train_steps={PREEMPT_STEPS}",
-                   f"--workdir={workdir}",
-                   f"--coordinator_address=127.0.0.1:{port}",
-                   "--num_processes=2", f"--process_id={i}", *extra),
-        child_env(4), f"{workdir}.{i}.log"))
-  return procs
-
-
-def test_preemption_notice_to_one_process_stops_both_at_one_step():
-  """SIGTERM to process 1 only: JAX's preemption sync point makes both
-  processes save the same step and exit 4; re-running both resumes, and
-  the result is bitwise that of an uninterrupted 2-process run."""
-  root = tempfile.mkdtemp(prefix="jaxclr_preempt_")
-  preempted, straight = (os.path.join(root, k) for k in ("preempted",
-                                                          "straight"))
-  procs = start_two_processes(preempted, free_port())
-  reference = start_two_processes(straight, free_port())
-  resumed = []
-  try:
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while time.monotonic() < deadline:
-      logged = (load_metrics(preempted)
-                if os.path.exists(os.path.join(preempted, "metrics.jsonl"))
-                else [])
-      if len(logged) >= 3:
-        break
-      assert all(p.poll() is None for p in procs), read_log(
-          f"{preempted}.0.log")
-      time.sleep(0.05)
-    procs[1].send_signal(signal.SIGTERM)
-    codes = [p.wait(timeout=RUN_TIMEOUT_S) for p in procs]
-    logs = [read_log(f"{preempted}.{i}.log") for i in range(2)]
-    assert codes == [4, 4], (codes, logs)
-    saved = [int(re.search(r"preempted: saved a checkpoint at step (\d+)",
-                           log).group(1)) for log in logs]
-    assert saved[0] == saved[1] < PREEMPT_STEPS, (saved, logs)
-    steps = sorted(int(d) for d in os.listdir(
-        os.path.join(preempted, "checkpoints")) if d.isdigit())
-    assert steps == [saved[0]], steps  # Only the preemption save.
-    resumed = start_two_processes(preempted, free_port())
-    assert [p.wait(timeout=RUN_TIMEOUT_S) for p in resumed] == [0, 0], \
-        read_log(f"{preempted}.0.log")
-    assert [p.wait(timeout=RUN_TIMEOUT_S) for p in reference] == [0, 0], \
-        read_log(f"{straight}.0.log")
-    want, got = load_final_state(straight), load_final_state(preempted)
-    assert int(got["['step']"]) == PREEMPT_STEPS
-    assert want.keys() == got.keys()
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    losses = lambda w: {r["step"]: r["loss"] for r in load_metrics(w)}
-    assert losses(preempted) == losses(straight)
-  finally:
-    for p in procs + reference + resumed:
-      kill_group(p)
 
 
 def test_only_process_zero_writes(layout_runs):
