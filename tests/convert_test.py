@@ -153,3 +153,55 @@ def test_cli_refuses_a_workdir_with_checkpoints(tmp_path):
   assert proc.returncode == 2, proc.stderr
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and "refusing to overwrite" in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("strides,size", [(1, 5), (2, 5), (2, 6)])
+def test_resnet_d_pooling_matches_tensorflow(strides, size):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jaxclr.models import resnet  # pylint: disable=g-import-not-at-top
+  x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(
+      np.float32)
+  t = tf.constant(x)
+  if strides > 1:  # The official FixedPadding(2) + AveragePooling2D(VALID).
+    t = tf.pad(t, [[0, 0], [0, 1], [0, 1], [0, 0]])
+  want = tf.keras.layers.AveragePooling2D(
+      2, strides, padding="same" if strides == 1 else "valid")(t).numpy()
+  np.testing.assert_allclose(resnet.avg_pool_shortcut(jnp.asarray(x), strides),
+                             want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("strides", [1, 2])
+def test_selective_kernel_conv_matches_a_tensorflow_reference(strides):
+  """The official SK_Conv2D's computation, in TF ops, on the same weights
+  (inference-mode BN)."""
+  import functools  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jaxclr.models import resnet  # pylint: disable=g-import-not-at-top
+  norm = resnet.make_batch_norm(False, 0.9, 1e-5, jnp.float32)
+  conv = functools.partial(resnet.FixedPaddingConv, dtype=jnp.float32)
+  sk = resnet.SelectiveKernelConv(8, strides, 0.0625, norm, conv)
+  x = jax.random.normal(jax.random.key(0), (2, 6, 6, 4))
+  v = sk.init(jax.random.key(1), x)
+  rng = np.random.default_rng(0)
+  v = jax.tree.map(lambda a: jnp.asarray(
+      rng.uniform(0.5, 1.5, a.shape), jnp.float32), v)
+  p, s = v["params"], v["batch_stats"]
+
+  def bn_relu(t, name):
+    return tf.nn.relu(tf.nn.batch_normalization(
+        t, s[name]["mean"], s[name]["var"], p[name]["bias"], p[name]["scale"],
+        1e-5))
+
+  t = tf.constant(np.asarray(x))
+  if strides > 1:
+    t = tf.pad(t, [[0, 0], [1, 1], [1, 1], [0, 0]])
+  t = tf.nn.conv2d(t, np.asarray(p["conv"]["kernel"]), strides,
+                   "SAME" if strides == 1 else "VALID")
+  t = tf.stack(tf.split(bn_relu(t, "bn"), 2, axis=3))
+  g = tf.reduce_mean(tf.reduce_sum(t, 0), [1, 2], keepdims=True)
+  g = bn_relu(tf.nn.conv2d(g, np.asarray(p["fc1"]["kernel"]), 1, "SAME"),
+              "fc1_bn")
+  m = tf.nn.conv2d(g, np.asarray(p["fc2"]["kernel"]), 1, "SAME")
+  m = tf.nn.softmax(tf.stack(tf.split(m, 2, axis=3)), axis=0)
+  want = tf.reduce_sum(t * m, 0).numpy()
+  np.testing.assert_allclose(sk.apply(v, x), want, rtol=1e-4, atol=1e-4)
