@@ -141,6 +141,12 @@ def test_converted_workdir_restores_the_same_encoder(name, width, image_size,
   np.testing.assert_allclose(got["h"], want["h"], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(got["z"], want["z"], rtol=1e-5, atol=1e-5)
   assert float(jnp.std(got["h"])) > 0
+  # jaxclr.export reads the converted workdir too.
+  from jaxclr import export  # pylint: disable=g-import-not-at-top
+  manifest = export.export_encoder(out, str(tmp_path / "enc.npz"))
+  assert manifest["model"]["sk_ratio"] == arch["sk_ratio"]
+  np.testing.assert_allclose(export.load_encoder(str(tmp_path / "enc.npz"))(x),
+                             want["h"], rtol=1e-5, atol=1e-5)
 
 
 def test_cli_refuses_a_workdir_with_checkpoints(tmp_path):
