@@ -24,6 +24,10 @@ MODEL_FIELDS = (
     ("depth", int, 50),
     ("width_multiplier", float, 1.0),
     ("cifar_stem", bool, None),  # None: image_size <= 32.
+    # SimCLRv2's selective kernels (docs/simclr.md 5.3): 0 = plain ResNet;
+    # 0.0625 = SK1, which also turns on ResNet-D (3x3 stem, avg-pool shortcuts).
+    ("sk_ratio", float, 0.0),
+    ("se_ratio", float, 0.0),  # Squeeze-excitation ratio; 0 = off.
     ("num_proj_layers", int, 3),  # 3 = SimCLRv2 head; 2 = SimCLRv1.
     ("proj_out_dim", int, 128),
     ("bn_momentum", float, 0.9),

@@ -206,6 +206,13 @@ def _check_model(config):
            f"model.depth={m.depth!r} is unknown; valid: {DEPTHS}")
   if m.width_multiplier is not None:
     _positive("model.width_multiplier", m.width_multiplier)
+  if m.sk_ratio is not None:
+    _check(m.sk_ratio >= 0, f"model.sk_ratio={m.sk_ratio!r} must be >= 0 "
+           "(0 = plain ResNet, 0.0625 = SimCLRv2's selective kernels)")
+  if m.se_ratio is not None:
+    _check(0.0 <= m.se_ratio < 1.0,
+           f"model.se_ratio={m.se_ratio!r} must be in [0, 1) (0 = no "
+           "squeeze-excitation)")
   if m.num_proj_layers is not None:
     _check(m.num_proj_layers >= 1,
            f"model.num_proj_layers={m.num_proj_layers!r} must be >= 1 "

@@ -5,7 +5,7 @@
 The file holds the encoder's params and BatchNorm statistics as arrays named
 'params/<path>' and 'batch_stats/<path>', and '__manifest__': a JSON document
 (as uint8 bytes) with the architecture (depth, width_multiplier, cifar_stem,
-image_size, compute_dtype, BN settings, feature_dim), the checkpoint step and
+sk_ratio, se_ratio, image_size, compute_dtype, BN settings, feature_dim), the checkpoint step and
 the source workdir. `jaxclr.load_encoder(path)` rebuilds the ResNet from the
 manifest and returns images [N, H, W, 3] float in [0, 1] -> embeddings h
 [N, feature_dim] (inference mode: BatchNorm moving statistics).
@@ -60,8 +60,8 @@ def export_encoder(workdir: str, out: str, step: int | None = None) -> dict:
   manifest = {
       "format": FORMAT,
       "model": {k: m[k] for k in ("depth", "width_multiplier", "cifar_stem",
-                                  "bn_momentum", "bn_epsilon",
-                                  "compute_dtype")},
+                                  "sk_ratio", "se_ratio", "bn_momentum",
+                                  "bn_epsilon", "compute_dtype")},
       "image_size": enc.image_size,
       "feature_dim": resnet.feature_dim(m["depth"], m["width_multiplier"]),
       "projection_head": {"num_proj_layers": m["num_proj_layers"],

@@ -125,3 +125,86 @@ def test_imagenet_stem_and_groups_downsample_by_32():
                          mutable=["intermediates"])
   last_block = state["intermediates"]["group4_block2"]["__call__"][0]
   assert last_block.shape == (1, 2, 2, 64)  # 64 px / 32, 512 x 0.125 channels
+
+
+OFFICIAL_DIR = "/work/shared/official"
+OFFICIAL_FILES = ("r18_cifar.json", "r50_1x_sk0.json", "r50_1x_sk1.json",
+                  "r50_2x_sk1.json")
+
+
+def official_config(official: dict):
+  """The jaxclr pretraining config of an official JSON's `config`."""
+  oc = official["config"]
+  c = config_lib.base_config()
+  c.image_size = oc["image_size"]
+  c.model.update(depth=oc["resnet_depth"],
+                 width_multiplier=float(oc["width_multiplier"]),
+                 sk_ratio=float(oc["sk_ratio"]),
+                 num_proj_layers=oc["num_proj_layers"])
+  return c
+
+
+@pytest.mark.parametrize("name", OFFICIAL_FILES)
+def test_parameter_counts_equal_the_official_code(name):
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(OFFICIAL_DIR, name)
+  if not os.path.exists(path):
+    pytest.skip(f"{path} is not on this machine")
+  with open(path) as f:
+    official = json.load(f)
+  c = official_config(official)
+  model = build_model(c, num_classes=1000)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((2, c.image_size, c.image_size, 3)),
+      train=True))
+  count = {k: sum(x.size for x in jax.tree.leaves(v))
+           for k, v in shapes["params"].items()}
+  expected = official["trainable_params"]
+  assert count == {"encoder": expected["trunk"],
+                   "projection_head": expected["projection_head"],
+                   "linear_head": expected["supervised_head"]}
+
+
+def test_sk_ratio_zero_keeps_todays_variables():
+  base = jax.eval_shape(lambda: init(tiny_config())[1])
+  zero = jax.eval_shape(lambda: init(tiny_config(sk_ratio=0.0,
+                                                 se_ratio=0.0))[1])
+  assert jax.tree.structure(base) == jax.tree.structure(zero)
+
+
+def test_selective_kernels_and_squeeze_excitation_structure():
+  c = tiny_config(depth=50, width_multiplier=0.125, sk_ratio=0.0625,
+                  se_ratio=0.25)
+  c.image_size = 32
+  c.model.cifar_stem = False
+  model, variables, x = init(c)
+  enc = variables["params"]["encoder"]
+  assert {"stem_conv1", "stem_conv2", "stem_conv3"} <= set(enc)
+  assert "stem_conv" not in enc
+  block = enc["group2_block1"]
+  assert "conv2" not in block and "sk_conv2" in block
+  sk = block["sk_conv2"]
+  assert sk["conv"]["kernel"].shape == (3, 3, 16, 32)  # 2 streams x 16.
+  assert sk["fc1"]["kernel"].shape == (1, 1, 16, 32)  # max(16/16, 32).
+  assert sk["fc2"]["kernel"].shape == (1, 1, 32, 32)
+  # ResNet-D: the pool strides, the 1x1 projection does not.
+  assert block["proj_conv"]["kernel"].shape == (1, 1, 32, 64)
+  assert block["se"]["reduce"]["kernel"].shape == (1, 1, 64, 4)  # 16 x 0.25.
+  out = model.apply(variables, x, train=False)
+  assert out["h"].shape == (4, resnet.feature_dim(50, 0.125))
+  assert bool(jnp.all(jnp.isfinite(out["h"])))
+
+
+def test_resnet_d_shortcut_pooling():
+  x = jnp.arange(2 * 5 * 5 * 1, dtype=jnp.float32).reshape(2, 5, 5, 1)
+  # Stride 2: zero pad at the end, 'VALID'; the padding counts.
+  y = resnet.avg_pool_shortcut(x, 2)
+  assert y.shape == (2, 3, 3, 1)
+  np.testing.assert_allclose(y[0, 2, 2, 0], x[0, 4, 4, 0] / 4)
+  np.testing.assert_allclose(y[0, 0, 0, 0], jnp.mean(x[0, :2, :2, 0]))
+  # Stride 1: 'SAME' averages the real pixels only.
+  y = resnet.avg_pool_shortcut(x, 1)
+  assert y.shape == x.shape
+  np.testing.assert_allclose(y[0, 4, 4, 0], x[0, 4, 4, 0])
+  np.testing.assert_allclose(y[0, 4, 0, 0], jnp.mean(x[0, 4, :2, 0]))

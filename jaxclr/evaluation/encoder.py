@@ -25,8 +25,9 @@ from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
 
 # Model fields an evaluation config may pin; they must match the checkpoint.
-ARCH_FIELDS = ("depth", "width_multiplier", "cifar_stem", "num_proj_layers",
-               "proj_out_dim", "bn_momentum", "bn_epsilon", "compute_dtype")
+ARCH_FIELDS = ("depth", "width_multiplier", "cifar_stem", "sk_ratio",
+               "se_ratio", "num_proj_layers", "proj_out_dim", "bn_momentum",
+               "bn_epsilon", "compute_dtype")
 VARIABLE_PARTS = ("encoder", "projection_head")
 
 

@@ -49,6 +49,9 @@ def build_encoder(model_config, image_size: int) -> ResNet:
                 bn_momentum=model_config.bn_momentum,
                 bn_epsilon=model_config.bn_epsilon,
                 dtype=COMPUTE_DTYPES[model_config.compute_dtype],
+                # Absent from configs and exports older than the fields.
+                sk_ratio=model_config.get("sk_ratio") or 0.0,
+                se_ratio=model_config.get("se_ratio") or 0.0,
                 name="encoder")
 
 
