@@ -22,7 +22,7 @@ from multihost_test import (RUN_TIMEOUT_S, child_env, free_port, jaxclr_cmd,
                             kill_group, load_final_state, load_metrics,
                             read_log, start)
 
-STEPS = 20
+STEPS = 12
 
 
 def start_two_processes(workdir: str, port: int):
