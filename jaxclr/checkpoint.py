@@ -30,7 +30,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxclr import errors, workdir as workdir_lib
+from jaxclr import errors
 
 CORRUPT_PREFIX = "corrupt_"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import re
 
-import numpy as np
 
 from jaxclr import errors
 
