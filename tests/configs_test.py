@@ -17,7 +17,7 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 # Values for the placeholders of documented arguments ('steps=N').
 PLACEHOLDER_VALUES = {"steps": "50", "batch": "128", "every": "5",
                       "depth": "50", "width": "2.0", "epochs": "50",
-                      "per_class": "5", "fraction": "0.1"}
+                      "per_class": "5", "fraction": "0.1", "sk": "0.0625"}
 DUMMY_WORKDIR = "dummy/pretraining/workdir"  # Not read by validate.
 
 
@@ -156,18 +156,36 @@ def _load(name, arg=None):
       os.path.join(REPO, "configs", f"{name}.py"), arg)
 
 
+# Steps are n x epochs // B + 1 and warmup steps int(n x warmup_epochs / B),
+# as the official code counts them; the numbers are worked by hand from the
+# official commands (docs/simclr.md section 8 gives the commands).
 @pytest.mark.parametrize("name,arg,num_examples,steps,warmup,peak_lr", [
+    # CIFAR-10 README: 50,000 x 1000 // 512 + 1; 10 warmup epochs
+    # (5,000,000 / 512 = 976.6); lr 1.0 x 512/256.
     ("cifar10", None, 50_000, 97_657, 976, 2.0),
+    ("cifar10", "v1", 50_000, 97_657, 976, 2.0),
+    # P1: 1,281,167 x 100 // 4096 + 1; 10 warmup epochs; 0.3 x 4096/256.
     ("imagenet", None, 1_281_167, 31_279, 3_127, 4.8),
-    ("imagenet", "v2", 1_281_167, 31_279, 1_563, 6.4),
+    # SimCLRv2: 1,281,167 x 800 // 4096 + 1 = 250,228, the released v2
+    # checkpoints' step; 5% warmup = 40 epochs, 51,246,680 / 4096 = 12,511.4;
+    # 0.1 x sqrt(4096).
+    ("imagenet", "v2", 1_281_167, 250_228, 12_511, 6.4),
+    ("imagenet", "v2,epochs=100", 1_281_167, 31_279, 1_563, 6.4),
     ("default", None, 1_347, 300, 26, 0.5),
     ("synthetic_tiny", None, 64, 12, 0, 1.0 * 16 / 256),
-    # configs/finetune.py: the digits subsets and the paper's 1% run.
+    # configs/finetune.py: the digits subsets.
     ("finetune", None, 100, 188, 0, 0.00625),
     ("finetune", "per_class=1", 10, 61, 0, 0.05 * 10 / 256),
     ("finetune", "per_class=5", 50, 94, 0, 0.00625),
+    ("finetune", "protocol=v2", 100, 188, 0, 0.005 * math.sqrt(32)),
+    # P1 B.5 (v1): 12,811 x 60 // 4096 + 1; 128,116 x 30 // 4096 + 1 = 939;
+    # 0.05 x 4096/256.
     ("finetune", "1pct", 12_811, 188, 0, 0.8),
-    ("finetune", "lars", 100, 188, 0, 0.005 * math.sqrt(32)),
+    ("finetune", "10pct", 128_116, 939, 0, 0.8),
+    # SimCLRv2 README (1%): 12,811 x 60 // 1024 + 1 = 751, 0.005 x sqrt(1024)
+    # = 0.16; 10% at 30 epochs: 3,843,480 // 1024 + 1 = 3,754.
+    ("finetune", "1pct,protocol=v2", 12_811, 751, 0, 0.16),
+    ("finetune", "10pct,protocol=v2", 128_116, 3_754, 0, 0.16),
 ])
 def test_training_plans_are_what_the_docstrings_say(name, arg, num_examples,
                                                     steps, warmup, peak_lr):
@@ -187,6 +205,50 @@ def test_finetune_and_linear_eval_presets():
   c = _load("finetune", "10pct")
   assert (c.dataset, c.batch_size, c.num_epochs) == (
       "imagenet2012_subset/10pct", 4096, 30.0)
+
+
+@pytest.mark.parametrize("arg,selector,optimizer,batch_size", [
+    (None, 1, "momentum", 32),           # digits: v1's optimiser, layer 1.
+    ("protocol=v1", 0, "momentum", 32),
+    ("protocol=v2", 1, "lars", 32),
+    ("1pct", 0, "momentum", 4096),       # P1 B.5: from h.
+    ("1pct,protocol=v1", 0, "momentum", 4096),
+    ("1pct,protocol=v2", 1, "lars", 1024),  # The v2 README command.
+    ("10pct,protocol=v2", 1, "lars", 1024),
+])
+def test_finetune_protocols_are_what_they_name(arg, selector, optimizer,
+                                               batch_size):
+  c = _load("finetune", arg)
+  assert (c.ft_proj_selector, c.optimizer, c.batch_size) == (
+      selector, optimizer, batch_size)
+  assert (c.weight_decay, c.warmup_epochs) == (0.0, 0.0)
+  assert c.momentum == 0.9
+
+
+def test_finetune_refuses_an_unknown_protocol():
+  with pytest.raises(ValueError, match="protocol='v3' is unknown; valid: "
+                     "digits, v1, v2"):
+    _load("finetune", "protocol=v3")
+
+
+@pytest.mark.parametrize("arg,weight_decay,head_layers", [
+    (None, 1e-4, 3), ("v1", 1e-6, 2)])
+def test_cifar10_follows_the_official_readme(arg, weight_decay, head_layers):
+  c = _load("cifar10", arg)
+  assert (c.weight_decay, c.model.num_proj_layers) == (weight_decay,
+                                                       head_layers)
+  assert (c.temperature, c.batch_size, c.augment.color_jitter_strength,
+          c.augment.use_blur) == (0.5, 512, 0.5, False)
+
+
+@pytest.mark.parametrize("arg,epochs,head_layers,weight_decay,sk_ratio", [
+    (None, 100, 2, 1e-6, 0.0), ("v2", 800, 3, 1e-4, 0.0),
+    ("v2,sk=0.0625", 800, 3, 1e-4, 0.0625), ("epochs=1000", 1000, 2, 1e-6,
+                                             0.0)])
+def test_imagenet_presets(arg, epochs, head_layers, weight_decay, sk_ratio):
+  c = _load("imagenet", arg)
+  assert (c.num_epochs, c.model.num_proj_layers, c.weight_decay,
+          c.model.sk_ratio) == (epochs, head_layers, weight_decay, sk_ratio)
   # The paper probe's count, round(epochs x steps_per_epoch): 150 at B=256.
   c = _load("linear_eval")
   assert optim.training_plan(c, 1_347).steps_per_epoch * c.num_epochs == 150
