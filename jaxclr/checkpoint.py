@@ -200,6 +200,12 @@ class CheckpointStore:
                                      partial_restore=True)))
     return restored.state
 
+  def restore_meta(self, step: int) -> dict:
+    """The JSON facts saved with `step` (dataset, num_classes, ...)."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))
+    return dict(restored.meta or {})
+
   def report_incomplete_saves(self) -> list[str]:
     """Warns about saves that never committed (Orbax removes them)."""
     if not self.directory.exists():

@@ -2,7 +2,8 @@
 
 The one import name for them: `parse_arg` and `load_config_file` (here), the
 schemas `pretrain_config()` (also `base_config()`, the same thing),
-`linear_eval_config()` and `finetune_config()` (jaxclr/config_schema.py),
+`linear_eval_config()`, `finetune_config()` and `distill_config()`
+(jaxclr/config_schema.py),
 and `validate(config, job=None)`, `check_batch_sizes` and `ConfigError`
 (jaxclr/config_validate.py). Every configs/*.py starts from one schema;
 each schema's `job` field says which entry point it is for.
@@ -17,8 +18,8 @@ import ml_collections
 
 from jaxclr import errors
 from jaxclr.config_schema import (  # pylint: disable=unused-import
-    JOBS, MODEL_FIELDS, finetune_config, linear_eval_config, pretrain_config,
-    schema, set_digits_random_init)
+    JOBS, MODEL_FIELDS, distill_config, finetune_config, linear_eval_config,
+    pretrain_config, schema, set_digits_random_init)
 from jaxclr.config_validate import (  # pylint: disable=unused-import
     BUILTIN_DATASETS, COMPUTE_DTYPES, DATASET_PREFIXES, DEPTHS,
     ENTRY_POINTS, OPTIMIZERS, PROTOCOLS, REMOTE_PATH_PREFIXES,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-JOBS = ("pretrain", "linear_eval", "finetune")
+JOBS = ("pretrain", "linear_eval", "finetune", "distill")
 
 # (name, type, pretraining default): the architecture fields. Pretraining
 # sets them; an evaluation job reads them from the checkpoint's config.json
@@ -221,8 +221,47 @@ def finetune_config() -> ml_collections.ConfigDict:
   return c
 
 
+def distill_config() -> ml_collections.ConfigDict:
+  """All distillation fields (jaxclr.distill): SimCLRv2 section 2.3,
+  docs/simclrv2.md. A teacher labels the training images on the fly; the
+  student fits its softened predictions."""
+  c = ml_collections.ConfigDict()
+  _add_job(c, "distill")
+  # A finished jaxclr.finetune or jaxclr.distill workdir (its classifier), or
+  # a pretraining-format workdir whose checkpoint holds a supervised head
+  # (jaxclr.convert of an official checkpoint; pretraining with linear_probe).
+  c.teacher_workdir = config_dict.placeholder(str)
+  c.teacher_checkpoint_step = -1  # -1: the newest.
+  # The student's start: pretrained_workdir 'teacher' (the teacher's own
+  # pretrained encoder: self-distillation), another pretraining workdir, or
+  # 'none' (random init of the model fields set here, e.g. a smaller ResNet).
+  _add_encoder_source(c)
+  c.pretrained_workdir = "teacher"
+  # Data: None takes the student's pretraining run's (or the teacher's).
+  _add_data_source(c, dataset=None, image_size=None)
+  # 0: the student's classifier sees h; k: projection-head layer k.
+  c.ft_proj_selector = 1
+  # Loss: -sum softmax(t/T) log softmax(s/T), plus labelled_weight x the
+  # cross-entropy on the labelled subset below (0: unlabelled images only,
+  # the paper's setting).
+  c.temperature = 1.0
+  c.scale_by_temperature_squared = False  # The colab's T^2 factor.
+  c.labelled_weight = 0.0
+  c.label_fraction = config_dict.placeholder(float)
+  c.labels_per_class = config_dict.placeholder(int)
+  # Optimisation: SGD + Nesterov over every training image per epoch.
+  c.optimizer = "momentum"  # 'momentum' (SGD + Nesterov) or 'lars'.
+  _add_optimization(c, batch_size=64, num_epochs=30.0, learning_rate=0.1,
+                    learning_rate_scaling="linear", warmup_epochs=0.0,
+                    momentum=0.9, weight_decay=0.0)
+  _add_lars(c)  # optimizer='lars' only.
+  _add_loop(c, log_every_steps=50, checkpoint_every_steps=200,
+            max_checkpoints_to_keep=2, mesh_axis_type="auto")
+  return c
+
+
 _SCHEMAS = {"pretrain": pretrain_config, "linear_eval": linear_eval_config,
-            "finetune": finetune_config}
+            "finetune": finetune_config, "distill": distill_config}
 
 
 def schema(job: str) -> ml_collections.ConfigDict:

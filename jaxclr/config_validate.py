@@ -38,7 +38,8 @@ SUBSET_DATASETS = ("imagenet2012_subset/1pct", "imagenet2012_subset/10pct")
 # Per job: its entry point and the config file to start from.
 ENTRY_POINTS = {"pretrain": ("jaxclr.main", "configs/default.py"),
                 "linear_eval": ("jaxclr.linear_eval", "configs/linear_eval.py"),
-                "finetune": ("jaxclr.finetune", "configs/finetune.py")}
+                "finetune": ("jaxclr.finetune", "configs/finetune.py"),
+                "distill": ("jaxclr.distill", "configs/distill.py")}
 
 
 def tfds_data_dir(config) -> str | None:
@@ -128,7 +129,7 @@ def validate(config: ml_collections.ConfigDict, job: str | None = None) -> None:
   _check_optimization(config)
   _check_loop(config)
   {"pretrain": _check_pretrain, "linear_eval": _check_linear_eval,
-   "finetune": _check_finetune}[config.job](config)
+   "finetune": _check_finetune, "distill": _check_distill}[config.job](config)
 
 
 def _check_job(config, job: str | None):
@@ -316,6 +317,52 @@ def _check_linear_eval(config):
          "be >= 1")
   _check(config.num_label_draws >= 1,
          f"num_label_draws={config.num_label_draws!r} must be >= 1")
+
+
+def _check_distill(config):
+  _check(config.teacher_workdir is not None,
+         "teacher_workdir is required: a jaxclr.finetune or jaxclr.distill "
+         "--workdir, or a pretraining-format workdir with a supervised head "
+         "(jaxclr.convert)")
+  _check(config.teacher_checkpoint_step >= -1,
+         f"teacher_checkpoint_step={config.teacher_checkpoint_step!r} must be "
+         "-1 (the newest) or a step >= 0")
+  _check(config.pretrained_workdir is not None,
+         "pretrained_workdir is required: 'teacher' (the teacher's "
+         "pretrained encoder), a pretraining --workdir, or 'none' (random "
+         "init of the model fields set in the config)")
+  _check(config.checkpoint_step >= -1,
+         f"checkpoint_step={config.checkpoint_step!r} must be -1 (the newest) "
+         "or a step >= 0")
+  _positive("eval_batch_size", config.eval_batch_size)
+  if config.pretrained_workdir.lower() == "none":
+    unset = [f"model.{k}" for k in ("depth", "num_proj_layers")
+             if config.model[k] is None]
+    _check(not unset, "pretrained_workdir='none' (a random-init student) "
+           f"needs its architecture in the config; unset: {', '.join(unset)}"
+           " (e.g. --config.model.depth=18 --config.model.num_proj_layers=2)")
+  _check(config.ft_proj_selector >= 0,
+         f"ft_proj_selector={config.ft_proj_selector!r} must be >= 0 (0 = h, "
+         "k = after projection-head layer k)")
+  _positive("temperature", config.temperature)
+  _non_negative("labelled_weight", config.labelled_weight)
+  f, k = config.label_fraction, config.labels_per_class
+  _check(f is None or 0 < f <= 1, f"label_fraction={f!r} must be in (0, 1]")
+  _check(k is None or k >= 1, f"labels_per_class={k!r} must be >= 1")
+  # Only these two: a subset dataset would replace the unlabelled images.
+  chosen = [o for o in subset_options(config) if not o.startswith("dataset")]
+  if config.labelled_weight > 0:
+    _check(len(chosen) == 1,
+           f"labelled_weight={config.labelled_weight!r} needs exactly one "
+           f"label subset, got {len(chosen)}"
+           + (f" ({', '.join(chosen)})" if chosen else "")
+           + ": label_fraction (0 < f <= 1) or labels_per_class (k >= 1)")
+  else:
+    _check(not chosen, f"{', '.join(chosen)} has no effect with "
+           "labelled_weight=0 (the student sees no labels); set "
+           "labelled_weight > 0 or drop it")
+  _check(config.optimizer in OPTIMIZERS,
+         f"optimizer={config.optimizer!r}; valid: {OPTIMIZERS}")
 
 
 def _check_finetune(config):

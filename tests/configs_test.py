@@ -17,7 +17,8 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 # Values for the placeholders of documented arguments ('steps=N').
 PLACEHOLDER_VALUES = {"steps": "50", "batch": "128", "every": "5",
                       "depth": "50", "width": "2.0", "epochs": "50",
-                      "per_class": "5", "fraction": "0.1", "sk": "0.0625"}
+                      "per_class": "5", "fraction": "0.1", "sk": "0.0625",
+                      "temperature": "0.5", "labelled": "1"}
 DUMMY_WORKDIR = "dummy/pretraining/workdir"  # Not read by validate.
 
 
@@ -113,13 +114,15 @@ def ready_to_validate(config, data_dir):
   if config.job != "pretrain":
     config.pretrained_workdir = (
         "none" if config.model.depth is not None else DUMMY_WORKDIR)
+  if config.job == "distill":
+    config.teacher_workdir = DUMMY_WORKDIR
   return config
 
 
 def test_every_config_file_is_covered():
   names = {_name(p) for p in CONFIG_FILES}
   assert {"default", "cifar10", "imagenet", "synthetic_tiny", "linear_eval",
-          "finetune"} <= names
+          "finetune", "distill"} <= names
   assert len(CONFIG_CASES) > 2 * len(CONFIG_FILES)  # Arguments were found.
 
 
@@ -136,7 +139,7 @@ def test_config_files_start_from_a_schema_not_another_file(path):
   with open(path) as f:
     source = f.read()
   assert "load_config_file" not in source and "__file__" not in source
-  assert re.search(r"config_lib\.(pretrain|linear_eval|finetune)_config\(\)",
+  assert re.search(r"config_lib\.(pretrain|linear_eval|finetune|distill)_config\(\)",
                    source)
 
 
@@ -317,8 +320,14 @@ def _finetune():
   return c
 
 
+def _distill():
+  c = _load("distill")
+  c.teacher_workdir = DUMMY_WORKDIR
+  return c
+
+
 BASES = {"pretrain": _pretrain, "linear_eval": _linear_eval,
-         "finetune": _finetune}
+         "finetune": _finetune, "distill": _distill}
 
 
 @pytest.mark.parametrize("job", config_lib.JOBS)
@@ -366,10 +375,10 @@ def test_a_config_without_or_with_a_bad_job_is_refused():
   with pytest.raises(config_lib.ConfigError, match="has no 'job' field"):
     config_lib.validate(c)
   c = _finetune()
-  c.job = "distill"
+  c.job = "distil"
   with pytest.raises(config_lib.ConfigError,
-                     match=r"job='distill' is unknown; valid: \('pretrain', "
-                     r"'linear_eval', 'finetune'\)"):
+                     match=r"job='distil' is unknown; valid: \('pretrain', "
+                     r"'linear_eval', 'finetune', 'distill'\)"):
     config_lib.validate(c)
   with pytest.raises(ValueError, match="validate"):
     config_lib.validate(_finetune(), job="fine-tune")

@@ -322,10 +322,12 @@ def eval_arrays(image_size: int, src: sources.Source
 def labelled_batches(data: spec_lib.DataSpec, src: sources.Source, *,
                      batch_size: int, start_step: int,
                      indices: Optional[Sequence[int]] = None,
-                     process_index: int = 0, process_count: int = 1
+                     process_index: int = 0, process_count: int = 1,
+                     require_labels: bool = True
                      ) -> Iterator[dict[str, np.ndarray]]:
   """Crop + flip (`data.augment.crop_only()`) single views, labelled: what
-  the paper probe and fine-tuning train on.
+  the paper probe and fine-tuning train on (require_labels=False: any
+  source, labels -1 where unknown; distillation's unlabelled images).
 
   src: the labelled training source. indices: restrict to these examples
   (label subsets). Yields this process's rows [p*b, (p+1)*b) of each global
@@ -335,7 +337,8 @@ def labelled_batches(data: spec_lib.DataSpec, src: sources.Source, *,
   """
   import tensorflow as tf
 
-  if src.labels is None and src.kind != "encoded" or src.num_classes == 0:
+  if require_labels and (src.labels is None and src.kind != "encoded" or
+                         src.num_classes == 0):
     raise DataError(f"{src.name} has no labels: linear evaluation needs a "
                     "labelled training split")
   pool = np.arange(src.num_examples) if indices is None else np.asarray(indices)

@@ -171,15 +171,21 @@ def train_step(state: TrainState, batch, *, net, optimizer):
 
 def evaluate(net, state: TrainState, mesh, spec, batch_size: int) -> dict:
   """top-1/top-5 on the centre-cropped eval split, inference-mode BN."""
-  logits_fn = sharding.jit_over_batch(
+  return evaluate_logits(
       lambda variables, images: net.apply(variables, images, train=False),
-      mesh)
+      {"params": state.params, "batch_stats": state.batch_stats}, mesh, spec,
+      batch_size)
+
+
+def evaluate_logits(apply_fn, variables, mesh, spec, batch_size: int) -> dict:
+  """top-1/top-5 of apply_fn(variables, images) -> logits on the
+  centre-cropped eval split."""
+  logits_fn = sharding.jit_over_batch(apply_fn, mesh)
   src = input_pipeline.open_source(spec, "eval")
   logits, labels = encoder_lib.extract_features(
-      logits_fn, {"params": state.params, "batch_stats": state.batch_stats},
-      mesh, input_pipeline.eval_batches(spec.image_size, src, batch_size,
-                                        jax.process_index(),
-                                        jax.process_count()))
+      logits_fn, variables, mesh,
+      input_pipeline.eval_batches(spec.image_size, src, batch_size,
+                                  jax.process_index(), jax.process_count()))
   return {"top1": linear.top_k_accuracy(logits, labels, 1),
           "top5": linear.top_k_accuracy(logits, labels, 5),
           "num_eval_examples": int(len(labels))}
@@ -210,9 +216,12 @@ def _labelled_data(config, encoder):
   return data_spec, src, labels, indices, subset
 
 
-def _compile(config, encoder, net, plan, mesh, image_size: int):
+def compile_network(config, encoder, net, plan, mesh, image_size: int, *,
+                    step=train_step, num_step_args: int = 0):
   """(init_fn, step_fn, feature_dim): jitted with shardings, state
-  donated; init_fn(encoder variables, rng)."""
+  donated; init_fn(encoder variables, rng). `step`(state, batch, *args, net=,
+  optimizer=) is fine-tuning's train_step or another job's (distillation);
+  its num_step_args extra arguments are replicated."""
   repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   feature_dim = jax.eval_shape(
       lambda v, x: encoder_lib.select_features(
@@ -224,9 +233,9 @@ def _compile(config, encoder, net, plan, mesh, image_size: int):
                                       feature_dim=feature_dim),
                     out_shardings=repl)
   step_fn = jax.jit(
-      functools.partial(train_step, net=net, optimizer=optimizer),
-      in_shardings=(repl, batch_sh), out_shardings=(repl, repl),
-      donate_argnums=0)
+      functools.partial(step, net=net, optimizer=optimizer),
+      in_shardings=(repl, batch_sh) + (repl,) * num_step_args,
+      out_shardings=(repl, repl), donate_argnums=0)
   return init_fn, step_fn, feature_dim
 
 
@@ -256,8 +265,8 @@ def run(config, workdir: str, mesh=None) -> dict:
       sharding.describe_layout(mesh))
   net = FineTuneNetwork(backbone=encoder.model, num_classes=src.num_classes,
                         ft_proj_selector=config.ft_proj_selector)
-  init_fn, step_fn, feature_dim = _compile(config, encoder, net, plan, mesh,
-                                           data_spec.image_size)
+  init_fn, step_fn, feature_dim = compile_network(config, encoder, net, plan,
+                                                  mesh, data_spec.image_size)
 
   def batches(start_step):
     return input_pipeline.labelled_batches(

@@ -211,6 +211,12 @@ def _linear_probe(config, encoder, spec, mesh, workdir, num_classes,
           "paper": paper}
 
 
+def read_results(workdir: str) -> dict:
+  """OUT/results.json of a finished evaluation, fine-tuning or distillation."""
+  with open(os.path.join(workdir, RESULTS_FILE)) as f:
+    return json.load(f)
+
+
 def write_results(workdir: str, results: dict) -> None:
   """OUT/results.json, written by process 0 only, atomically (a reader never
   sees half a file; an old results.json is replaced only by a complete one)."""
