@@ -7,9 +7,9 @@
 select_job() {
   module=${JAXCLR_MODULE:-jaxclr.main}
   case $module in
-    jaxclr.main | jaxclr.linear_eval | jaxclr.finetune) ;;
+    jaxclr.main | jaxclr.linear_eval | jaxclr.finetune | jaxclr.distill) ;;
     *) echo "$1: error: JAXCLR_MODULE=$module; valid: jaxclr.main," \
-         "jaxclr.linear_eval, jaxclr.finetune" >&2
+         "jaxclr.linear_eval, jaxclr.finetune, jaxclr.distill" >&2
        exit 2 ;;
   esac
 }

@@ -8,7 +8,7 @@
 #
 # N: processes (>= 1). M: CPU devices per process (default 1). Everything else
 # goes to `python -m $JAXCLR_MODULE` unchanged (default jaxclr.main; also
-# jaxclr.linear_eval or jaxclr.finetune). Output lines are prefixed with the
+# jaxclr.linear_eval, jaxclr.finetune or jaxclr.distill). Output lines are prefixed with the
 # process index. Waits for all processes; if one fails, the others are sent
 # SIGTERM, then SIGKILL after $JAXCLR_KILL_GRACE_S seconds (default 10), and
 # the script exits with the failed process's status. Ctrl-C stops them all.

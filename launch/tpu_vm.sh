@@ -19,7 +19,7 @@
 #   PROJECT           gcloud project (default: gcloud's configured project)
 #   RUNTIME_VERSION   TPU VM image (default tpu-ubuntu2204-base)
 #   JAXCLR_MODULE     the job: jaxclr.main (default, pretraining),
-#                     jaxclr.linear_eval or jaxclr.finetune
+#                     jaxclr.linear_eval, jaxclr.finetune or jaxclr.distill
 #   CONFIG            config file in the repo (default configs/imagenet.py;
 #                     e.g. configs/linear_eval.py:dataset=imagenet for
 #                     jaxclr.linear_eval)

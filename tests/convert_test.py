@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxclr import config_lib, convert
-from jaxclr.evaluation import encoder as encoder_lib
+from jaxclr.evaluation import distill, encoder as encoder_lib
 from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
 
@@ -132,10 +132,18 @@ def test_converted_workdir_restores_the_same_encoder(name, width, image_size,
     for k in p[:-1]:
       node = node.setdefault(k, {})
     node[p[-1]] = jnp.asarray(v)
+  x = jax.random.uniform(jax.random.key(0), (3, image_size, image_size, 3))
+  # The converted workdir teaches jaxclr.distill with the supervised head.
+  teacher = distill.load_teacher(out, mesh)
+  assert (teacher.kind, teacher.num_classes) == ("pretraining",
+                                                 arch["num_classes"])
+  with_head = build_model(jaxclr_config(arch, image_size), arch["num_classes"])
+  np.testing.assert_allclose(
+      teacher.apply(teacher.variables, x),
+      with_head.apply(ref, x, train=False)["logits"], rtol=1e-5, atol=1e-5)
   model = build_model(jaxclr_config(arch, image_size), 0)
   ref = {c: {k: v for k, v in ref[c].items() if k != "linear_head"}
          for c in ref}
-  x = jax.random.uniform(jax.random.key(0), (3, image_size, image_size, 3))
   want = model.apply(ref, x, train=False)
   got = enc.model.apply(enc.variables, x, train=False)
   np.testing.assert_allclose(got["h"], want["h"], rtol=1e-5, atol=1e-5)
