@@ -81,7 +81,7 @@ def _pmean(tree, axis_name):
 
 def supcon_with_metrics(z1, z2, labels=None, *, temperature: float,
                         axis_name=None, hidden_norm: bool = True):
-  """Supervised contrastive loss L_out (Khosla et al. 2020, eq. 2).
+  """Supervised contrastive loss L_out (Khosla et al. 2020, L_out).
 
   For each of the 2N views i (anchor), with A(i) every other view of the
   global batch and P(i) those with the same label (always including i's own
@@ -243,7 +243,7 @@ def _one_directional(z1, z2, extra_cols, *, temperature, axis_name):
 
 def npair_with_metrics(z1, z2, labels=None, *, axis_name=None,
                        hidden_norm: bool = True, l2_reg: float = 0.0):
-  """Multi-class N-pair loss (Sohn 2016, eq. 6, and its L2 regulariser).
+  """Multi-class N-pair loss (Sohn 2016, with its L2 regulariser).
 
   For anchor f_i = view-1 of image i, positive f_i+ = view-2 of image i and
   negatives the view-2 of every other image j of the global batch:
