@@ -147,7 +147,6 @@ def mine_semi_hard(dist, pos, neg):
   -1 where p is not a positive; valid [2n, 2N]: a positive pair whose anchor
   has a negative).
   """
-  num_cols = dist.shape[1]
   neg_dist = jnp.where(neg, dist, jnp.inf)
   order = jnp.argsort(neg_dist, axis=-1)  # Negatives first, nearest first.
   sorted_dist = jnp.take_along_axis(neg_dist, order, axis=-1)
@@ -157,7 +156,7 @@ def mine_semi_hard(dist, pos, neg):
       sorted_dist, dist)  # [2n, 2N]
   rank = jnp.where(first < num_neg[:, None], first,
                    jnp.maximum(num_neg - 1, 0)[:, None])
-  neg_col = jnp.take_along_axis(order, jnp.minimum(rank, num_cols - 1), axis=-1)
+  neg_col = jnp.take_along_axis(order, rank, axis=-1)  # rank < 2N
   valid = pos & (num_neg > 0)[:, None]
   return jnp.where(valid, neg_col, -1), valid
 
