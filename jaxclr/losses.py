@@ -1,5 +1,9 @@
 """NT-Xent, SimCLR's contrastive loss, and its metrics (docs/simclr.md 1).
 
+Also the pieces the other losses (jaxclr/metric_losses.py) share: the
+full-precision similarity matmul, the differentiable column gather and the
+contrastive metrics.
+
 Scale is the official code's, not the paper's: mean over view-1 anchors plus
 mean over view-2 anchors, i.e. 2x the paper's L. The learning rates and weight
 decays of the published recipes were tuned with this scale.
