@@ -22,9 +22,9 @@ from jaxclr.config_schema import (  # pylint: disable=unused-import
     pretrain_config, schema, set_digits_random_init)
 from jaxclr.config_validate import (  # pylint: disable=unused-import
     BUILTIN_DATASETS, COMPUTE_DTYPES, DATASET_PREFIXES, DEPTHS,
-    ENTRY_POINTS, OPTIMIZERS, PROTOCOLS, REMOTE_PATH_PREFIXES,
-    SUBSET_DATASETS, TFDS_DATASETS, check_batch_sizes, subset_options,
-    tfds_data_dir, validate)
+    ENTRY_POINTS, LOSS_NAMES, METHODS, OPTIMIZERS, PROTOCOLS,
+    REMOTE_PATH_PREFIXES, SUBSET_DATASETS, TFDS_DATASETS, check_batch_sizes,
+    check_loss_labels, loss_setup, subset_options, tfds_data_dir, validate)
 
 ConfigError = errors.ConfigError
 # The pretraining schema, under the name most callers know it by.

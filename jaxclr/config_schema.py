@@ -147,8 +147,20 @@ def pretrain_config() -> ml_collections.ConfigDict:
   # ---- Model (section 5) ----
   c.model = _model(pretraining=True)
 
-  # ---- Objective ----
-  c.temperature = 0.1
+  # ---- Objective (docs/losses.md) ----
+  # 'simclr' (the loss below), or 'supcon': loss 'supcon' on class labels.
+  c.method = "simclr"
+  # 'nt_xent', 'supcon', 'triplet_batch_hard', 'triplet_semi_hard', 'npair'
+  # or 'infonce' (jaxclr.objectives.LOSSES).
+  c.loss = "nt_xent"
+  # Positives: 'instance' (an image's two views) or 'class' (same label; the
+  # dataset must have labels); None: 'class' for supcon, else 'instance'.
+  # Only supcon and the triplet losses can use 'class'.
+  c.loss_labels = config_dict.placeholder(str)
+  c.temperature = 0.1  # nt_xent, supcon, infonce.
+  c.triplet_margin = 0.2  # On squared distances of unit vectors, in [0, 4].
+  # InfoNCE's negatives queue; not wired into the train state yet: 0 only.
+  c.infonce_queue_size = 0
   c.hidden_norm = True
   # Online linear probe on stop_gradient(h) (TF2 lineareval_while_pretraining);
   # only active when the dataset has labels.

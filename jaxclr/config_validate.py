@@ -35,6 +35,14 @@ PROTOCOLS = ("fast", "paper", "knn")  # linear_eval.
 OPTIMIZERS = ("momentum", "lars")  # finetune.
 # TFDS datasets whose training split is itself the labelled subset.
 SUBSET_DATASETS = ("imagenet2012_subset/1pct", "imagenet2012_subset/10pct")
+# Pretraining objectives (docs/losses.md). LOSS_NAMES are the keys of
+# jaxclr.objectives.LOSSES, kept here so that validation imports no JAX.
+METHODS = ("simclr", "supcon")
+PLANNED_METHODS = ("byol", "nnclr")  # DESIGN.md's, not implemented yet.
+LOSS_NAMES = ("nt_xent", "supcon", "triplet_batch_hard", "triplet_semi_hard",
+              "npair", "infonce")
+CLASS_LABEL_LOSSES = ("supcon", "triplet_batch_hard", "triplet_semi_hard")
+LOSS_LABELS = ("instance", "class")
 # Per job: its entry point and the config file to start from.
 ENTRY_POINTS = {"pretrain": ("jaxclr.main", "configs/default.py"),
                 "linear_eval": ("jaxclr.linear_eval", "configs/linear_eval.py"),
@@ -63,6 +71,29 @@ def subset_options(config) -> list[str]:
   if config.dataset in SUBSET_DATASETS:
     chosen.append(f"dataset={config.dataset!r}")
   return chosen
+
+
+def loss_setup(config) -> tuple[str, bool]:
+  """(loss name, whether it reads class labels) of a valid pretrain config.
+
+  method='supcon' trains with loss 'supcon' (loss may stay at its default
+  'nt_xent'); loss_labels=None means 'class' for supcon, else 'instance'.
+  """
+  loss = "supcon" if config.method == "supcon" else config.loss
+  labels = config.loss_labels or ("class" if loss == "supcon" else "instance")
+  return loss, labels == "class"
+
+
+def check_loss_labels(config, num_classes: int) -> None:
+  """ConfigError if the loss needs class labels and the training split has
+  none (num_classes == 0): checked once the source is open, before any
+  compilation. validate() already refuses the cases known from the config."""
+  loss, class_labels = loss_setup(config)
+  _check(not class_labels or num_classes > 0,
+         f"loss={loss!r} with class labels needs a labelled dataset, but "
+         f"dataset={config.dataset!r} has no labels; use a labelled dataset "
+         "or --config.loss_labels=instance (the two views of an image as "
+         "positives)")
 
 
 def check_batch_sizes(config, names: Sequence[str], *, num_devices: int,
@@ -260,8 +291,50 @@ def _check_loop(config):
          f"mesh_axis_type={config.mesh_axis_type!r}; valid: 'explicit', 'auto'")
 
 
-def _check_pretrain(config):
+def _check_objective(config):
+  method, loss = config.method, config.loss
+  if method in PLANNED_METHODS:
+    raise ConfigError(f"method={method!r} is not implemented yet; valid: "
+                      f"{METHODS}")
+  _check(method in METHODS,
+         f"method={method!r} is unknown; valid: {METHODS}")
+  _check(loss in LOSS_NAMES, f"loss={loss!r} is unknown; valid: {LOSS_NAMES}")
+  _check(method != "supcon" or loss in ("nt_xent", "supcon"),
+         f"method='supcon' trains with loss 'supcon', not loss={loss!r}; "
+         "leave loss at its default or use method='simclr'")
+  _check(config.loss_labels is None or config.loss_labels in LOSS_LABELS,
+         f"loss_labels={config.loss_labels!r}; valid: None, {LOSS_LABELS}")
+  loss, class_labels = loss_setup(config)
+  _check(not class_labels or loss in CLASS_LABEL_LOSSES,
+         f"loss={loss!r} pairs the two views of an image only; "
+         f"loss_labels='class' works with {CLASS_LABEL_LOSSES}")
   _positive("temperature", config.temperature)
+  _positive("triplet_margin", config.triplet_margin)
+  _check(config.infonce_queue_size == 0,
+         f"infonce_queue_size={config.infonce_queue_size!r}: the negatives "
+         "queue is not wired into training yet "
+         "(jaxclr.metric_losses.infonce_with_metrics takes one); valid: 0")
+  if class_labels:
+    _check_has_labels(config, loss)
+
+
+def _check_has_labels(config, loss: str):
+  """The unlabelled training sets known from the config alone; the others
+  are refused by check_loss_labels once the source is open."""
+  from jaxclr.data import sources  # pylint: disable=g-import-not-at-top
+  if config.dataset == "synthetic":
+    check_loss_labels(config, config.synthetic.num_classes)
+  elif config.dataset in sources.TFDS_DEFAULT_SPLITS:
+    split = config.train_split or sources.TFDS_DEFAULT_SPLITS[config.dataset][0]
+    _check((config.dataset, split) not in sources.LABELLED_INSTEAD_OF,
+           f"loss={loss!r} with class labels needs labelled training "
+           f"examples, but dataset={config.dataset!r} split {split!r} is "
+           "unlabelled; set train_split to a labelled split or "
+           "--config.loss_labels=instance")
+
+
+def _check_pretrain(config):
+  _check_objective(config)
   a = config.augment
   _range("augment.crop_area_range", a.crop_area_range, 1e-3, 1.0)
   _range("augment.crop_aspect_ratio_range", a.crop_aspect_ratio_range, 1e-2, 1e2)

@@ -84,6 +84,7 @@ def run(config, workdir: str) -> dict[str, float]:
   spec = config_lib.data_spec(config)
   train_source = input_pipeline.open_source(spec, "train")
   info = input_pipeline.dataset_info(train_source)
+  config_lib.check_loss_labels(config, info.num_classes)
   plan = optim.training_plan(config, info.num_train_examples)
   logging.info("jaxclr pretraining: %s", describe_run(config, plan, mesh))
   num_classes = info.num_classes if config.linear_probe else 0

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclr import losses, optim
+from jaxclr import config_lib, objectives, optim
 from jaxclr import state as state_lib
 from jaxclr.state import TrainState
 
@@ -65,13 +65,15 @@ def images_as_float(images):
 def train_step(state: TrainState, batch, *, model: nn.Module,
                optimizer: optim.Optimizer, mesh, temperature: float,
                hidden_norm: bool, weight_decay: float,
-               augment_fn: Callable | None = None):
+               augment_fn: Callable | None = None, loss: str = "nt_xent",
+               class_labels: bool = False, margin: float = 0.2):
   """One SimCLR update on the global batch. Pure in (state, batch).
 
   batch: images [B, 2, H, W, 3] float in [0, 1] (or uint8 in [0, 255]),
   labels [B], example_ids [B], and with device augmentation color_params
   [B, 2, P]: augment_fn(images, color_params) -> images then applies the
-  colour/blur draws the host made.
+  colour/blur draws the host made. loss names objectives.LOSSES' entry;
+  with class_labels it reads batch["labels"] (same class = positive).
   """
   images = images_as_float(batch["images"])
   if augment_fn is not None:
@@ -84,32 +86,34 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
         {"params": params, "batch_stats": state.batch_stats}, inputs,
         train=True, mutable=["batch_stats"])
     z = out["z"].reshape((num_images, 2, -1))  # [B, 2, D]
-    loss, metrics = losses.sharded_nt_xent_with_metrics(
-        z[:, 0], z[:, 1], mesh=mesh, temperature=temperature,
-        hidden_norm=hidden_norm)
-    total = loss
+    loss_value, metrics = objectives.sharded_contrastive_loss(
+        loss, z, batch["labels"] if class_labels else None, mesh=mesh,
+        temperature=temperature, hidden_norm=hidden_norm, margin=margin)
+    total = loss_value
     if "logits" in out:
       logits = out["logits"].reshape((num_images, 2, -1))
       probe_loss, probe_acc = probe_loss_and_accuracy(logits, batch["labels"])
       total = total + probe_loss + optim.probe_l2_penalty(params, weight_decay)
       metrics = {**metrics, "probe_loss": probe_loss, "probe_acc": probe_acc}
-    return total, (loss, metrics, new_vars["batch_stats"])
+    return total, (loss_value, metrics, new_vars["batch_stats"])
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (total, (loss, metrics, batch_stats)), grads = grad_fn(state.params)
+  (total, (loss_value, metrics, batch_stats)), grads = grad_fn(state.params)
   new_state, update_metrics = state_lib.apply_gradients(
       state, grads, batch_stats, optimizer)
-  return new_state, {**metrics, **update_metrics, "loss": loss,
+  return new_state, {**metrics, **update_metrics, "loss": loss_value,
                      "total_loss": total}
 
 
 def make_train_step(*, config, model, optimizer, mesh, state_sharding,
                     batch_sharding, replicated_sharding, augment_fn=None):
   """jit(train_step) with shardings and the state buffers donated."""
+  loss, class_labels = config_lib.loss_setup(config)
   step = functools.partial(
       train_step, model=model, optimizer=optimizer, mesh=mesh,
       temperature=config.temperature, hidden_norm=config.hidden_norm,
-      weight_decay=config.weight_decay, augment_fn=augment_fn)
+      weight_decay=config.weight_decay, augment_fn=augment_fn, loss=loss,
+      class_labels=class_labels, margin=config.triplet_margin)
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated_sharding),
                  donate_argnums=0)

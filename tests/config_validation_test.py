@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxclr import cli, config_lib, pretrain, workdir as workdir_lib
@@ -129,6 +130,34 @@ BAD_CONFIGS = [
      ["job='distill' is unknown", "'pretrain', 'linear_eval', 'finetune'"]),
     ("unknown_field", _unknown_field,
      ["unknown config field(s) eval_evry_steps"]),
+    ("loss", _set("loss", "simclr"),
+     ["loss='simclr' is unknown", "'nt_xent', 'supcon', 'triplet_batch_hard'"]),
+    ("method_byol", _set("method", "byol"),
+     ["method='byol' is not implemented yet", "valid: ('simclr', 'supcon')"]),
+    ("method_nnclr", _set("method", "nnclr"),
+     ["method='nnclr' is not implemented yet"]),
+    ("method_unknown", _set("method", "moco"), ["method='moco' is unknown"]),
+    ("method_supcon_other_loss", _many(method="supcon", loss="npair"),
+     ["method='supcon' trains with loss 'supcon', not loss='npair'"]),
+    ("supcon_unlabelled_synthetic", _many(method="supcon",
+                                          synthetic__num_classes=0),
+     ["loss='supcon' with class labels needs a labelled dataset",
+      "dataset='synthetic' has no labels", "loss_labels=instance"]),
+    ("triplet_class_unlabelled_synthetic",
+     _many(loss="triplet_semi_hard", loss_labels="class",
+           synthetic__num_classes=0),
+     ["loss='triplet_semi_hard' with class labels needs a labelled dataset"]),
+    ("supcon_stl10_unlabelled",
+     _many(loss="supcon", dataset="stl10", data_dir=REPO),
+     ["dataset='stl10' split 'unlabelled' is unlabelled"]),
+    ("class_labels_instance_loss", _many(loss="npair", loss_labels="class"),
+     ["loss='npair' pairs the two views of an image only"]),
+    ("loss_labels", _set("loss_labels", "image"),
+     ["loss_labels='image'", "'instance', 'class'"]),
+    ("queue", _set("infonce_queue_size", 64),
+     ["infonce_queue_size=64", "not wired into training yet", "valid: 0"]),
+    ("margin", _set("triplet_margin", 0.0),
+     ["triplet_margin=0.0 must be > 0"]),
 ]
 
 
@@ -165,6 +194,58 @@ def test_bad_config_is_refused_before_data_and_compilation(
 
 def test_valid_config_passes_validation():
   config_lib.validate(tiny_config())
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({}, ("nt_xent", False)),
+    ({"method": "supcon"}, ("supcon", True)),
+    ({"method": "supcon", "loss_labels": "instance"}, ("supcon", False)),
+    ({"loss": "triplet_batch_hard"}, ("triplet_batch_hard", False)),
+    ({"loss": "triplet_semi_hard", "loss_labels": "class"},
+     ("triplet_semi_hard", True)),
+    ({"loss": "infonce"}, ("infonce", False)),
+])
+def test_loss_setup_of_valid_objectives(fields, expected):
+  config = tiny_config()
+  config.update(fields)
+  config_lib.validate(config)
+  assert config_lib.loss_setup(config) == expected
+
+
+def test_class_labels_on_an_unlabelled_npz_fail_before_compilation(
+    monkeypatch, tmp_path):
+  """Whether a folder/npz/TFDS source has labels is known once it is open:
+  refused there, before the model or the step is built."""
+  def forbidden(*args, **kwargs):
+    raise AssertionError("reached compilation")
+  monkeypatch.setattr(pretrain, "create_trainer", forbidden)
+  path = tmp_path / "unlabelled.npz"
+  np.savez(path, images=np.zeros((16, 8, 8, 3), np.uint8))
+  config = tiny_config()
+  config.update({"dataset": f"npz:{path}", "loss": "supcon"})
+  with pytest.raises(config_lib.ConfigError,
+                     match="loss='supcon' with class labels needs a labelled "
+                     "dataset, but dataset='npz:.*' has no labels"):
+    pretrain.run(config, str(tmp_path / "work"))
+
+
+def test_objective_fields_are_checked_on_resume():
+  """Changing the loss refuses to resume; a config.json from before the
+  fields existed resumes with them at their defaults."""
+  old = workdir_lib.config_to_dict(tiny_config())
+  for name in ("method", "loss", "loss_labels", "triplet_margin",
+               "infonce_queue_size"):
+    assert name in old
+  new = tiny_config()
+  new.loss, new.triplet_margin = "triplet_batch_hard", 0.3
+  assert workdir_lib.config_differences(old, workdir_lib.config_to_dict(
+      new)) == ["loss: 'nt_xent' -> 'triplet_batch_hard'",
+                "triplet_margin: 0.2 -> 0.3"]
+  for name in ("method", "loss", "loss_labels", "triplet_margin",
+               "infonce_queue_size"):
+    del old[name]
+  assert workdir_lib.config_differences(
+      old, workdir_lib.config_to_dict(tiny_config())) == []
 
 
 def test_remote_tfds_data_dir_is_left_to_tfds():
