@@ -78,6 +78,8 @@ def test_results_schema(finetuned):
   assert r["ft_proj_selector"] == 1 and r["optimizer"] == "momentum"
   assert r["peak_learning_rate"] == pytest.approx(2.0 * BATCH / 256)
   assert r["num_eval_examples"] == 64 and r["num_devices"] == 8
+  assert (r["train_split"], r["eval_split"], r["eval_on_train"]) == (
+      "train", "train", True)  # synthetic: allowed, and recorded.
   assert r["feature_dim"] == 64  # The head's first layer keeps h's width.
   assert set(r["wall_times"]) == {"setup_s", "train_s", "eval_s", "total_s"}
 
@@ -207,6 +209,18 @@ def test_config_errors(pretrained, tmp_path):
   with pytest.raises(config_lib.ConfigError, match="model.depth"):
     finetune.run(ft_config("none"), str(tmp_path))
   assert not os.path.exists(os.path.join(tmp_path, "config.json"))
+
+
+def test_fine_tuning_on_the_eval_split_is_refused(tmp_path):
+  path = str(tmp_path / "pile.npz")
+  np.savez(path, images=np.zeros((8, 8, 8, 3), np.uint8),
+           labels=np.arange(8) % 2)
+  c = load_config_file("finetune", "random_init")
+  c.pretrained_workdir, c.dataset, c.image_size = "none", f"npz:{path}", 8
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^fine-tuning would be evaluated on split 'train'"):
+    finetune.run(c, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
 
 
 def test_cli_reports_one_line_and_exit_2(pretrained, tmp_path):
