@@ -211,18 +211,6 @@ def test_config_errors(pretrained, tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "config.json"))
 
 
-def test_fine_tuning_on_the_eval_split_is_refused(tmp_path):
-  path = str(tmp_path / "pile.npz")
-  np.savez(path, images=np.zeros((8, 8, 8, 3), np.uint8),
-           labels=np.arange(8) % 2)
-  c = load_config_file("finetune", "random_init")
-  c.pretrained_workdir, c.dataset, c.image_size = "none", f"npz:{path}", 8
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"^fine-tuning would be evaluated on split 'train'"):
-    finetune.run(c, str(tmp_path / "out"))
-  assert not (tmp_path / "out").exists()
-
-
 def test_cli_reports_one_line_and_exit_2(pretrained, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

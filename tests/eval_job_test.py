@@ -13,7 +13,7 @@ import pytest
 import jaxclr
 from jaxclr import config_lib, export, pretrain, workdir as workdir_lib
 from jaxclr.evaluation import encoder as encoder_lib
-from jaxclr.evaluation import job, linear
+from jaxclr.evaluation import finetune, job, linear
 from jaxclr.models import simclr
 from jaxclr.parallel import sharding
 
@@ -207,8 +207,14 @@ def test_evaluating_on_the_training_split_is_refused(tmp_path):
   path = str(tmp_path / "pile.npz")
   np.savez(path, images=np.zeros((8, 8, 8, 3), np.uint8),
            labels=np.arange(8) % 2)
+  ft = load_config_file("finetune", "random_init")
   c = load_config_file("linear_eval", "random_init")
-  c.pretrained_workdir, c.dataset, c.image_size = "none", f"npz:{path}", 8
+  for config in (ft, c):
+    config.pretrained_workdir, config.dataset = "none", f"npz:{path}"
+    config.image_size = 8
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^fine-tuning would be evaluated on split 'train'"):
+    finetune.run(ft, str(tmp_path / "out"))
   with pytest.raises(config_lib.ConfigError,
                      match=r"^the linear probe would be evaluated on split "
                      r"'train', .*holdout_fraction.*allow_eval_on_train=True"):
