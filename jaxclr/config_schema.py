@@ -62,7 +62,7 @@ def _add_data_source(c: ml_collections.ConfigDict, *, dataset, image_size):
   c.holdout_fraction = (0.0 if dataset is not None
                         else config_dict.placeholder(float))
   # Evaluate (kNN, probes, fine-tuning) on the split trained on; else that
-  # is refused (docs/data.md, "Held-out splits").
+  # is refused (docs/data.md, "Held-out splits of your own data").
   c.allow_eval_on_train = False
   c.image_size = (image_size if image_size is not None
                   else config_dict.placeholder(int))

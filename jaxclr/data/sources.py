@@ -145,44 +145,6 @@ def digits_source(split: str) -> Source:
                 images=images[sel])
 
 
-# ---------------------------------------------------------------- one pile
-def select_split(src: Source, split: str, holdout_fraction: float) -> Source:
-  """Split `split` of data in one pile: 'all'; 'train', all but the held-out
-  examples; 'holdout' (holdout_fraction > 0), `splits.stratified_holdout`.
-  num_classes stays the pile's, so labels agree between the splits."""
-  valid = ("train", "all") + ((splits_lib.HOLDOUT_SPLIT,)
-                              if holdout_fraction > 0 else ())
-  if split not in valid:
-    raise DataError(
-        f"{src.name} holds no split folders or arrays, so its splits are "
-        f"{valid} (got {split!r}); holdout_fraction > 0 adds 'holdout'")
-  if holdout_fraction <= 0 or split == "all":
-    return src
-  held = splits_lib.stratified_holdout(src.labels, holdout_fraction,
-                                       splits_lib.HOLDOUT_SEED)
-  keep = held if split == splits_lib.HOLDOUT_SPLIT else ~held
-  if not keep.any():
-    raise DataError(f"{src.name}: holdout_fraction={holdout_fraction} leaves "
-                    f"split {split!r} empty of its {src.num_examples} examples")
-  return dataclasses.replace(
-      src, num_examples=int(keep.sum()), labels=src.labels[keep],
-      images=None if src.images is None else src.images[keep],
-      paths=None if src.paths is None else tuple(
-          p for p, k in zip(src.paths, keep) if k))
-
-
-def _no_holdout(name: str, found, holdout_fraction: float) -> None:
-  if holdout_fraction > 0:
-    raise DataError(f"{name} has its own splits {list(found)}; "
-                    f"holdout_fraction={holdout_fraction} applies to data in "
-                    "one pile only (set it to 0)")
-
-
-def _unknown_split(name: str, split: str, found) -> DataError:
-  return DataError(f"{name} has no split {split!r}; splits found: "
-                   f"{list(found)}")
-
-
 # ---------------------------------------------------------------- npz
 def npz_source(path: str, split: str, holdout_fraction: float = 0.0) -> Source:
   """Arrays `images` [N,H,W,3] uint8 (+ `labels` [N]): one pile; or, per
@@ -202,10 +164,10 @@ def npz_source(path: str, split: str, holdout_fraction: float = 0.0) -> Source:
         labels = _npz_labels(path, "labels", f, len(images))
         src = Source(f"npz:{path}", "array", len(images),
                      int(labels.max(initial=-1)) + 1, labels, images=images)
-        return select_split(src, split, holdout_fraction)
-      _no_holdout(f"npz:{path}", found, holdout_fraction)
+        return splits_lib.select_split(src, split, holdout_fraction)
+      splits_lib.no_holdout(f"npz:{path}", found, holdout_fraction)
       if split not in found:
-        raise _unknown_split(f"npz:{path}", split, found)
+        raise splits_lib.unknown_split(f"npz:{path}", split, found)
       # Every split's labels, so that num_classes is the same in each.
       num_classes = max(int(_npz_labels(path, f"{s}_labels", f, None)
                             .max(initial=-1)) + 1 for s in found)
@@ -259,8 +221,8 @@ def folder_source(root: str, split: str = "train",
   A folder whose first level holds split folders (`splits.folder_split_dirs`:
   train/ and test/, validation/ or val/) has those splits, each read as
   below, with labels from the union of their class folders; any other folder
-  is one pile (`select_split`: 'train', 'all', and with holdout_fraction
-  'holdout').
+  is one pile (`splits.select_split`: 'train', 'all', and with
+  holdout_fraction 'holdout').
   """
   if not os.path.isdir(root):
     raise DataError(f"folder {root!r} does not exist (dataset "
@@ -268,15 +230,16 @@ def folder_source(root: str, split: str = "train",
   name = f"folder:{root}"
   split_dirs = splits_lib.folder_split_dirs(root)
   if split_dirs is None:
-    return select_split(scan_folder(root, name), split, holdout_fraction)
-  _no_holdout(name, split_dirs, holdout_fraction)
+    return splits_lib.select_split(scan_folder(root, name), split,
+                                   holdout_fraction)
+  splits_lib.no_holdout(name, split_dirs, holdout_fraction)
   loose = sorted(e for e in os.listdir(root) if e.endswith(IMAGE_EXTENSIONS))
   if loose:
     raise DataError(f"{name} holds split folders {list(split_dirs)} and "
                     f"{len(loose)} image files beside them (first: "
                     f"{loose[0]}); move those into a split folder")
   if split not in split_dirs:
-    raise _unknown_split(name, split, split_dirs)
+    raise splits_lib.unknown_split(name, split, split_dirs)
   return scan_folder(split_dirs[split], name,
                      splits_lib.folder_classes(split_dirs))
 

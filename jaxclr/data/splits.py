@@ -1,6 +1,7 @@
 """Held-out splits of users' own data, and the rule that evaluation uses one.
 
-Where held-out examples come from (docs/data.md, "Splits of your own data"):
+Where held-out examples come from (docs/data.md, "Held-out splits of your
+own data"):
   folder:ROOT  whose first level holds split folders: `train/` and at least
                one of `test/`, `validation/`, `val/` (each with class
                sub-folders); every first-level folder is a split.
@@ -17,6 +18,7 @@ device count sees the same examples in the same split.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Optional, Sequence
@@ -55,6 +57,46 @@ def stratified_holdout(labels: np.ndarray, fraction: float,
     idx = idx[rng.permutation(len(idx))]
     held[idx[:int(round(fraction * len(idx)))]] = True
   return held
+
+
+def select_split(src, split: str, holdout_fraction: float):
+  """Split `split` of a `sources.Source` in one pile: 'all'; 'train', all
+  but the held-out examples; 'holdout' (holdout_fraction > 0), those of
+  `stratified_holdout`. num_classes stays the pile's, so labels agree."""
+  valid = ("train", "all") + ((HOLDOUT_SPLIT,) if holdout_fraction > 0
+                              else ())
+  if split not in valid:
+    raise errors.DataError(
+        f"{src.name} holds no split folders or arrays, so its splits are "
+        f"{valid} (got {split!r}); holdout_fraction > 0 adds 'holdout'")
+  if holdout_fraction <= 0 or split == "all":
+    return src
+  held = stratified_holdout(src.labels, holdout_fraction, HOLDOUT_SEED)
+  keep = held if split == HOLDOUT_SPLIT else ~held
+  if not keep.any():
+    raise errors.DataError(
+        f"{src.name}: holdout_fraction={holdout_fraction} leaves split "
+        f"{split!r} empty of its {src.num_examples} examples")
+  return dataclasses.replace(
+      src, num_examples=int(keep.sum()), labels=src.labels[keep],
+      images=None if src.images is None else src.images[keep],
+      paths=None if src.paths is None else tuple(
+          p for p, k in zip(src.paths, keep) if k))
+
+
+def no_holdout(name: str, found: Sequence[str],
+               holdout_fraction: float) -> None:
+  """DataError: data with its own splits takes no holdout_fraction."""
+  if holdout_fraction > 0:
+    raise errors.DataError(
+        f"{name} has its own splits {list(found)}; holdout_fraction="
+        f"{holdout_fraction} applies to data in one pile only (set it to 0)")
+
+
+def unknown_split(name: str, split: str,
+                  found: Sequence[str]) -> errors.DataError:
+  return errors.DataError(f"{name} has no split {split!r}; splits found: "
+                          f"{list(found)}")
 
 
 def default_eval_split(found: Optional[Sequence[str]]) -> str:
