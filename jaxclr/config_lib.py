@@ -82,6 +82,7 @@ def data_spec(config):
       dataset=config.dataset, data_dir=config.data_dir,
       train_split=config.train_split,
       eval_split=config.eval_split,
+      holdout_fraction=float(config.holdout_fraction or 0.0),
       data_access=config.data_access,
       image_size=int(config.image_size), seed=int(config.seed),
       synthetic_num_examples=int(config.synthetic.num_examples),

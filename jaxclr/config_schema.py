@@ -56,6 +56,14 @@ def _add_data_source(c: ml_collections.ConfigDict, *, dataset, image_size):
   # CIFAR/STL-10/digits).
   c.train_split = config_dict.placeholder(str)
   c.eval_split = config_dict.placeholder(str)
+  # folder:/npz: data in one pile: hold out this fraction of each class
+  # (stratified, fixed seed) as split 'holdout', the default eval split;
+  # 0 = off. None (evaluation jobs): the pretraining run's value.
+  c.holdout_fraction = (0.0 if dataset is not None
+                        else config_dict.placeholder(float))
+  # Evaluate (kNN, probes, fine-tuning) on the split trained on; else that
+  # is refused (docs/data.md, "Held-out splits of your own data").
+  c.allow_eval_on_train = False
   c.image_size = (image_size if image_size is not None
                   else config_dict.placeholder(int))
 

@@ -224,6 +224,13 @@ def _check_data(config):
            "is not set; pass --config.data_dir=DIR (or set TFDS_DATA_DIR)")
     _check(data_dir.startswith(REMOTE_PATH_PREFIXES) or os.path.isdir(data_dir),
            f"data_dir={data_dir!r} (for dataset={ds!r}) does not exist")
+  f = config.holdout_fraction
+  if f is not None:
+    _check(0.0 <= f < 1.0, f"holdout_fraction={f!r} must be in [0, 1) (0 = "
+           "no held-out split)")
+    _check(f == 0 or ds is None or ds.startswith(("folder:", "npz:")),
+           f"holdout_fraction={f!r} applies to folder:/npz: data only; "
+           f"dataset={ds!r} has its own held-out split (set eval_split)")
   size = config.image_size
   if size is not None or pretraining:
     _check(isinstance(size, int) and size >= 8,

@@ -10,7 +10,7 @@ import jax
 from absl import logging
 
 from jaxclr import config_lib, errors, loop, optim, train, workdir as workdir_lib
-from jaxclr.data import input_pipeline
+from jaxclr.data import input_pipeline, sources, splits
 from jaxclr.evaluation import periodic
 from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
@@ -87,6 +87,11 @@ def run(config, workdir: str) -> dict[str, float]:
   config_lib.check_loss_labels(config, info.num_classes)
   plan = optim.training_plan(config, info.num_train_examples)
   logging.info("jaxclr pretraining: %s", describe_run(config, plan, mesh))
+  if config.eval_every_steps > 0 and info.num_classes > 0:  # Periodic kNN.
+    splits.check_held_out(
+        spec.dataset, sources.labelled_train_split(spec),
+        sources.resolve_split(spec, None, "eval"),
+        allow=config.allow_eval_on_train, what="the periodic kNN")
   num_classes = info.num_classes if config.linear_probe else 0
   trainer = create_trainer(config, mesh, plan, num_classes)
   evaluator = periodic.PeriodicKnnEvaluator(

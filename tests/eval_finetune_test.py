@@ -78,6 +78,8 @@ def test_results_schema(finetuned):
   assert r["ft_proj_selector"] == 1 and r["optimizer"] == "momentum"
   assert r["peak_learning_rate"] == pytest.approx(2.0 * BATCH / 256)
   assert r["num_eval_examples"] == 64 and r["num_devices"] == 8
+  assert (r["train_split"], r["eval_split"], r["eval_on_train"]) == (
+      "train", "train", True)  # synthetic: allowed, and recorded.
   assert r["feature_dim"] == 64  # The head's first layer keeps h's width.
   assert set(r["wall_times"]) == {"setup_s", "train_s", "eval_s", "total_s"}
 

@@ -13,7 +13,7 @@ import pytest
 import jaxclr
 from jaxclr import config_lib, export, pretrain, workdir as workdir_lib
 from jaxclr.evaluation import encoder as encoder_lib
-from jaxclr.evaluation import job, linear
+from jaxclr.evaluation import finetune, job, linear
 from jaxclr.models import simclr
 from jaxclr.parallel import sharding
 
@@ -83,6 +83,9 @@ def test_results_schema(results_8dev):
   assert r["checkpoint_step"] == 2 and r["protocol"] == "fast"
   assert r["random_init"] is False and r["num_devices"] == 8
   assert r["num_train_examples"] == 64 and r["num_eval_examples"] == 64
+  # synthetic (random labels) is evaluated on its training split, and says so.
+  assert (r["train_split"], r["eval_split"], r["eval_on_train"]) == (
+      "train", "train", True)
   assert r["feature_dim"] == 64  # ResNet-18 x 1/8: 512 / 8.
 
 
@@ -189,15 +192,43 @@ def test_not_a_workdir_and_random_init_errors(tmp_path):
 def test_evaluation_reads_the_labelled_training_split():
   """STL-10 pretrains on 'unlabelled' (labels -1): probes and kNN banks must
   read its labelled 'train' split, unless the eval config names a split."""
-  random_init = encoder_lib.FrozenEncoder(None, {}, {}, 96, None,
-                                          "random_init")
   c = eval_config("none", dataset="stl10", image_size=96)
-  d = job.labelled_data_spec(c, random_init)
+  d = job.labelled_data_spec(c)
   assert (d.dataset, d.train_split) == ("stl10", "train")
   c.train_split = "unlabelled"
-  d = job.labelled_data_spec(c, random_init)
+  d = job.labelled_data_spec(c)
   assert d.train_split == "unlabelled"
   assert not d.augment.color_jitter_prob and not d.augment.use_blur
+
+
+def test_evaluating_on_the_training_split_is_refused(tmp_path):
+  """Data in one pile has no held-out split: refused before the workdir or
+  any compilation, naming the split; a held-out split or the flag passes."""
+  path = str(tmp_path / "pile.npz")
+  np.savez(path, images=np.zeros((8, 8, 8, 3), np.uint8),
+           labels=np.arange(8) % 2)
+  ft = load_config_file("finetune", "random_init")
+  c = load_config_file("linear_eval", "random_init")
+  for config in (ft, c):
+    config.pretrained_workdir, config.dataset = "none", f"npz:{path}"
+    config.image_size = 8
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^fine-tuning would be evaluated on split 'train'"):
+    finetune.run(ft, str(tmp_path / "out"))
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^the linear probe would be evaluated on split "
+                     r"'train', .*holdout_fraction.*allow_eval_on_train=True"):
+    job.run(c, str(tmp_path / "out"))
+  assert not (tmp_path / "out").exists()
+  c.protocol, c.eval_split = "knn", "all"  # 'all' holds 'train' too.
+  with pytest.raises(config_lib.ConfigError, match="^the kNN .* split 'all'"):
+    job.run(c, str(tmp_path / "out"))
+  c.eval_split, c.holdout_fraction = None, 0.25
+  spec = job.labelled_data_spec(c)
+  assert job.checked_splits(c, spec, "x") == ("train", "holdout")
+  c.holdout_fraction, c.allow_eval_on_train = None, True
+  assert job.checked_splits(c, job.labelled_data_spec(c), "x") == (
+      "train", "train")
 
 
 def test_class_balanced_subsets_are_balanced_and_deterministic():

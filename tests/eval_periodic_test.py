@@ -51,3 +51,23 @@ def test_periodic_knn_matches_standalone(tmp_path):
                           mesh=None)
   assert 0.0 < logged <= 1.0
   np.testing.assert_allclose(logged, want, atol=1.01 / len(q[1]))
+
+
+def test_periodic_knn_on_the_training_split_is_refused(tmp_path):
+  """A folder in one pile: the kNN's queries would be its bank."""
+  from PIL import Image
+  import pytest
+  for c in ("a", "b"):
+    os.makedirs(tmp_path / "data" / c)
+    for i in range(8):
+      Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(
+          tmp_path / "data" / c / f"{i}.png")
+  config = tiny_config()
+  config.dataset, config.eval_every_steps = f"folder:{tmp_path}/data", 1
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"^the periodic kNN would be evaluated on split "
+                     r"'train'.*allow_eval_on_train=True"):
+    pretrain.run(config, str(tmp_path / "w"))
+  config.holdout_fraction = 0.25  # 'holdout': 4 of the 16 images.
+  spec = config_lib.data_spec(config)
+  assert input_pipeline.open_source(spec, "eval").num_examples == 4

@@ -257,6 +257,114 @@ def test_empty_and_missing_folders_raise(tmp_path):
     _info(_config(dataset=f"folder:{tmp_path}/nothere"))
 
 
+# ------------------------------------------------------------------ splits
+def _write_tiny(path, value=0):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def test_folder_split_folders_share_labels_across_splits(tmp_path):
+  # train: cat, dog, owl; test: cat, dog (no owl); val: dog only.
+  layout = {"train": ("cat", "dog", "owl"), "test": ("cat", "dog"),
+            "val": ("dog",)}
+  for split, classes in layout.items():
+    for c in classes:
+      for i in range(2):
+        _write_tiny(str(tmp_path / split / c / f"{i}.png"))
+  c = _config(dataset=f"folder:{tmp_path}", image_size=8, batch_size=4)
+  spec = _spec(c)
+  assert sources.default_splits(spec) == ("train", "test")  # test > val.
+  by_split = {s: _source(c, split=s) for s in layout}
+  for split, src in by_split.items():
+    assert src.num_classes == 3 and src.num_examples == 2 * len(layout[split])
+    for p, label in zip(src.paths, src.labels):
+      assert label == ("cat", "dog", "owl").index(p.split(os.sep)[-2])
+  assert _source(c, "eval").paths == by_split["test"].paths
+  with pytest.raises(ip.DataError,
+                     match=r"no split 'validation'; splits found: "
+                     r"\['test', 'train', 'val'\]"):
+    _source(c, split="validation")
+  c.holdout_fraction = 0.5
+  with pytest.raises(ip.DataError, match="has its own splits"):
+    _source(c)
+  _write_tiny(str(tmp_path / "stray.png"))
+  ip.clear_caches()
+  with pytest.raises(ip.DataError, match="1 image files beside them"):
+    _source(_config(dataset=f"folder:{tmp_path}"))
+
+
+def test_npz_splits_by_array_name(tmp_path):
+  rng = np.random.default_rng(0)
+  path = str(tmp_path / "s.npz")
+  np.savez(path, train_images=rng.integers(0, 256, (12, 8, 8, 3), np.uint8),
+           train_labels=np.arange(12) % 4,
+           test_images=rng.integers(0, 256, (5, 8, 8, 3), np.uint8),
+           test_labels=np.arange(5) % 2)  # Fewer classes than train: still 4.
+  c = _config(dataset=f"npz:{path}", image_size=8, batch_size=4)
+  assert sources.default_splits(_spec(c)) == ("train", "test")
+  train, test = _source(c), _source(c, "eval")
+  assert (train.num_examples, test.num_examples) == (12, 5)
+  assert train.num_classes == test.num_classes == 4
+  np.testing.assert_array_equal(test.labels, np.arange(5) % 2)
+  with pytest.raises(ip.DataError, match=r"splits found: \['test', 'train'\]"):
+    _source(c, split="all")
+
+
+def _pile(tmp_path, labels):
+  """An npz in one pile whose image i has pixel value i (to identify it)."""
+  path = str(tmp_path / "pile.npz")
+  images = np.broadcast_to(np.arange(len(labels), dtype=np.uint8)[
+      :, None, None, None], (len(labels), 8, 8, 3))
+  np.savez(path, images=images, labels=labels)
+  return _config(dataset=f"npz:{path}", image_size=8, batch_size=4)
+
+
+def _ids(src):
+  return src.images[:, 0, 0, 0].astype(int)
+
+
+def test_holdout_fraction_is_stratified_disjoint_and_fixed(tmp_path):
+  labels = np.repeat([0, 1, 2], [30, 20, 10])
+  c = _pile(tmp_path, labels)
+  c.holdout_fraction = 0.2
+  assert sources.default_splits(_spec(c)) == ("train", "holdout")
+  train, held = _source(c), _source(c, "eval")
+  np.testing.assert_array_equal(np.bincount(held.labels), [6, 4, 2])
+  assert not set(_ids(train)) & set(_ids(held))
+  assert sorted(_ids(train).tolist() + _ids(held).tolist()) == list(range(60))
+  assert train.num_classes == held.num_classes == 3
+  assert _source(c, split="all").num_examples == 60
+  # Not config.seed (an eval job has its own): the same examples held out.
+  c.seed = 7
+  np.testing.assert_array_equal(_ids(_source(c, "eval")), _ids(held))
+  # Each of 2 processes opens the same split, and their halves of the eval
+  # batches together are exactly the held-out examples, as 1 process reads.
+  per_process = [ip.eval_batches(8, _source(c, "eval"), 4, p, 2)
+                 for p in range(2)]
+  seen = [b["images"][b["mask"], 0, 0, 0] for it in per_process for b in it]
+  assert sorted(np.rint(np.concatenate(seen) * 255).astype(int).tolist()) == \
+      sorted(_ids(held).tolist())
+  # Unlabelled data: held out uniformly.
+  u = _pile(tmp_path, np.full(60, -1))
+  u.holdout_fraction = 0.25
+  assert _source(u, "eval").num_examples == 15
+  c.holdout_fraction = 0.0
+  with pytest.raises(ip.DataError, match="holdout_fraction > 0 adds"):
+    _source(c, split="holdout")
+
+
+def test_holdout_fraction_of_a_folder(tmp_path):
+  for c in ("a", "b"):
+    for i in range(10):
+      _write_tiny(str(tmp_path / c / f"{i}.png"), i)
+  c = _config(dataset=f"folder:{tmp_path}", image_size=8, batch_size=4)
+  c.holdout_fraction = 0.3
+  train, held = _source(c), _source(c, "eval")
+  assert (train.num_examples, held.num_examples) == (14, 6)
+  assert not set(train.paths) & set(held.paths)
+  np.testing.assert_array_equal(np.bincount(held.labels), [3, 3])
+
+
 # ------------------------------------------------------------------ tfds
 @pytest.mark.parametrize("name,size", [("imagenet2012", 48), ("cifar10", 32)])
 def test_tfds_mock_pipeline(name, size):

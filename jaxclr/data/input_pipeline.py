@@ -25,7 +25,7 @@ draws are stateless functions of (seed, step, example id, view): see augment.py.
 Every function takes explicit values: a `spec.DataSpec` (from
 `config_lib.data_spec(config)`) and a `sources.Source` that the caller opens
 once with `open_source` and passes on; nothing here caches a source (a
-folder's scan is cached by path in `sources.folder_source`).
+folder's scan is cached by path in `sources.scan_folder`).
 """
 
 from __future__ import annotations
@@ -362,6 +362,6 @@ def labelled_batches(data: spec_lib.DataSpec, src: sources.Source, *,
 
 
 def clear_caches():
-  """Forgets the folder scans of `sources.folder_source` (tests; or after a
+  """Forgets the folder scans of `sources.scan_folder` (tests; or after a
   folder changed on disk)."""
-  sources.folder_source.cache_clear()
+  sources.clear_caches()

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxclr import errors
 from jaxclr.data import spec as spec_lib
+from jaxclr.data import splits as splits_lib
 from jaxclr.data import synthetic
 
 DataError = errors.DataError
@@ -57,14 +58,34 @@ class Source:
   skipped: Sequence[str] = ()  # 'files': unreadable files left out.
 
 
-def default_splits(dataset: str) -> tuple[str, str]:
+def default_splits(data: spec_lib.DataSpec) -> tuple[str, str]:
+  """(pretraining split, eval split) of `data` when the config sets none."""
+  dataset = data.dataset
   if dataset in TFDS_DEFAULT_SPLITS:
     return TFDS_DEFAULT_SPLITS[dataset]
   if dataset in LOCAL_DEFAULT_SPLITS:
     return LOCAL_DEFAULT_SPLITS[dataset]
   if dataset.startswith("tfds:"):  # Most TFDS datasets; else set eval_split.
     return ("train", "test")
-  return ("train", "train")  # folder:/npz: have one split.
+  if data.holdout_fraction > 0:  # One pile, split by holdout_fraction.
+    return ("train", splits_lib.HOLDOUT_SPLIT)
+  # folder:/npz: their held-out split, if they have one, else 'train'.
+  return ("train", splits_lib.default_eval_split(local_splits(dataset)))
+
+
+def local_splits(dataset: str) -> Optional[tuple[str, ...]]:
+  """The named splits of a folder:/npz: dataset; None for one pile (or a
+  path that does not exist: opening it raises)."""
+  if dataset.startswith("folder:"):
+    found = splits_lib.folder_split_dirs(os.path.abspath(dataset[7:]))
+    return tuple(found) if found else None
+  if dataset.startswith("npz:") and os.path.isfile(dataset[4:]):
+    try:
+      with np.load(dataset[4:]) as f:
+        return splits_lib.npz_split_names(f.files) or None
+    except (OSError, ValueError):
+      return None
+  return None
 
 
 # Pretraining splits without labels, and where the dataset keeps its labelled
@@ -87,7 +108,7 @@ def resolve_split(data: spec_lib.DataSpec, split: Optional[str],
   if split is None:
     split = data.train_split if which == "train" else data.eval_split
   if split is None:
-    split = default_splits(data.dataset)[0 if which == "train" else 1]
+    split = default_splits(data)[0 if which == "train" else 1]
   return split
 
 
@@ -109,12 +130,8 @@ def _digits_all() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   images = np.repeat(big[..., None], 3, axis=-1)
   labels = d.target.astype(np.int32)
   # Stratified: within each class a fixed permutation; first 25% are test.
-  rng = np.random.default_rng(DIGITS_SPLIT_SEED)
-  test = np.zeros(len(labels), bool)
-  for c in range(10):
-    idx = np.flatnonzero(labels == c)
-    idx = idx[rng.permutation(len(idx))]
-    test[idx[:int(round(DIGITS_TEST_FRACTION * len(idx)))]] = True
+  test = splits_lib.stratified_holdout(labels, DIGITS_TEST_FRACTION,
+                                       DIGITS_SPLIT_SEED)
   return images, labels, test
 
 
@@ -129,39 +146,58 @@ def digits_source(split: str) -> Source:
 
 
 # ---------------------------------------------------------------- npz
-def npz_source(path: str, split: str) -> Source:
-  if split not in ("train", "all"):
-    raise DataError(f"npz:{path} has a single split; use 'train' (got "
-                    f"{split!r})")
+def npz_source(path: str, split: str, holdout_fraction: float = 0.0) -> Source:
+  """Arrays `images` [N,H,W,3] uint8 (+ `labels` [N]): one pile; or, per
+  split, `<split>_images` (+ `<split>_labels`), labels shared by all."""
   if not os.path.isfile(path):
     raise DataError(f"npz file {path!r} not found (dataset 'npz:{path}')")
   try:
     with np.load(path) as f:
-      if "images" not in f:
-        raise DataError(f"{path} has no 'images' array (found "
-                        f"{sorted(f.files)}); expected images [N,H,W,3] uint8 "
-                        "and optional labels [N]")
-      images = f["images"]
-      labels = f["labels"] if "labels" in f else None
+      found = splits_lib.npz_split_names(f.files)
+      if not found:
+        if "images" not in f:
+          raise DataError(
+              f"{path} has no 'images' array (found {sorted(f.files)}); "
+              "expected images [N,H,W,3] uint8 and optional labels [N], or "
+              "per split <split>_images and <split>_labels")
+        images = _npz_images(path, "images", f["images"])
+        labels = _npz_labels(path, "labels", f, len(images))
+        src = Source(f"npz:{path}", "array", len(images),
+                     int(labels.max(initial=-1)) + 1, labels, images=images)
+        return splits_lib.select_split(src, split, holdout_fraction)
+      splits_lib.no_holdout(f"npz:{path}", found, holdout_fraction)
+      if split not in found:
+        raise splits_lib.unknown_split(f"npz:{path}", split, found)
+      # Every split's labels, so that num_classes is the same in each.
+      num_classes = max(int(_npz_labels(path, f"{s}_labels", f, None)
+                            .max(initial=-1)) + 1 for s in found)
+      images = _npz_images(path, f"{split}_images", f[f"{split}_images"])
+      labels = _npz_labels(path, f"{split}_labels", f, len(images))
+  except DataError:
+    raise
   except (OSError, ValueError) as e:
-    if isinstance(e, DataError):
-      raise
     raise DataError(f"cannot read npz file {path!r}: {e}") from e
-  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise DataError(f"{path}: 'images' must be uint8 [N, H, W, 3]; got "
-                    f"{images.dtype} {list(images.shape)}")
-  if len(images) == 0:
-    raise DataError(f"{path}: 'images' is empty")
-  if labels is None:
-    labels, num_classes = np.full(len(images), -1, np.int32), 0
-  else:
-    labels = np.asarray(labels).astype(np.int32).reshape(-1)
-    if labels.shape[0] != len(images):
-      raise DataError(f"{path}: {labels.shape[0]} labels for {len(images)} "
-                      "images")
-    num_classes = int(labels.max()) + 1
   return Source(f"npz:{path}", "array", len(images), num_classes, labels,
                 images=images)
+
+
+def _npz_images(path: str, key: str, images: np.ndarray) -> np.ndarray:
+  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+    raise DataError(f"{path}: {key!r} must be uint8 [N, H, W, 3]; got "
+                    f"{images.dtype} {list(images.shape)}")
+  if len(images) == 0:
+    raise DataError(f"{path}: {key!r} is empty")
+  return images
+
+
+def _npz_labels(path: str, key: str, f, n: Optional[int]) -> np.ndarray:
+  """int32 labels under `key`, -1s when absent; n: the images' count."""
+  if key not in f:
+    return np.full(n or 0, -1, np.int32)
+  labels = np.asarray(f[key]).astype(np.int32).reshape(-1)
+  if n is not None and labels.shape[0] != n:
+    raise DataError(f"{path}: {labels.shape[0]} {key} for {n} images")
+  return labels
 
 
 # ---------------------------------------------------------------- folder
@@ -178,23 +214,50 @@ def _readable_header(path: str) -> Optional[str]:
   return None
 
 
-@functools.lru_cache(maxsize=8)
-def folder_source(root: str, split: str = "train") -> Source:
-  """Images under `root` (recursive); first-level sub-folders become labels.
+def folder_source(root: str, split: str = "train",
+                  holdout_fraction: float = 0.0) -> Source:
+  """Split `split` of the images under `root`.
 
-  Cached by (root, split): the scan reads every file's header once per
+  A folder whose first level holds split folders (`splits.folder_split_dirs`:
+  train/ and test/, validation/ or val/) has those splits, each read as
+  below, with labels from the union of their class folders; any other folder
+  is one pile (`splits.select_split`: 'train', 'all', and with
+  holdout_fraction 'holdout').
+  """
+  if not os.path.isdir(root):
+    raise DataError(f"folder {root!r} does not exist (dataset "
+                    f"'folder:{root}')")
+  name = f"folder:{root}"
+  split_dirs = splits_lib.folder_split_dirs(root)
+  if split_dirs is None:
+    return splits_lib.select_split(scan_folder(root, name), split,
+                                   holdout_fraction)
+  splits_lib.no_holdout(name, split_dirs, holdout_fraction)
+  loose = sorted(e for e in os.listdir(root) if e.endswith(IMAGE_EXTENSIONS))
+  if loose:
+    raise DataError(f"{name} holds split folders {list(split_dirs)} and "
+                    f"{len(loose)} image files beside them (first: "
+                    f"{loose[0]}); move those into a split folder")
+  if split not in split_dirs:
+    raise splits_lib.unknown_split(name, split, split_dirs)
+  return scan_folder(split_dirs[split], name,
+                     splits_lib.folder_classes(split_dirs))
+
+
+@functools.lru_cache(maxsize=8)
+def scan_folder(root: str, name: str,
+                classes: Optional[tuple[str, ...]] = None) -> Source:
+  """Images under `root` (recursive); first-level sub-folders become labels
+  when every image is in one: their index in `classes`, or, when None, in
+  the sorted names found.
+
+  Cached by its arguments: the scan reads every file's header once per
   process (`clear_caches` forgets it, e.g. after the folder changed).
 
   Unreadable files (PIL cannot read the header) are logged with their path,
   counted, and left out of the index, so the index (and hence every batch) is
   fixed before training starts.
   """
-  if split not in ("train", "all"):
-    raise DataError(f"folder:{root} has a single split; use 'train' (got "
-                    f"{split!r})")
-  if not os.path.isdir(root):
-    raise DataError(f"folder {root!r} does not exist (dataset "
-                    f"'folder:{root}')")
   files = []
   for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
     dirnames.sort()
@@ -219,14 +282,18 @@ def folder_source(root: str, split: str = "train") -> Source:
                     f"is readable (first: {skipped[0]})")
   rel_top = [os.path.relpath(f, root).split(os.sep) for f in good]
   if all(len(r) > 1 for r in rel_top):
-    classes = sorted({r[0] for r in rel_top})
+    classes = classes or tuple(sorted({r[0] for r in rel_top}))
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[r[0]] for r in rel_top], np.int32)
     num_classes = len(classes)
   else:
     labels, num_classes = np.full(len(good), -1, np.int32), 0
-  return Source(f"folder:{root}", "files", len(good), num_classes, labels,
+  return Source(name, "files", len(good), num_classes, labels,
                 paths=tuple(good), skipped=tuple(skipped))
+
+
+def clear_caches() -> None:
+  scan_folder.cache_clear()
 
 
 def decode_file(path: bytes) -> tuple[np.ndarray, bool]:
@@ -362,9 +429,10 @@ def make_source(data: spec_lib.DataSpec, split: str) -> Source:
                             data.synthetic_num_examples,
                             data.synthetic_num_classes)
   if name.startswith("npz:"):
-    return npz_source(name[4:], split)
+    return npz_source(name[4:], split, data.holdout_fraction)
   if name.startswith("folder:"):
-    return folder_source(os.path.abspath(name[7:]), split)
+    return folder_source(os.path.abspath(name[7:]), split,
+                         data.holdout_fraction)
   if name.startswith("tfds:"):  # Any TFDS name, e.g. tfds:oxford_flowers102.
     name = name[5:]
   elif ":" in name or not name:

@@ -86,6 +86,8 @@ class DataSpec:
   synthetic_num_classes: int
   shuffle_buffer_multiplier: int  # tf.data streaming fallback only.
   augment: AugmentParams
+  # folder:/npz: in one pile: the fraction held out as split 'holdout'.
+  holdout_fraction: float = 0.0
 
   def replace(self, **changes) -> "DataSpec":
     return dataclasses.replace(self, **changes)

@@ -196,11 +196,13 @@ def _last_logged(workdir: str, key: str):
   return records[-1][key] if records else None
 
 
-def _labelled_data(config, encoder):
-  """(data spec, training source, labels, subset indices, subset spec);
-  ConfigError when the batch is larger than the subset."""
+def _labelled_data(config):
+  """(data spec, (train split, eval split), training source, labels,
+  subset indices, subset spec); ConfigError when the eval split is the
+  training split (unless allowed) or the batch is larger than the subset."""
   # The linear-eval job's reading of dataset/split/size overrides.
-  data_spec = job.labelled_data_spec(config, encoder)
+  data_spec = job.labelled_data_spec(config)
+  split_names = job.checked_splits(config, data_spec, "fine-tuning")
   src = input_pipeline.open_source(data_spec, "train")
   if src.num_classes <= 0:
     raise errors.DataError(
@@ -213,7 +215,7 @@ def _labelled_data(config, encoder):
         f"batch_size={config.batch_size} exceeds the {len(indices)} labelled "
         f"examples ({', '.join(config_lib.subset_options(config))}); use "
         f"batch_size <= {len(indices)}")
-  return data_spec, src, labels, indices, subset
+  return data_spec, split_names, src, labels, indices, subset
 
 
 def compile_network(config, encoder, net, plan, mesh, image_size: int, *,
@@ -252,8 +254,9 @@ def run(config, workdir: str, mesh=None) -> dict:
                                num_devices=mesh.devices.size,
                                num_processes=jax.process_count())
   check_selector(config)
+  data_spec, split_names, src, labels, indices, subset = _labelled_data(
+      config)
   encoder = job.load_encoder(config, mesh)
-  data_spec, src, labels, indices, subset = _labelled_data(config, encoder)
   workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
   plan = optim.training_plan(config, len(indices))
   logging.info(
@@ -304,6 +307,7 @@ def run(config, workdir: str, mesh=None) -> dict:
           labels[indices], minlength=src.num_classes).tolist(),
       "num_train_examples": int(src.num_examples),
       "num_eval_examples": metrics["num_eval_examples"],
+      **job.split_fields(*split_names),
       "num_classes": int(src.num_classes), "feature_dim": int(feature_dim),
       **{k: config[k] for k in (
           "ft_proj_selector", "optimizer", "learning_rate",

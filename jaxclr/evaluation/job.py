@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from jaxclr import config_lib, errors, workdir as workdir_lib
-from jaxclr.data import input_pipeline, sources
+from jaxclr.data import input_pipeline, sources, splits
 from jaxclr.data import spec as spec_lib
 from jaxclr.evaluation import encoder as encoder_lib
 from jaxclr.evaluation import knn, linear
@@ -31,13 +31,14 @@ from jaxclr.parallel import sharding
 RESULTS_FILE = "results.json"
 
 
-def labelled_data_spec(config, encoder) -> spec_lib.DataSpec:
+def labelled_data_spec(config) -> spec_lib.DataSpec:
   """What an evaluation job reads: the pretraining run's data (or, for a
-  random-init encoder, the eval config's), with the eval config's
+  random-init encoder, pretrained_workdir='none', the eval config's; read
+  before the encoder, so that data errors come first), with the eval config's
   dataset/split/size overrides, its seed, the labelled training split as
   train_split, and crop + flip augmentation (the paper probe's and
   fine-tuning's views)."""
-  if encoder.source != "random_init":
+  if config.pretrained_workdir.lower() != "none":  # As load_encoder reads.
     d = encoder_lib.pretraining_config(config.pretrained_workdir)
   else:
     d = config_lib.base_config()
@@ -46,7 +47,8 @@ def labelled_data_spec(config, encoder) -> spec_lib.DataSpec:
           "pretrained_workdir='none' needs dataset and image_size in the eval "
           "config")
   d.seed = config.seed
-  for key in ("dataset", "data_dir", "train_split", "eval_split", "image_size"):
+  for key in ("dataset", "data_dir", "train_split", "eval_split",
+              "holdout_fraction", "image_size"):
     if config[key] is not None:
       d[key] = config[key]
   spec = config_lib.data_spec(d)
@@ -56,6 +58,24 @@ def labelled_data_spec(config, encoder) -> spec_lib.DataSpec:
   # every colour op.
   default_crop = config_lib.data_spec(config_lib.base_config()).augment
   return spec.replace(augment=default_crop.crop_only())
+
+
+def checked_splits(config, spec: spec_lib.DataSpec, what: str
+                   ) -> tuple[str, str]:
+  """(train split, eval split) of an evaluation job's `spec`; ConfigError
+  (`splits.check_held_out`) when the eval split holds the training split and
+  config.allow_eval_on_train is not set. Reads no images."""
+  train_split = sources.resolve_split(spec, None, "train")
+  eval_split = sources.resolve_split(spec, None, "eval")
+  splits.check_held_out(spec.dataset, train_split, eval_split,
+                        allow=config.allow_eval_on_train, what=what)
+  return train_split, eval_split
+
+
+def split_fields(train_split: str, eval_split: str) -> dict:
+  """results.json's record of the splits (counts: num_*_examples)."""
+  return {"train_split": train_split, "eval_split": eval_split,
+          "eval_on_train": splits.overlap(train_split, eval_split)}
 
 
 def eval_model_fields(config) -> dict:
@@ -117,13 +137,17 @@ def run(config, workdir: str, mesh=None) -> dict:
       config, ("eval_batch_size",) + (
           ("batch_size",) if config.protocol == "paper" else ()),
       num_devices=mesh.devices.size, num_processes=jax.process_count())
+  spec = labelled_data_spec(config)
+  split_names = checked_splits(
+      config, spec, "the linear probe" if config.protocol != "knn"
+      else "the kNN")
   workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
   logging.info("jaxclr linear_eval: %s; protocol %s, eval batch %d (%d per "
-               "process)", sharding.describe_layout(mesh), config.protocol,
+               "process); train split %r, eval split %r",
+               sharding.describe_layout(mesh), config.protocol,
                config.eval_batch_size,
-               config.eval_batch_size // jax.process_count())
+               config.eval_batch_size // jax.process_count(), *split_names)
   encoder = load_encoder(config, mesh)
-  spec = labelled_data_spec(config, encoder)
   train_source = input_pipeline.open_source(spec, "train")
   num_classes = train_source.num_classes
   if num_classes <= 0:
@@ -162,6 +186,7 @@ def run(config, workdir: str, mesh=None) -> dict:
       "dataset": spec.dataset,
       "num_train_examples": int(train_source.num_examples),
       "num_eval_examples": int(len(test[1])),
+      **split_fields(*split_names),
       "model": encoder.model_config,
       "image_size": encoder.image_size,
       "num_devices": int(mesh.devices.size),

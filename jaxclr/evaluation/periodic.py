@@ -4,7 +4,9 @@ Every `eval_every_steps` steps the current encoder (inference mode: BatchNorm
 moving statistics) embeds the labelled training split (the bank) and the eval
 split (the queries), both with eval preprocessing, and the weighted kNN of
 `knn.py` (k=200, tau=0.1) gives `eval/knn_top1`. The bank is sharded over the
-mesh. Unlabelled datasets turn the evaluator off (with one log line).
+mesh. Unlabelled datasets turn the evaluator off (with one log line). An
+eval split that holds the bank's split is refused by pretrain.run before
+training (`splits.check_held_out`), unless allow_eval_on_train.
 """
 
 from __future__ import annotations
