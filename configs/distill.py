@@ -21,6 +21,8 @@ Arguments:
                  width (ResNet-18 x 0.125, 2-layer head): big-to-small
   labelled=K     also fit K true labels per class (the teacher's subset if
                  it used the same K and seed), weight 1.0
+  clean          the teacher labels each image's evaluation centre crop, not
+                 the student's augmented view (Noisy-Student style)
 Writes OUT/results.json: top1, top5 (student), teacher_top1, teacher_top5,
 num_train_examples, steps, ... (and the linear-eval keys knn_top1=None,
 few_label_top1={}).
@@ -31,7 +33,8 @@ from jaxclr import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, epochs=30.0, temperature=1.0,
-                             small_student=False, labelled=0)
+                             small_student=False, labelled=0,
+                             clean=False)
   c = config_lib.distill_config()
   c.num_epochs = arg.epochs
   c.temperature = arg.temperature
@@ -39,6 +42,8 @@ def get_config(arg=None):
     c.pretrained_workdir = "none"
     c.model.update(depth=18, width_multiplier=0.125, cifar_stem=True,
                    num_proj_layers=2, proj_out_dim=64)
+  if arg.clean:
+    c.teacher_view = "clean"
   if arg.labelled > 0:
     c.labelled_weight, c.labels_per_class = 1.0, arg.labelled
   return c

@@ -266,6 +266,10 @@ def distill_config() -> ml_collections.ConfigDict:
   # the paper's setting).
   c.temperature = 1.0
   c.scale_by_temperature_squared = False  # The colab's T^2 factor.
+  # What the teacher labels: 'same' (the student's augmented view, as the
+  # SimCLRv2 colab) or 'clean' (the image as evaluation preprocesses it; the
+  # student still sees the augmented view, as in Noisy Student).
+  c.teacher_view = "same"
   c.labelled_weight = 0.0
   c.label_fraction = config_dict.placeholder(float)
   c.labels_per_class = config_dict.placeholder(int)

@@ -32,7 +32,8 @@ REMOTE_PATH_PREFIXES = ("gs://", "s3://", "hdfs://")
 # The hue delta is 0.2 * strength and tf.image.adjust_hue needs |delta| <= 0.5.
 MAX_COLOR_JITTER_STRENGTH = 2.5
 PROTOCOLS = ("fast", "paper", "knn")  # linear_eval.
-OPTIMIZERS = ("momentum", "lars")  # finetune.
+OPTIMIZERS = ("momentum", "lars")  # finetune, distill.
+TEACHER_VIEWS = ("same", "clean")  # distill.
 # TFDS datasets whose training split is itself the labelled subset.
 SUBSET_DATASETS = ("imagenet2012_subset/1pct", "imagenet2012_subset/10pct")
 # Pretraining objectives (docs/losses.md). LOSS_NAMES are the keys of
@@ -425,6 +426,8 @@ def _check_distill(config):
          f"ft_proj_selector={config.ft_proj_selector!r} must be >= 0 (0 = h, "
          "k = after projection-head layer k)")
   _positive("temperature", config.temperature)
+  _check(config.teacher_view in TEACHER_VIEWS,
+         f"teacher_view={config.teacher_view!r}; valid: {TEACHER_VIEWS}")
   _non_negative("labelled_weight", config.labelled_weight)
   f, k = config.label_fraction, config.labels_per_class
   _check(f is None or 0 < f <= 1, f"label_fraction={f!r} must be in (0, 1]")

@@ -100,6 +100,9 @@ def test_results_and_the_restored_teacher(finetuned, pretrained, distilled):
   assert r["steps"] == STEPS and r["num_classes"] == 4
   assert r["num_train_examples"] == 64 and r["num_labelled_examples"] == 0
   assert r["label_subset"] is None and r["temperature"] == 1.0
+  # synthetic's labels are random: its one split may be evaluated on.
+  assert (r["train_split"], r["eval_split"], r["eval_on_train"]) == (
+      "train", "train", True)
   records = [x for x in metrics.read_records(out) if "loss" in x]
   assert [x["step"] for x in records] == list(range(1, STEPS + 1))
   # The student's classifier starts at zero: uniform predictions, so the
@@ -144,17 +147,16 @@ def test_pretraining_teacher_is_its_supervised_head(pretrained):
                              expected, rtol=1e-4, atol=1e-5)
 
 
-def test_the_student_sees_no_label(finetuned, pretrained):
+def test_the_student_sees_no_label(finetuned):
   mesh = sharding.make_mesh("auto")
   teacher = distill.load_teacher(finetuned[0], mesh)
   config = distill._student_config(distill_config(finetuned[0]), teacher)
-  encoder = encoder_lib.restore_encoder(pretrained, mesh)
-  _, src, subset, n = distill._student_data(config, encoder, teacher)
+  _, _, src, subset, n = distill._student_data(config, teacher)
   assert subset is None and n == 0 and np.all(src.labels == -1)
   config = distill._student_config(
       distill_config(finetuned[0], labelled_weight=1.0, labels_per_class=2),
       teacher)
-  _, src, subset, n = distill._student_data(config, encoder, teacher)
+  _, _, src, subset, n = distill._student_data(config, teacher)
   assert n == 8 and np.sum(src.labels >= 0) == 8
   assert np.bincount(src.labels[src.labels >= 0]).tolist() == [2, 2, 2, 2]
 
@@ -174,6 +176,9 @@ def test_user_errors_come_first(pretrained, finetuned, tmp_path):
     distill.run(distill_config(finetuned[0], labels_per_class=2), out)
   with pytest.raises(config_lib.ConfigError, match="temperature=0.0"):
     distill.run(distill_config(finetuned[0], temperature=0.0), out)
+  with pytest.raises(config_lib.ConfigError, match=r"teacher_view='raw'; "
+                     r"valid: \('same', 'clean'\)"):
+    distill.run(distill_config(finetuned[0], teacher_view="raw"), out)
   unfinished = str(tmp_path / "unfinished")
   shutil.copytree(finetuned[0], unfinished)
   os.remove(os.path.join(unfinished, "results.json"))

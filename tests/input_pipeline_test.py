@@ -548,3 +548,20 @@ def test_labelled_batches_are_crop_flip_views_of_the_subset():
   with pytest.raises(ip.DataError, match="exceeds the 40 labelled"):
     next(ip.labelled_batches(data, src, batch_size=64, start_step=0,
                              indices=indices))
+
+
+def test_eval_view_is_the_clean_image_of_the_same_example():
+  """with_eval_view (distillation's teacher_view='clean'): each row's
+  'eval_images' is its example as evaluation preprocesses it, and asking for
+  it leaves the augmented views unchanged."""
+  c = _config(batch_size=8)
+  data, src = _spec(c), _source(c)
+  take = lambda **kw: next(ip.labelled_batches(
+      data, src, batch_size=8, start_step=2, **kw))
+  plain, both = take(), take(with_eval_view=True)
+  np.testing.assert_array_equal(plain["images"], both["images"])
+  np.testing.assert_array_equal(plain["labels"], both["labels"])
+  clean, labels = ip.eval_arrays(c.image_size, src)
+  for image, label in zip(both["eval_images"], both["labels"]):
+    match = np.flatnonzero(np.all(clean == image, axis=(1, 2, 3)))
+    assert match.size >= 1 and label in labels[match]

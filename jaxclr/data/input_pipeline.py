@@ -323,11 +323,13 @@ def labelled_batches(data: spec_lib.DataSpec, src: sources.Source, *,
                      batch_size: int, start_step: int,
                      indices: Optional[Sequence[int]] = None,
                      process_index: int = 0, process_count: int = 1,
-                     require_labels: bool = True
+                     require_labels: bool = True, with_eval_view: bool = False
                      ) -> Iterator[dict[str, np.ndarray]]:
   """Crop + flip (`data.augment.crop_only()`) single views, labelled: what
   the paper probe and fine-tuning train on (require_labels=False: any
-  source, labels -1 where unknown; distillation's unlabelled images).
+  source, labels -1 where unknown; distillation's unlabelled images;
+  with_eval_view: also 'eval_images', each example's centre crop as
+  evaluation preprocesses it, for a teacher that labels clean images).
 
   src: the labelled training source. indices: restrict to these examples
   (label subsets). Yields this process's rows [p*b, (p+1)*b) of each global
@@ -352,8 +354,13 @@ def labelled_batches(data: spec_lib.DataSpec, src: sources.Source, *,
 
   def view(raw, label, eid, step):
     s = augment.view_seed(seed, step, eid, 0)
-    x = augment.crop_and_flip(decode(raw), s, aug, size)
-    return {"images": tf.ensure_shape(x, [size, size, 3]), "labels": label}
+    image = decode(raw)
+    x = augment.crop_and_flip(image, s, aug, size)
+    out = {"images": tf.ensure_shape(x, [size, size, 3]), "labels": label}
+    if with_eval_view:
+      out["eval_images"] = tf.ensure_shape(augment.eval_image(image, size),
+                                           [size, size, 3])
+    return out
 
   ds = _indexed_elements(src, seed, batch_size, start_step, process_index,
                          local, pool)

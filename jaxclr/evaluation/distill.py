@@ -3,8 +3,9 @@ unlabelled training images on the fly and a student fits its predictions.
 
 Loss per image: -sum_c softmax(t/T)_c log softmax(s/T)_c, t and s the
 teacher's and the student's logits on the same augmented view (crop + flip
-only, as the paper), T = config.temperature; optionally plus labelled_weight
-x the cross-entropy with the true label on a labelled subset. The teacher
+only, as the paper; teacher_view='clean': the teacher sees the image as
+evaluation preprocesses it), T = config.temperature; optionally plus
+labelled_weight x the cross-entropy with the true label on a labelled subset. The teacher
 runs in inference mode (moving BatchNorm statistics) and gets no gradient;
 the student is a fine-tuning network (jaxclr.evaluation.finetune's encoder +
 head layers + zero-initialised classifier), trained in full with global
@@ -215,8 +216,9 @@ def train_step(state: TrainState, batch, teacher_variables, *, net, optimizer,
   BatchNorm statistics and the mean loss span it); the teacher's logits on
   the same images come first, in inference mode, with no gradient."""
   images = batch["images"].astype(jnp.float32)
+  teacher_images = batch.get("eval_images", batch["images"])
   teacher_logits = jax.lax.stop_gradient(
-      teacher_apply(teacher_variables, images))
+      teacher_apply(teacher_variables, teacher_images.astype(jnp.float32)))
 
   def loss_fn(params):
     logits, new_vars = net.apply(
@@ -271,10 +273,13 @@ def _student_config(config, teacher: Teacher):
   return config
 
 
-def _student_data(config, encoder, teacher: Teacher):
-  """(data spec, training source with labels outside the labelled subset
-  set to -1, subset spec or None, number of labelled examples)."""
-  data_spec = job.labelled_data_spec(config, encoder)
+def _student_data(config, teacher: Teacher):
+  """(data spec, (train split, eval split), training source with labels
+  outside the labelled subset set to -1, subset spec or None, number of
+  labelled examples); ConfigError when the eval split is the training split
+  (unless allowed)."""
+  data_spec = job.labelled_data_spec(config)
+  split_names = job.checked_splits(config, data_spec, "distillation")
   if data_spec.image_size != teacher.image_size:
     raise errors.ConfigError(
         f"image_size={data_spec.image_size} differs from the teacher's "
@@ -302,7 +307,7 @@ def _student_data(config, encoder, teacher: Teacher):
   elif src.labels is not None:  # The student never sees a label.
     src = dataclasses.replace(src, labels=np.full(src.num_examples, -1,
                                                   np.int32))
-  return data_spec, src, subset, num_labelled
+  return data_spec, split_names, src, subset, num_labelled
 
 
 def run(config, workdir: str, mesh=None) -> dict:
@@ -321,9 +326,9 @@ def run(config, workdir: str, mesh=None) -> dict:
                          config.teacher_checkpoint_step)
   config = _student_config(config, teacher)
   finetune.check_selector(config)
+  data_spec, split_names, src, subset, num_labelled = _student_data(config,
+                                                                    teacher)
   encoder = job.load_encoder(config, mesh)
-  data_spec, src, subset, num_labelled = _student_data(config, encoder,
-                                                       teacher)
   workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
   plan = optim.training_plan(config, src.num_examples)
   logging.info(
@@ -351,7 +356,8 @@ def run(config, workdir: str, mesh=None) -> dict:
     return input_pipeline.labelled_batches(
         data_spec, src, batch_size=config.batch_size, start_step=start_step,
         process_index=jax.process_index(),
-        process_count=jax.process_count(), require_labels=False)
+        process_count=jax.process_count(), require_labels=False,
+        with_eval_view=config.teacher_view == "clean")
 
   times = {"setup_s": time.time() - t_start}
   t = time.time()
@@ -390,11 +396,13 @@ def run(config, workdir: str, mesh=None) -> dict:
       "dataset": data_spec.dataset,
       "num_train_examples": int(src.num_examples),
       "num_eval_examples": student["num_eval_examples"],
+      **job.split_fields(*split_names),
       "label_subset": subset, "num_labelled_examples": int(num_labelled),
       "num_classes": int(teacher.num_classes),
       "feature_dim": int(feature_dim),
       **{k: config[k] for k in (
           "ft_proj_selector", "temperature", "scale_by_temperature_squared",
+          "teacher_view",
           "labelled_weight", "optimizer", "learning_rate",
           "learning_rate_scaling", "momentum", "weight_decay", "batch_size")},
       "peak_learning_rate": plan.peak_learning_rate,
