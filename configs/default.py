@@ -19,13 +19,20 @@ Arguments (configs/default.py:steps=50,batch=128 for a quicker look):
   steps=N      training steps (default 300)
   batch=B      global batch size (default 256)
   on_device    colour jitter, grayscale and blur on the accelerator
+  method=simclr|supcon
+               simclr (default) or supervised contrastive (L_out, positives
+               by label; the digits have labels)
+  loss=nt_xent|triplet_batch_hard|triplet_semi_hard|npair|infonce
+               the objective for method=simclr (default nt_xent;
+               docs/losses.md)
 """
 
 from jaxclr import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, batch=256, steps=300, on_device=False)
+  arg = config_lib.parse_arg(arg, batch=256, steps=300, on_device=False,
+                             method="simclr", loss="nt_xent")
   c = config_lib.pretrain_config()
   c.dataset = "digits"
   # The digits are 8x8 underneath: training at 16 px loses nothing the 32 px
@@ -47,6 +54,10 @@ def get_config(arg=None):
   c.augment.color_jitter_strength = 0.5
   c.augment.use_blur = False
   c.augment.on_device = arg.on_device
+  # Every objective keeps the recipe above (tau 0.5 where it has one), so
+  # the methods differ in their loss only.
+  c.method = arg.method
+  c.loss = arg.loss
   c.log_every_steps = 25
   c.checkpoint_every_steps = 100
   c.eval_every_steps = -1
