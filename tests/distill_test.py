@@ -113,12 +113,7 @@ def test_results_and_the_restored_teacher(finetuned, pretrained, distilled):
 
 def test_resume_is_exact(finetuned, distilled, tmp_path):
   out, results = distilled
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(out, resumed)
-  for step in range(3, STEPS + 1):
-    shutil.rmtree(os.path.join(resumed, "checkpoints", str(step)),
-                  ignore_errors=True)
-  os.remove(os.path.join(resumed, "results.json"))
+  resumed = ft.interrupted_copy(out, str(tmp_path / "resumed"), after_step=2)
   r = distill.run(distill_config(finetuned[0]), resumed)
   assert r["resumed_from_step"] == 2
   jax.tree.map(np.testing.assert_array_equal, ft.saved_state(resumed, STEPS),

@@ -51,6 +51,18 @@ def ft_config(pretrained_workdir, **overrides):
   return c
 
 
+def interrupted_copy(workdir, dst, *, after_step):
+  """A copy of a finished job's workdir as if it had stopped after
+  `after_step`: later checkpoints and results.json gone."""
+  shutil.copytree(workdir, dst)
+  checkpoints = os.path.join(dst, "checkpoints")
+  for name in os.listdir(checkpoints):
+    if name.isdigit() and int(name) > after_step:
+      shutil.rmtree(os.path.join(checkpoints, name))
+  os.remove(os.path.join(dst, "results.json"))
+  return dst
+
+
 def saved_state(workdir, step):
   return ocp.StandardCheckpointer().restore(
       os.path.join(workdir, "checkpoints", str(step), "state"))
@@ -123,12 +135,7 @@ def test_resume_is_exact(pretrained, finetuned, tmp_path):
   """Stopped after step 2 (later checkpoints gone), re-run to the end: the
   same final state as the uninterrupted run."""
   out, results = finetuned
-  resumed = str(tmp_path / "resumed")
-  shutil.copytree(out, resumed)
-  for step in range(3, STEPS + 1):
-    shutil.rmtree(os.path.join(resumed, "checkpoints", str(step)),
-                  ignore_errors=True)
-  os.remove(os.path.join(resumed, "results.json"))
+  resumed = interrupted_copy(out, str(tmp_path / "resumed"), after_step=2)
   r = finetune.run(ft_config(pretrained), resumed)
   assert r["resumed_from_step"] == 2
   jax.tree.map(np.testing.assert_array_equal, saved_state(resumed, STEPS),

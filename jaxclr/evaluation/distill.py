@@ -79,22 +79,9 @@ def _newest_step(workdir: str, step: int) -> int:
 
 
 def _restore_variables(workdir: str, step: int, abstract: dict) -> dict:
-  """params + batch_stats named by `abstract` from the checkpoint at step;
-  WorkdirError naming the first variable the checkpoint lacks."""
-  ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
-  with checkpoint.CheckpointStore(ckpt_dir, read_only=True) as store:
-    restored = store.restore_subtree(step, abstract)
-  variables = {"params": restored["params"],
-               "batch_stats": restored["batch_stats"]}
-  missing = [jax.tree_util.keystr(path) for path, leaf in
-             jax.tree_util.tree_leaves_with_path(variables)
-             if isinstance(leaf, jax.ShapeDtypeStruct)]
-  if missing:
-    raise workdir_lib.WorkdirError(
-        f"teacher checkpoint {ckpt_dir}/{step} lacks {len(missing)} "
-        f"variable(s) of the network its workdir describes (first: "
-        f"{missing[0]})")
-  return variables
+  return encoder_lib.restore_variables(
+      os.path.join(workdir, workdir_lib.CHECKPOINT_DIR), step, abstract,
+      what="network the teacher's workdir describes")
 
 
 def _replicated_abstract(shapes, mesh) -> dict:

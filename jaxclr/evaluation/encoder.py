@@ -83,6 +83,27 @@ def _abstract_variables(model, image_size: int, mesh):
        "batch_stats": dict(shapes["batch_stats"])})
 
 
+def restore_variables(ckpt_dir: str, step: int, abstract: dict, *,
+                      what: str, hint: str = "") -> dict:
+  """{params, batch_stats} named by `abstract` (a subtree of the checkpoint's
+  variables) from the checkpoint at `step`; WorkdirError naming the first
+  variable the checkpoint lacks (`what`: whose variables they are)."""
+  with checkpoint.CheckpointStore(ckpt_dir, read_only=True) as store:
+    restored = store.restore_subtree(step, abstract)
+  variables = {"params": restored["params"],
+               "batch_stats": restored["batch_stats"]}
+  # A partial restore leaves abstract leaves where the checkpoint lacks a
+  # variable of the current model: the code that wrote it named them otherwise.
+  missing = [jax.tree_util.keystr(path) for path, leaf in
+             jax.tree_util.tree_leaves_with_path(variables)
+             if isinstance(leaf, jax.ShapeDtypeStruct)]
+  if missing:
+    raise workdir_lib.WorkdirError(
+        f"checkpoint {ckpt_dir}/{step} lacks {len(missing)} variable(s) of the "
+        f"{what} (first: {missing[0]}){hint}")
+  return variables
+
+
 def restore_encoder(workdir: str, mesh, step: int | None = None,
                     eval_model: dict | None = None) -> FrozenEncoder:
   """The encoder + projection head of `workdir`'s newest (or `step`) checkpoint."""
@@ -106,20 +127,10 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
   item = {"params": {k: abstract["params"][k] for k in VARIABLE_PARTS},
           "batch_stats": {k: abstract["batch_stats"][k]
                           for k in VARIABLE_PARTS}}
-  with checkpoint.CheckpointStore(ckpt_dir, read_only=True) as store:
-    restored = store.restore_subtree(step, item)
-  variables = {"params": restored["params"],
-               "batch_stats": restored["batch_stats"]}
-  # A partial restore leaves abstract leaves where the checkpoint lacks a
-  # variable of the current model: the code that wrote it named them otherwise.
-  missing = [jax.tree_util.keystr(path) for path, leaf in
-             jax.tree_util.tree_leaves_with_path(variables)
-             if isinstance(leaf, jax.ShapeDtypeStruct)]
-  if missing:
-    raise workdir_lib.WorkdirError(
-        f"checkpoint {ckpt_dir}/{step} lacks {len(missing)} variable(s) of the "
-        f"model that config.json describes (first: {missing[0]}); it was "
-        "written by a jaxclr version with other variable names")
+  variables = restore_variables(
+      ckpt_dir, step, item,
+      what="model that config.json describes",
+      hint="; it was written by a jaxclr version with other variable names")
   return FrozenEncoder(model=model, variables=variables,
                        model_config=model_dict, image_size=config.image_size,
                        checkpoint_step=step, source=os.path.abspath(workdir))
