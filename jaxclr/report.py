@@ -17,7 +17,10 @@ opened without a network:
                     neighbours by cosine similarity of h;
   accuracy.png      with --eval_workdir: the linear probe's top-1 against the
                     labels per class (the few-label probes, then all labels),
-                    a second line for --random_eval_workdir.
+                    a second line for --random_eval_workdir;
+  augmentations.png a few examples' source images and both views, as
+                    input_pipeline.pretrain_batches yields them for
+                    --aug_step (not drawn when colour runs on the device).
 R/report.json lists what was written; it marks R as a report, so that a
 later report may replace it, while any other existing R is refused.
 """
@@ -128,8 +131,10 @@ def accuracy_vs_labels(results: dict) -> tuple[list[str], list[float | None]]:
 
 def _figure(width_px: int, height_px: int):
   # A Figure with its own Agg canvas: no pyplot, so no global figure state.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  # pylint: enable=g-import-not-at-top
   fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
   FigureCanvasAgg(fig)
   return fig
@@ -308,6 +313,65 @@ def compute_features(workdir: str, *, max_eval: int, max_bank: int,
       dataset=spec.dataset)
 
 
+@dataclasses.dataclass(frozen=True)
+class AugmentationPreview:
+  """Examples of one pretraining batch: their source images and both views."""
+  step: int  # pretrain_batches(start_step=step)'s first batch.
+  example_ids: np.ndarray
+  labels: np.ndarray
+  sources: list  # float32 [h, w, 3] in [0, 1], decoded, before augmentation.
+  views: np.ndarray  # float32 [N, 2, H, W, 3] in [0, 1].
+
+
+def augmentation_preview(workdir: str, step: int, num: int
+                         ) -> AugmentationPreview | str:
+  """The first `num` examples of the batch jaxclr.data.input_pipeline.
+  pretrain_batches yields for `step` under DIR's config (one process), or a
+  sentence saying why it cannot be shown as training saw it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from jaxclr import config_lib  # pylint: disable=g-import-not-at-top
+  from jaxclr.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from jaxclr.evaluation import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+  config = encoder_lib.pretraining_config(workdir)
+  spec = config_lib.data_spec(config)
+  if spec.augment.on_device:
+    return ("augment.on_device: the colour ops run in the training step, "
+            "not in the input pipeline")
+  src = input_pipeline.open_source(spec, "train")
+  if src.kind == "stream":
+    return f"{src.name} has no random access to its source images"
+  batch = next(input_pipeline.pretrain_batches(
+      spec, src, batch_size=config.batch_size, start_step=step,
+      process_index=0, process_count=1))
+  views = batch["images"][:num]
+  if views.dtype == np.uint8:  # transfer_dtype='uint8'.
+    views = views.astype(np.float32) / 255.0
+  ids = batch["example_ids"][:num]
+  raw, labels = input_pipeline.raw_batch(src, ids)
+  decode = input_pipeline.decode_fn(src.kind)
+  sources = [np.asarray(decode(tf.constant(r))) for r in raw]
+  return AugmentationPreview(step=step, example_ids=ids, labels=labels,
+                             sources=sources, views=np.asarray(views))
+
+
+def plot_augmentations(p: AugmentationPreview, out: str,
+                       written: dict) -> None:
+  """Columns: source image, view 1, view 2; one row per example."""
+  n = len(p.example_ids)
+  fig = _figure(360, 120 * n)
+  for r in range(n):
+    for c, (img, what) in enumerate(((p.sources[r], "source"),
+                                     (p.views[r, 0], "view 1"),
+                                     (p.views[r, 1], "view 2"))):
+      ax = fig.add_subplot(n, 3, r * 3 + c + 1)
+      ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
+      ax.set_title(f"id {int(p.example_ids[r])} {what}" if c == 0 else what,
+                   fontsize=8)
+      ax.axis("off")
+  fig.tight_layout()
+  _save(fig, out, "augmentations.png", written)
+
+
 def knn_top1(f: Features) -> float | None:
   """The weighted kNN's top-1 (k=200, tau=0.1: the periodic evaluator's) of
   the shown eval examples against the bank; None without labels."""
@@ -375,7 +439,8 @@ def build_report(workdir: str, out: str | None = None, *,
                  eval_workdir: str | None = None,
                  random_eval_workdir: str | None = None,
                  max_eval: int = 2000, max_bank: int = 10000,
-                 num_queries: int = 6, k: int = 5, mesh=None) -> dict:
+                 num_queries: int = 6, k: int = 5, aug_step: int = 0,
+                 num_aug: int = 4, mesh=None) -> dict:
   """Writes the report; returns report.json's contents."""
   t_start = time.time()
   out = os.path.join(workdir, "report") if out is None else out
@@ -409,7 +474,8 @@ def build_report(workdir: str, out: str | None = None, *,
            f"'{f.eval_split}', step {f.checkpoint_step}")
   if acc is not None:
     title += (f"\nkNN top-1 {acc:.3f} (bank: {len(f.train_labels)} of "
-              f"'{f.train_split}')")
+              f"'{f.train_split}'"
+              + (", which holds the queries)" if f.same_split else ")"))
   plot_tsne(points, f.eval_labels, title, out, written)
 
   nq = min(num_queries, len(f.eval_labels))
@@ -423,6 +489,13 @@ def build_report(workdir: str, out: str | None = None, *,
   if evals:
     plot_accuracy(evals, out, written)
 
+  preview = augmentation_preview(workdir, aug_step, num_aug)
+  if isinstance(preview, str):
+    skipped = {"augmentations.png": preview}
+  else:
+    plot_augmentations(preview, out, written)
+    skipped = {}
+
   report = {
       "format": FORMAT, "workdir": os.path.abspath(workdir),
       "checkpoint_step": f.checkpoint_step, "dataset": f.dataset,
@@ -433,7 +506,10 @@ def build_report(workdir: str, out: str | None = None, *,
                      "cosine": sims.tolist()},
       "eval_workdirs": {"pretrained": eval_workdir,
                         "random init": random_eval_workdir},
-      "time_axis": how, "images": written, "files": sorted(written) + [INDEX],
+      "augmentations": None if skipped else {
+          "step": aug_step, "example_ids": preview.example_ids.tolist()},
+      "skipped": skipped, "time_axis": how, "images": written,
+      "files": sorted(written) + [INDEX],
   }
   with open(os.path.join(out, INDEX), "w") as fh:
     fh.write(render_html(report, records, evals))
@@ -472,17 +548,22 @@ def render_html(report: dict, records: list[dict], evals: dict) -> str:
           "Training curves by time" + (
               "" if report["time_axis"].startswith("wall") else
               " (metrics.jsonl has no clock: the time spent training, "
-              "integrated from steps_per_sec, without compilation, "
-              "checkpointing pauses outside a log interval or evaluation)")
+              "integrated from steps_per_sec; compilation and evaluation "
+              "are left out)")
           + "."),
       "tsne.png": "t-SNE of the encoder's features h, coloured by label.",
       "neighbours.png": (
-          f"Eval queries (left) and their top-{len(report['neighbours']['indices'][0])} "
+          "Eval queries (left) and their top-"
+          f"{len(report['neighbours']['indices'][0])} "
           "training-split neighbours by cosine of h"
           + (" (eval split = training split: a query's own image is "
              "excluded)" if report["train_split"] == report["eval_split"]
              else "") + "."),
       "accuracy.png": "Linear probe top-1 against labels per class.",
+      "augmentations.png": (
+          "Source images and both views of the first examples of the "
+          "batch input_pipeline.pretrain_batches yields for step "
+          f"{(report['augmentations'] or {}).get('step')}."),
   }
   parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
            f"<title>jaxclr report: {e(report['workdir'])}</title>",
@@ -495,6 +576,8 @@ def render_html(report: dict, records: list[dict], evals: dict) -> str:
     parts.append(f"<h2>{e(captions.get(name, name))}</h2>"
                  f"<img src='{e(name)}' width='{w}' height='{h}' "
                  f"alt='{e(name)}'>")
+  for name, why in report["skipped"].items():
+    parts.append(f"<p>{e(name)} not drawn: {e(why)}.</p>")
   parts.append("</body></html>\n")
   return "\n".join(parts)
 
@@ -507,7 +590,8 @@ def main(argv):
   with cli.user_errors_exit():
     report = build_report(f.workdir, f.out, eval_workdir=f.eval_workdir,
                           random_eval_workdir=f.random_eval_workdir,
-                          max_eval=f.max_eval, max_bank=f.max_bank)
+                          max_eval=f.max_eval, max_bank=f.max_bank,
+                          aug_step=f.aug_step)
   out = f.out or os.path.join(f.workdir, "report")
   print(f"Wrote {os.path.join(out, INDEX)} ({len(report['images'])} figures, "
         f"{report['wall_s']:.1f} s)")
@@ -523,5 +607,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("out", None, "Report directory (default DIR/report).")
   flags.DEFINE_integer("max_eval", 2000, "Eval examples embedded and shown.")
   flags.DEFINE_integer("max_bank", 10000, "Training examples in the bank.")
+  flags.DEFINE_integer("aug_step", 0, "Pretraining step whose batch the "
+                       "augmentation preview shows.")
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

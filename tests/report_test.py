@@ -57,7 +57,7 @@ def built(pretrained, tmp_path_factory):
 def test_figures_are_pngs_of_the_stated_size_and_all_linked(built):
   r, out, _ = built
   want = {"curves_step.png", "curves_time.png", "tsne.png", "neighbours.png",
-          "accuracy.png"}
+          "accuracy.png", "augmentations.png"}
   assert set(r["images"]) == want
   assert r["images"]["tsne.png"] == [640, 600]
   assert r["images"]["curves_step.png"] == [360 * 3, 320]  # No kNN logged.
@@ -160,3 +160,26 @@ def test_a_previous_report_is_replaced(built):
     f.write("x")
   report.prepare_out(copy)
   assert os.listdir(copy) == ["kept.txt"]
+
+
+def test_augmentation_preview_is_what_pretraining_read(pretrained, built):
+  """Both views are the pipeline's own for that step and example, and the
+  source image is the dataset's."""
+  from jaxclr.data import input_pipeline
+  r, _, _ = built
+  assert r["skipped"] == {} and r["augmentations"]["step"] == 0
+  p = report.augmentation_preview(pretrained, step=1, num=3)
+  config = encoder_lib.pretraining_config(pretrained)
+  spec = config_lib.data_spec(config)
+  src = input_pipeline.open_source(spec, "train")
+  batches = input_pipeline.pretrain_batches(
+      spec, src, batch_size=config.batch_size, start_step=0, process_index=0,
+      process_count=1)
+  next(batches)
+  want = next(batches)  # Step 1's batch, reached from step 0.
+  np.testing.assert_array_equal(p.example_ids, want["example_ids"][:3])
+  np.testing.assert_array_equal(p.views, want["images"][:3])
+  assert p.views.shape == (3, 2, 8, 8, 3)
+  for i, eid in enumerate(p.example_ids):
+    np.testing.assert_allclose(p.sources[i], src.images[eid] / 255.0,
+                               atol=1e-6)
