@@ -540,7 +540,9 @@ def render_html(report: dict, records: list[dict], evals: dict) -> str:
           ("kNN top-1 (shown examples)", report["knn_top1"])]
   for name, r in evals.items():
     xs, ys = accuracy_vs_labels(r)
-    rows += [(f"{name}: top-1 @ {x} labels/class", y) for x, y in zip(xs, ys)]
+    rows += [(f"{name}: top-1, " + ("all labels" if x == "all" else
+                                    f"{x} labels/class"), y)
+             for x, y in zip(xs, ys)]
     rows.append((f"{name}: kNN top-1", r.get("knn_top1")))
   captions = {
       "curves_step.png": "Training curves by step.",
