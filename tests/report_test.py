@@ -39,23 +39,26 @@ def results_json(path, top1, few):
 
 @pytest.fixture(scope="module")
 def built(pretrained, tmp_path_factory):
-  """(report.json, out dir, the features handed to t-SNE)."""
+  """(report.json, out dir, what t-SNE was given, the Features computed)."""
   root = tmp_path_factory.mktemp("report")
   ev = results_json(str(root / "eval"), 0.6, {"1": 0.3, "5": 0.4, "10": 0.5})
   rnd = results_json(str(root / "rnd"), 0.4, {"1": 0.25, "5": 0.3, "10": 0.35})
-  seen = []
-  tsne = report.tsne_embedding
+  seen, computed = [], []
+  tsne, compute = report.tsne_embedding, report.compute_features
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(report, "tsne_embedding",
                lambda x, **kw: seen.append(np.array(x)) or tsne(x, **kw))
+    mp.setattr(report, "compute_features",
+               lambda *a, **kw: computed.append(compute(*a, **kw))
+               or computed[-1])
     out = str(root / "out")
     r = report.build_report(pretrained, out, eval_workdir=ev,
-                            random_eval_workdir=rnd)
-  return r, out, seen
+                            random_eval_workdir=rnd, max_bank=48)
+  return r, out, seen, computed[0]
 
 
 def test_figures_are_pngs_of_the_stated_size_and_all_linked(built):
-  r, out, _ = built
+  r, out, _, _ = built
   want = {"curves_step.png", "curves_time.png", "tsne.png", "neighbours.png",
           "accuracy.png", "augmentations.png"}
   assert set(r["images"]) == want
@@ -76,21 +79,20 @@ def test_figures_are_pngs_of_the_stated_size_and_all_linked(built):
 
 
 def test_tsne_input_is_the_encoders_h(pretrained, built):
-  """What t-SNE embeds is model.apply(...)['h'] of the images shown."""
-  _, _, seen = built
-  mesh = sharding.make_mesh("auto")
-  f = report.compute_features(pretrained, max_eval=20, max_bank=30, mesh=mesh)
-  assert f.eval_h.shape == (20, 64) and f.train_h.shape == (30, 64)
-  enc = encoder_lib.restore_encoder(pretrained, mesh)
-  variables = jax.device_get(enc.variables)
-  want = np.asarray(enc.model.apply(variables, f.eval_images,
-                                    train=False)["h"])
-  np.testing.assert_allclose(f.eval_h, want, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(seen[0][:20], want, rtol=1e-5, atol=1e-5)
-  assert seen[0].shape == (64, 64)
+  """What t-SNE embeds is model.apply(...)['h'] of the images shown, from
+  the checkpoint's variables; the bank is capped at max_bank."""
+  r, _, seen, f = built
+  assert len(seen) == 1 and seen[0].shape == (64, 64)
+  assert f.train_h.shape == (48, 64) and r["num_bank"] == 48
+  enc = encoder_lib.restore_encoder(pretrained, sharding.make_mesh("auto"))
+  apply = jax.jit(lambda v, x: enc.model.apply(v, x, train=False)["h"])
+  for images, h in ((f.eval_images, seen[0]), (f.train_images, f.train_h)):
+    want = np.asarray(apply(jax.device_get(enc.variables), images))
+    np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(seen[0], f.eval_h)
   # synthetic evaluates on its training split: row i is the same image.
   assert f.same_split
-  np.testing.assert_array_equal(f.train_images[:20], f.eval_images)
+  np.testing.assert_array_equal(f.train_images, f.eval_images[:48])
 
 
 def test_neighbours_are_the_cosine_top_k():
@@ -152,7 +154,7 @@ def test_bad_workdir_and_out_are_refused(pretrained, tmp_path):
 
 def test_a_previous_report_is_replaced(built):
   """prepare_out empties a report directory (its listed files only)."""
-  _, out, _ = built
+  _, out, _, _ = built
   copy = out + "_copy"
   shutil.copytree(out, copy)
   extra = os.path.join(copy, "kept.txt")
@@ -166,7 +168,7 @@ def test_augmentation_preview_is_what_pretraining_read(pretrained, built):
   """Both views are the pipeline's own for that step and example, and the
   source image is the dataset's."""
   from jaxclr.data import input_pipeline
-  r, _, _ = built
+  r, _, _, _ = built
   assert r["skipped"] == {} and r["augmentations"]["step"] == 0
   p = report.augmentation_preview(pretrained, step=1, num=3)
   config = encoder_lib.pretraining_config(pretrained)
