@@ -404,10 +404,10 @@ def prepare_out(out: str) -> None:
           old = json.load(f)
         except ValueError:
           old = {}
-      if old.get("format") != FORMAT:
+      if not isinstance(old, dict) or old.get("format") != FORMAT:
         raise _err(f"--out {out!r}: {marker} is not a jaxclr report's")
-      for name in old.get("files", []) + [MARKER]:
-        path = os.path.join(out, os.path.basename(name))
+      for name in list(old.get("files", [])) + [MARKER]:
+        path = os.path.join(out, os.path.basename(str(name)))
         if os.path.isfile(path):
           os.remove(path)
   os.makedirs(out, exist_ok=True)
