@@ -42,7 +42,7 @@ INDEX = "index.html"
 FORMAT = "jaxclr.report.v1"
 DPI = 100
 # (metrics.jsonl key, axis title), in the order the panels are drawn.
-CURVES = (("loss", "NT-Xent loss"), ("contrast_acc", "contrast_acc"),
+CURVES = (("loss", "loss"), ("contrast_acc", "contrast_acc"),
           ("learning_rate", "learning rate"),
           ("eval/knn_top1", "kNN top-1 (periodic)"))
 # Explicit wall-clock fields a record may carry (seconds); the first present
@@ -148,11 +148,13 @@ def _save(fig, out: str, name: str, written: dict) -> None:
 
 
 def plot_curves(series: dict, x_of_step, xlabel: str, out: str, name: str,
-                written: dict) -> None:
+                written: dict, loss_name: str = "") -> None:
   """One panel per CURVES key in `series`; x_of_step maps steps to x (None
-  drops the point)."""
+  drops the point); loss_name titles the loss panel (the run's objective)."""
   keys = [k for k, _ in CURVES if k in series]
   titles = dict(CURVES)
+  if loss_name:
+    titles["loss"] = f"loss ({loss_name})"
   fig = _figure(360 * len(keys), 320)
   for i, key in enumerate(keys):
     ax = fig.add_subplot(1, len(keys), i + 1)
@@ -456,7 +458,12 @@ def build_report(workdir: str, out: str | None = None, *,
   series = curve_series(records)
   how = ""
   if series:
-    plot_curves(series, lambda s: s, "step", out, "curves_step.png", written)
+    from jaxclr import config_validate  # pylint: disable=g-import-not-at-top
+    from jaxclr.evaluation import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+    loss_name = config_validate.loss_setup(
+        encoder_lib.pretraining_config(workdir))[0]
+    plot_curves(series, lambda s: s, "step", out, "curves_step.png", written,
+                loss_name)
     times, how = elapsed_seconds(records)
     if times:
       ordered = sorted(times)
@@ -464,7 +471,8 @@ def build_report(workdir: str, out: str | None = None, *,
       def at(step):  # Eval records fall between train ones: nearest before.
         i = np.searchsorted(ordered, step, side="right") - 1
         return times[ordered[i]] if i >= 0 else None
-      plot_curves(series, at, how, out, "curves_time.png", written)
+      plot_curves(series, at, how, out, "curves_time.png", written,
+                  loss_name)
 
   f = compute_features(workdir, max_eval=max_eval, max_bank=max_bank,
                        mesh=mesh)
