@@ -70,6 +70,9 @@ class Job:
   evaluate: (step, state) -> metrics dict or None, after every step (the
     job decides when to do work); its time is left out of throughput.
   meta: JSON-serialisable facts saved with every checkpoint.
+  preview: process-local first batch -> {summary name: images [N, H, W, C]
+    in [0, 1]}, written to TensorBoard at the start step by the primary
+    process: the very pixels the first step trains on.
   """
   name: str
   init_state: Callable[..., Any]
@@ -82,6 +85,7 @@ class Job:
   step_args: tuple = ()
   evaluate: Callable[[int, Any], dict | None] | None = None
   meta: dict = dataclasses.field(default_factory=dict)
+  preview: Callable[[dict], dict] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,8 +239,13 @@ def run(job: Job, *, workdir: str, mesh, cadence: Cadence) -> Result:
 def _train(job, state, start, *, store, workdir, mesh, cadence,
            preemption) -> Result:
   step_fn = job.step
-  batches = prefetch(sharding.global_batch(mesh, b)
-                     for b in job.batches(start))
+  local_batches = job.batches(start)
+  preview = {}
+  if job.preview is not None and jax.process_index() == 0:
+    first_local = next(local_batches)
+    preview = job.preview(first_local)
+    local_batches = itertools.chain([first_local], local_batches)
+  batches = prefetch(sharding.global_batch(mesh, b) for b in local_batches)
   if jax.process_count() > 1:
     # Compile, then start together: see distributed.compile_together.
     first = next(batches)
@@ -247,6 +256,8 @@ def _train(job, state, start, *, store, workdir, mesh, cadence,
   logger = MetricsLogger(workdir, is_primary=jax.process_index() == 0,
                          total_steps=job.total_steps,
                          batch_size=job.batch_size, start_step=start)
+  if preview:
+    logger.write_images(start, preview)
   last_logged: dict = {}
   try:
     for step in range(start, job.total_steps):

@@ -12,6 +12,7 @@ import os
 import time
 from typing import Mapping
 
+import numpy as np
 from absl import logging
 from clu import metric_writers
 
@@ -102,6 +103,11 @@ class MetricsLogger:
       with open(self.jsonl_path, "a") as f:
         f.write(json.dumps({"step": int(step),
                             **{k: float(v) for k, v in scalars.items()}}) + "\n")
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]):
+    """TensorBoard image summaries (not in metrics.jsonl: not scalars)."""
+    if self.is_primary:
+      self.writer.write_images(step, dict(images))
 
   def reset_timer(self, step: int):
     """Excludes compilation or evaluation time from the next throughput."""

@@ -7,6 +7,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import logging
 
 from jaxclr import config_lib, errors, loop, optim, train, workdir as workdir_lib
@@ -64,6 +65,20 @@ def create_trainer(config, mesh, plan: optim.TrainingPlan,
                  step_fn=step_fn)
 
 
+PREVIEW_EXAMPLES = 4
+PREVIEW_SUMMARY = "train/augmented_views"
+
+
+def augmentation_preview(batch: dict, num: int = PREVIEW_EXAMPLES
+                         ) -> dict[str, np.ndarray]:
+  """TensorBoard images of a pretraining batch's first `num` examples, each
+  its two views side by side ([num, H, 2W, 3] in [0, 1])."""
+  views = np.asarray(batch["images"][:num])
+  if views.dtype == np.uint8:  # transfer_dtype='uint8'.
+    views = views.astype(np.float32) / 255.0
+  return {PREVIEW_SUMMARY: np.concatenate([views[:, 0], views[:, 1]], axis=2)}
+
+
 def run(config, workdir: str) -> dict[str, float]:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
 
@@ -110,7 +125,10 @@ def run(config, workdir: str) -> dict[str, float]:
       step=trainer.step_fn, batches=batches, total_steps=plan.total_steps,
       steps_per_epoch=plan.steps_per_epoch, batch_size=config.batch_size,
       evaluate=evaluator.maybe_evaluate,
-      meta={"dataset": config.dataset, "num_classes": num_classes})
+      meta={"dataset": config.dataset, "num_classes": num_classes},
+      # With on_device colour the host views are crop + flip only: not the
+      # pixels the step trains on, so there is nothing honest to show.
+      preview=None if config.augment.on_device else augmentation_preview)
   result = loop.run(job, workdir=workdir, mesh=mesh,
                     cadence=loop.Cadence.from_config(config))
   return result.last_logged

@@ -71,6 +71,47 @@ def test_workdir_contract(straight_run):
   assert records[2]["learning_rate"] == pytest.approx(plan_peak, rel=1e-5)
 
 
+def _event_images(workdir, tag):
+  """{step: uint8 images} of an image summary in the workdir's events."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  found = {}
+  for name in os.listdir(workdir):
+    if not name.startswith("events.out.tfevents"):
+      continue
+    for record in tf.data.TFRecordDataset(os.path.join(workdir, name)):
+      event = event_pb2.Event.FromString(record.numpy())
+      for value in event.summary.value:
+        if value.tag == tag:  # [width, height, png, png, ...] strings.
+          pngs = tf.make_ndarray(value.tensor)[2:]
+          found[event.step] = np.stack(
+              [tf.io.decode_png(png).numpy() for png in pngs])
+  return found
+
+
+def test_tensorboard_preview_is_the_first_batch_s_views(straight_run):
+  """The augmented-views image summary at step 0 shows the pixels the first
+  step trained on: an independently built first batch, both views side by
+  side, as tf.summary.image converts floats to 8 bits."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  workdir, _ = straight_run
+  config = tiny_config()
+  spec = config_lib.data_spec(config)
+  batch = next(input_pipeline.pretrain_batches(
+      spec, input_pipeline.open_source(spec, "train"),
+      batch_size=config.batch_size, start_step=0, process_index=0,
+      process_count=1))
+  images = _event_images(workdir, pretrain.PREVIEW_SUMMARY)
+  assert list(images) == [0]
+  views = np.asarray(batch["images"][:pretrain.PREVIEW_EXAMPLES], np.float32)
+  to_8_bits = lambda x: tf.image.convert_image_dtype(
+      x, tf.uint8, saturate=True).numpy()
+  size = config.image_size
+  assert images[0].shape == (pretrain.PREVIEW_EXAMPLES, size, 2 * size, 3)
+  np.testing.assert_array_equal(images[0][:, :, :size], to_8_bits(views[:, 0]))
+  np.testing.assert_array_equal(images[0][:, :, size:], to_8_bits(views[:, 1]))
+
+
 def test_checkpoint_holds_the_final_state(straight_run):
   workdir, _ = straight_run
   state, meta, step = restore_state(tiny_config(), workdir)
