@@ -594,10 +594,19 @@ def render_html(report: dict, records: list[dict], evals: dict) -> str:
 
 def main(argv):
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from jaxclr import cli  # pylint: disable=g-import-not-at-top
+  from jaxclr import cli, report_compare  # pylint: disable=g-import-not-at-top
   del argv
   f = flags.FLAGS
   with cli.user_errors_exit():
+    if f.compare:
+      out = f.out or "compare_report"
+      c = report_compare.write_comparison(f.compare, f.metric, out)
+      print(f"Wrote {os.path.join(out, report_compare.FIGURE)} ({f.metric} "
+            f"against {', '.join(c['fields'])})")
+      return
+    if not f.workdir:
+      raise _err("pass --workdir DIR (a report of one run) or --compare "
+                 "DIR1,DIR2,... (a metric across runs)")
     report = build_report(f.workdir, f.out, eval_workdir=f.eval_workdir,
                           random_eval_workdir=f.random_eval_workdir,
                           max_eval=f.max_eval, max_bank=f.max_bank,
@@ -614,10 +623,16 @@ if __name__ == "__main__":
                       "A finished jaxclr.linear_eval workdir of it.")
   flags.DEFINE_string("random_eval_workdir", None,
                       "A finished random-init jaxclr.linear_eval workdir.")
-  flags.DEFINE_string("out", None, "Report directory (default DIR/report).")
+  flags.DEFINE_string("out", None, "Report directory (default DIR/report; "
+                      "compare_report with --compare).")
   flags.DEFINE_integer("max_eval", 2000, "Eval examples embedded and shown.")
   flags.DEFINE_integer("max_bank", 10000, "Training examples in the bank.")
   flags.DEFINE_integer("aug_step", 0, "Pretraining step whose batch the "
                        "augmentation preview shows.")
-  flags.mark_flags_as_required(["workdir"])
+  flags.DEFINE_list("compare", None, "Runs to compare (pretraining or "
+                    "linear_eval workdirs): one figure of --metric against "
+                    "the config fields in which they differ.")
+  flags.DEFINE_string("metric", "knn_top1", "With --compare: top1, top5, "
+                      "knn_top1, few_label_top1/K, final_loss, "
+                      "final_contrast_acc, final_probe_acc.")
   app.run(main)

@@ -1,0 +1,125 @@
+"""`python -m jaxclr.report --compare RUN1,RUN2,... --metric M`: one figure of
+a metric against the config field(s) in which the runs differ.
+
+A run is a pretraining workdir (config.json + metrics.jsonl: the `final_*`
+metrics, from the last training record) or a finished jaxclr.linear_eval
+workdir (its results.json: `top1`, `knn_top1`, `few_label_top1/K`; the
+config compared is that of the pretraining workdir it evaluated). The x axis
+is the one field that differs (numeric values in order), or, when several
+do, one category per run labelled with all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jaxclr import errors, metrics
+from jaxclr import workdir as workdir_lib
+
+FIGURE = "compare.png"
+SUMMARY = "compare.json"
+EVAL_METRICS = ("top1", "top5", "knn_top1")  # Plus few_label_top1/K.
+TRAIN_METRICS = ("final_loss", "final_contrast_acc", "final_probe_acc")
+
+
+def _err(message: str) -> errors.WorkdirError:
+  return errors.WorkdirError(message)
+
+
+def read_run(path: str) -> tuple[dict, dict]:
+  """(the pretraining config, flattened; {metric: value}) of one run."""
+  from jaxclr.evaluation import job  # pylint: disable=g-import-not-at-top
+  values = {}
+  pretrain_dir = path
+  if os.path.isfile(os.path.join(path, job.RESULTS_FILE)):
+    results = job.read_results(path)
+    pretrain_dir = results.get("pretrained_workdir")
+    if not pretrain_dir or pretrain_dir == "none":
+      raise _err(f"{path}: evaluates no pretraining workdir "
+                 f"(pretrained_workdir={pretrain_dir!r}): nothing to compare")
+    values.update({k: results[k] for k in EVAL_METRICS
+                   if results.get(k) is not None})
+    for k, v in (results.get("few_label_top1") or {}).items():
+      values[f"few_label_top1/{k}"] = v
+  # The schema's defaults fill fields a run's config.json predates, so that
+  # an older run does not differ in every field added since.
+  from jaxclr.evaluation import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
+  config = workdir_lib.flatten(workdir_lib.config_to_dict(
+      encoder_lib.pretraining_config(pretrain_dir)))
+  train = [r for r in metrics.read_records(pretrain_dir) if "loss" in r]
+  if train:
+    for k in TRAIN_METRICS:
+      if k[len("final_"):] in train[-1]:
+        values[k] = train[-1][k[len("final_"):]]
+  return config, values
+
+
+def differing_fields(configs: list[dict]) -> list[str]:
+  """The flattened config keys whose values are not the same in every run
+  (a key some run lacks counts as differing)."""
+  keys = sorted(set().union(*configs))
+  missing = object()
+  return [k for k in keys
+          if len({json.dumps(c.get(k, missing), sort_keys=True, default=str)
+                  for c in configs}) > 1]
+
+
+def comparison(paths: list[str], metric: str) -> dict:
+  """{'fields', 'x' (per run), 'y', 'paths', 'metric'}, sorted by x when
+  one numeric field differs; WorkdirError naming a bad run or metric."""
+  if len(paths) < 2:
+    raise _err(f"--compare needs 2 or more runs, got {len(paths)}")
+  runs = [read_run(p) for p in paths]
+  fields = differing_fields([c for c, _ in runs])
+  if not fields:
+    raise _err(f"the runs {paths} have identical configs: nothing to "
+               "compare against")
+  for p, (_, values) in zip(paths, runs):
+    if metric not in values:
+      raise _err(f"--metric {metric!r} is not available for {p}; it has: "
+                 f"{sorted(values)}")
+  ys = [values[metric] for _, values in runs]
+  if len(fields) == 1:
+    xs = [c.get(fields[0]) for c, _ in runs]
+  else:
+    xs = [", ".join(f"{k}={c.get(k)}" for k in fields) for c, _ in runs]
+  order = list(range(len(paths)))
+  numeric = len(fields) == 1 and all(
+      isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
+  if numeric:
+    order.sort(key=lambda i: xs[i])
+  return {"metric": metric, "fields": fields, "numeric": numeric,
+          "x": [xs[i] for i in order], "y": [ys[i] for i in order],
+          "paths": [paths[i] for i in order]}
+
+
+def write_comparison(paths: list[str], metric: str, out: str) -> dict:
+  """Writes out/compare.png and out/compare.json; returns the latter."""
+  from jaxclr import report  # pylint: disable=g-import-not-at-top
+  c = comparison(paths, metric)
+  report.prepare_out(out)
+  fig = report._figure(640, 420)  # pylint: disable=protected-access
+  ax = fig.add_subplot(1, 1, 1)
+  if c["numeric"]:
+    ax.plot(c["x"], c["y"], marker="o")
+    ax.set_xlabel(c["fields"][0])
+  else:
+    ax.plot(range(len(c["x"])), c["y"], marker="o", linestyle="")
+    ax.set_xticks(range(len(c["x"])))
+    ax.set_xticklabels([str(x) for x in c["x"]], rotation=20, ha="right",
+                       fontsize=7)
+  ax.set_ylabel(metric)
+  ax.set_title(f"{metric} across {len(paths)} runs")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  written: dict = {}
+  report._save(fig, out, FIGURE, written)  # pylint: disable=protected-access
+  summary = {**c, "images": written}
+  with open(os.path.join(out, SUMMARY), "w") as f:
+    json.dump(summary, f, indent=2, default=str)
+  # Marks `out` as a report, so that a later report may replace it.
+  with open(os.path.join(out, report.MARKER), "w") as f:
+    json.dump({"format": report.FORMAT, "images": written,
+               "files": [FIGURE, SUMMARY]}, f, indent=2)
+  return summary
