@@ -579,7 +579,7 @@ def render_html(report: dict, records: list[dict], evals: dict) -> str:
            f"<title>jaxclr report: {e(report['workdir'])}</title>",
            "<style>body{font-family:sans-serif;margin:2em}"
            "td{padding:2px 10px}</style></head><body>",
-           f"<h1>jaxclr report</h1><table>"]
+           "<h1>jaxclr report</h1><table>"]
   parts += [f"<tr><td>{e(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in rows]
   parts.append("</table>")
   for name, (w, h) in report["images"].items():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclr import config_lib, errors, report, report_compare
+from jaxclr import config_lib, errors, report_compare
 from jaxclr import workdir as workdir_lib
 
 
