@@ -28,7 +28,6 @@ later report may replace it, while any other existing R is refused.
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import os
 import time
@@ -36,15 +35,14 @@ import time
 import numpy as np
 
 from jaxclr import errors, metrics
+from jaxclr.report_figures import CURVES
+from jaxclr import report_figures as figures
+from jaxclr import report_html
+from jaxclr.report_html import accuracy_vs_labels
 
 MARKER = "report.json"
 INDEX = "index.html"
 FORMAT = "jaxclr.report.v1"
-DPI = 100
-# (metrics.jsonl key, axis title), in the order the panels are drawn.
-CURVES = (("loss", "loss"), ("contrast_acc", "contrast_acc"),
-          ("learning_rate", "learning rate"),
-          ("eval/knn_top1", "kNN top-1 (periodic)"))
 # Explicit wall-clock fields a record may carry (seconds); the first present
 # wins. The trainer writes none today: see `elapsed_seconds`.
 TIME_KEYS = ("wall_time", "time", "timestamp", "elapsed_s")
@@ -118,56 +116,7 @@ def cosine_neighbours(queries: np.ndarray, bank: np.ndarray, k: int,
   return idx, np.take_along_axis(sims, idx, axis=1)
 
 
-def accuracy_vs_labels(results: dict) -> tuple[list[str], list[float | None]]:
-  """(x labels, top-1) from a linear_eval results.json: each few-label probe
-  (labels per class, ascending), then 'all' (the full-label probe)."""
-  few = results.get("few_label_top1") or {}
-  keys = sorted(few, key=int)
-  return keys + ["all"], [few[k] for k in keys] + [results.get("top1")]
-
-
-# ----------------------------------------------------------------- figures --
-
-
-def _figure(width_px: int, height_px: int):
-  # A Figure with its own Agg canvas: no pyplot, so no global figure state.
-  # pylint: disable=g-import-not-at-top
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-  # pylint: enable=g-import-not-at-top
-  fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
-  FigureCanvasAgg(fig)
-  return fig
-
-
-def _save(fig, out: str, name: str, written: dict) -> None:
-  # No bbox_inches='tight': the PNG keeps the stated pixel size.
-  fig.savefig(os.path.join(out, name), dpi=DPI)
-  w, h = fig.get_size_inches() * DPI
-  written[name] = [int(round(w)), int(round(h))]
-
-
-def plot_curves(series: dict, x_of_step, xlabel: str, out: str, name: str,
-                written: dict, loss_name: str = "") -> None:
-  """One panel per CURVES key in `series`; x_of_step maps steps to x (None
-  drops the point); loss_name titles the loss panel (the run's objective)."""
-  keys = [k for k, _ in CURVES if k in series]
-  titles = dict(CURVES)
-  if loss_name:
-    titles["loss"] = f"loss ({loss_name})"
-  fig = _figure(360 * len(keys), 320)
-  for i, key in enumerate(keys):
-    ax = fig.add_subplot(1, len(keys), i + 1)
-    steps, values = series[key]
-    xs = [x_of_step(int(s)) for s in steps]
-    pts = [(x, v) for x, v in zip(xs, values) if x is not None]
-    if pts:
-      ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None)
-    ax.set_title(titles[key])
-    ax.set_xlabel(xlabel)
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
-  _save(fig, out, name, written)
+# ---------------------------------------------------------------- t-SNE --
 
 
 def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
@@ -178,65 +127,6 @@ def tsne_embedding(features: np.ndarray, seed: int = 0) -> np.ndarray:
   return TSNE(n_components=2, init="pca", random_state=seed,
               perplexity=perplexity).fit_transform(
                   np.asarray(features, np.float64))
-
-
-def plot_tsne(points: np.ndarray, labels: np.ndarray, title: str, out: str,
-              written: dict) -> None:
-  fig = _figure(640, 600)
-  ax = fig.add_subplot(1, 1, 1)
-  classes = np.unique(labels)
-  cmap = "tab10" if len(classes) <= 10 else "tab20"
-  sc = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=cmap, s=8)
-  if 1 < len(classes) <= 20:
-    ax.legend(*sc.legend_elements(), title="label", fontsize=7, loc="best")
-  ax.set_title(title, fontsize=10)
-  ax.set_xticks([])
-  ax.set_yticks([])
-  fig.tight_layout()
-  _save(fig, out, "tsne.png", written)
-
-
-def plot_neighbours(query_images, query_labels, bank_images, bank_labels,
-                    idx, sims, out: str, written: dict) -> None:
-  """Rows: a query, then its neighbours (green title: same label)."""
-  q, k = idx.shape
-  fig = _figure(110 * (k + 1), 120 * q)
-  for r in range(q):
-    ax = fig.add_subplot(q, k + 1, r * (k + 1) + 1)
-    ax.imshow(np.clip(query_images[r], 0, 1), interpolation="nearest")
-    ax.set_title(f"query y={int(query_labels[r])}", fontsize=8)
-    ax.axis("off")
-    for c in range(k):
-      j = idx[r, c]
-      ax = fig.add_subplot(q, k + 1, r * (k + 1) + c + 2)
-      ax.imshow(np.clip(bank_images[j], 0, 1), interpolation="nearest")
-      same = bank_labels[j] == query_labels[r]
-      ax.set_title(f"y={int(bank_labels[j])} cos {sims[r, c]:.2f}",
-                   fontsize=8, color="green" if same else "red")
-      ax.axis("off")
-  fig.tight_layout()
-  _save(fig, out, "neighbours.png", written)
-
-
-def plot_accuracy(lines: dict[str, dict], out: str, written: dict) -> None:
-  """lines: {legend: results.json}; x = labels per class, then 'all'."""
-  fig = _figure(560, 400)
-  ax = fig.add_subplot(1, 1, 1)
-  ticks: list[str] = []
-  for name, results in lines.items():
-    xs, ys = accuracy_vs_labels(results)
-    ticks = xs if len(xs) > len(ticks) else ticks
-    pts = [(xs.index(x), y) for x, y in zip(xs, ys) if y is not None]
-    if pts:
-      ax.plot(*zip(*pts), marker="o", label=name)
-  ax.set_xticks(range(len(ticks)), ticks)
-  ax.set_xlabel("labels per class")
-  ax.set_ylabel("linear probe top-1 (eval split)")
-  ax.set_ylim(0, 1)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  _save(fig, out, "accuracy.png", written)
 
 
 # -------------------------------------------------------------------- data --
@@ -356,24 +246,6 @@ def augmentation_preview(workdir: str, step: int, num: int
                              sources=sources, views=np.asarray(views))
 
 
-def plot_augmentations(p: AugmentationPreview, out: str,
-                       written: dict) -> None:
-  """Columns: source image, view 1, view 2; one row per example."""
-  n = len(p.example_ids)
-  fig = _figure(360, 120 * n)
-  for r in range(n):
-    for c, (img, what) in enumerate(((p.sources[r], "source"),
-                                     (p.views[r, 0], "view 1"),
-                                     (p.views[r, 1], "view 2"))):
-      ax = fig.add_subplot(n, 3, r * 3 + c + 1)
-      ax.imshow(np.clip(img, 0, 1), interpolation="nearest")
-      ax.set_title(f"id {int(p.example_ids[r])} {what}" if c == 0 else what,
-                   fontsize=8)
-      ax.axis("off")
-  fig.tight_layout()
-  _save(fig, out, "augmentations.png", written)
-
-
 def knn_top1(f: Features) -> float | None:
   """The weighted kNN's top-1 (k=200, tau=0.1: the periodic evaluator's) of
   the shown eval examples against the bank; None without labels."""
@@ -462,8 +334,8 @@ def build_report(workdir: str, out: str | None = None, *,
     from jaxclr.evaluation import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
     loss_name = config_validate.loss_setup(
         encoder_lib.pretraining_config(workdir))[0]
-    plot_curves(series, lambda s: s, "step", out, "curves_step.png", written,
-                loss_name)
+    figures.plot_curves(series, lambda s: s, "step", out, "curves_step.png",
+                        written, loss_name)
     times, how = elapsed_seconds(records)
     if times:
       ordered = sorted(times)
@@ -471,8 +343,8 @@ def build_report(workdir: str, out: str | None = None, *,
       def at(step):  # Eval records fall between train ones: nearest before.
         i = np.searchsorted(ordered, step, side="right") - 1
         return times[ordered[i]] if i >= 0 else None
-      plot_curves(series, at, how, out, "curves_time.png", written,
-                  loss_name)
+      figures.plot_curves(series, at, how, out, "curves_time.png", written,
+                          loss_name)
 
   f = compute_features(workdir, max_eval=max_eval, max_bank=max_bank,
                        mesh=mesh)
@@ -484,24 +356,25 @@ def build_report(workdir: str, out: str | None = None, *,
     title += (f"\nkNN top-1 {acc:.3f} (bank: {len(f.train_labels)} of "
               f"'{f.train_split}'"
               + (", which holds the queries)" if f.same_split else ")"))
-  plot_tsne(points, f.eval_labels, title, out, written)
+  figures.plot_tsne(points, f.eval_labels, title, out, written)
 
   nq = min(num_queries, len(f.eval_labels))
   queries = np.linspace(0, len(f.eval_labels) - 1, nq).astype(int)
   exclude = (np.where(queries < len(f.train_labels), queries, -1)
              if f.same_split else None)
   idx, sims = cosine_neighbours(f.eval_h[queries], f.train_h, k, exclude)
-  plot_neighbours(f.eval_images[queries], f.eval_labels[queries],
+  figures.plot_neighbours(f.eval_images[queries], f.eval_labels[queries],
                   f.train_images, f.train_labels, idx, sims, out, written)
 
   if evals:
-    plot_accuracy(evals, out, written)
+    figures.plot_accuracy({k: accuracy_vs_labels(r) for k, r in evals.items()},
+                          out, written)
 
   preview = augmentation_preview(workdir, aug_step, num_aug)
   if isinstance(preview, str):
     skipped = {"augmentations.png": preview}
   else:
-    plot_augmentations(preview, out, written)
+    figures.plot_augmentations(preview, out, written)
     skipped = {}
 
   report = {
@@ -520,76 +393,11 @@ def build_report(workdir: str, out: str | None = None, *,
       "files": sorted(written) + [INDEX],
   }
   with open(os.path.join(out, INDEX), "w") as fh:
-    fh.write(render_html(report, records, evals))
+    fh.write(report_html.render_html(report, records, evals))
   report["wall_s"] = time.time() - t_start
   with open(os.path.join(out, MARKER), "w") as fh:
     json.dump(report, fh, indent=2)
   return report
-
-
-def _fmt(v) -> str:
-  if v is None:
-    return "-"
-  return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
-
-
-def render_html(report: dict, records: list[dict], evals: dict) -> str:
-  """index.html: a summary table and each PNG by relative path."""
-  e = html.escape
-  last = next((r for r in reversed(records) if "loss" in r), {})
-  rows = [("workdir", report["workdir"]),
-          ("checkpoint step", report["checkpoint_step"]),
-          ("dataset", report["dataset"]),
-          ("train / eval split", f"{report['train_split']} / "
-           f"{report['eval_split']}"),
-          ("last logged step", last.get("step")),
-          ("last loss", last.get("loss")),
-          ("last contrast_acc", last.get("contrast_acc")),
-          ("kNN top-1 (shown examples)", report["knn_top1"])]
-  for name, r in evals.items():
-    xs, ys = accuracy_vs_labels(r)
-    rows += [(f"{name}: top-1, " + ("all labels" if x == "all" else
-                                    f"{x} labels/class"), y)
-             for x, y in zip(xs, ys)]
-    rows.append((f"{name}: kNN top-1", r.get("knn_top1")))
-  captions = {
-      "curves_step.png": "Training curves by step.",
-      "curves_time.png": (
-          "Training curves by time" + (
-              "" if report["time_axis"].startswith("wall") else
-              " (metrics.jsonl has no clock: the time spent training, "
-              "integrated from steps_per_sec; compilation and evaluation "
-              "are left out)")
-          + "."),
-      "tsne.png": "t-SNE of the encoder's features h, coloured by label.",
-      "neighbours.png": (
-          "Eval queries (left) and their top-"
-          f"{len(report['neighbours']['indices'][0])} "
-          "training-split neighbours by cosine of h"
-          + (" (eval split = training split: a query's own image is "
-             "excluded)" if report["train_split"] == report["eval_split"]
-             else "") + "."),
-      "accuracy.png": "Linear probe top-1 against labels per class.",
-      "augmentations.png": (
-          "Source images and both views of the first examples of the "
-          "batch input_pipeline.pretrain_batches yields for step "
-          f"{(report['augmentations'] or {}).get('step')}."),
-  }
-  parts = ["<!DOCTYPE html>", "<html><head><meta charset='utf-8'>",
-           f"<title>jaxclr report: {e(report['workdir'])}</title>",
-           "<style>body{font-family:sans-serif;margin:2em}"
-           "td{padding:2px 10px}</style></head><body>",
-           "<h1>jaxclr report</h1><table>"]
-  parts += [f"<tr><td>{e(k)}</td><td>{_fmt(v)}</td></tr>" for k, v in rows]
-  parts.append("</table>")
-  for name, (w, h) in report["images"].items():
-    parts.append(f"<h2>{e(captions.get(name, name))}</h2>"
-                 f"<img src='{e(name)}' width='{w}' height='{h}' "
-                 f"alt='{e(name)}'>")
-  for name, why in report["skipped"].items():
-    parts.append(f"<p>{e(name)} not drawn: {e(why)}.</p>")
-  parts.append("</body></html>\n")
-  return "\n".join(parts)
 
 
 def main(argv):

@@ -96,10 +96,10 @@ def comparison(paths: list[str], metric: str) -> dict:
 
 def write_comparison(paths: list[str], metric: str, out: str) -> dict:
   """Writes out/compare.png and out/compare.json; returns the latter."""
-  from jaxclr import report  # pylint: disable=g-import-not-at-top
+  from jaxclr import report, report_figures  # pylint: disable=g-import-not-at-top
   c = comparison(paths, metric)
   report.prepare_out(out)
-  fig = report._figure(640, 420)  # pylint: disable=protected-access
+  fig = report_figures.figure(640, 420)
   ax = fig.add_subplot(1, 1, 1)
   if c["numeric"]:
     ax.plot(c["x"], c["y"], marker="o")
@@ -114,7 +114,7 @@ def write_comparison(paths: list[str], metric: str, out: str) -> dict:
   ax.grid(alpha=0.3)
   fig.tight_layout()
   written: dict = {}
-  report._save(fig, out, FIGURE, written)  # pylint: disable=protected-access
+  report_figures.save(fig, out, FIGURE, written)
   summary = {**c, "images": written}
   with open(os.path.join(out, SUMMARY), "w") as f:
     json.dump(summary, f, indent=2, default=str)
