@@ -5,11 +5,12 @@ Loss per image: -sum_c softmax(t/T)_c log softmax(s/T)_c, t and s the
 teacher's and the student's logits on the same augmented view (crop + flip
 only, as the paper; teacher_view='clean': the teacher sees the image as
 evaluation preprocesses it), T = config.temperature; optionally plus
-labelled_weight x the cross-entropy with the true label on a labelled subset. The teacher
-runs in inference mode (moving BatchNorm statistics) and gets no gradient;
-the student is a fine-tuning network (jaxclr.evaluation.finetune's encoder +
-head layers + zero-initialised classifier), trained in full with global
-BatchNorm, on the same loop, mesh and checkpoints as every other job.
+labelled_weight x the cross-entropy with the true label on a labelled
+subset. The teacher runs in inference mode (moving BatchNorm statistics)
+and gets no gradient; the student is a fine-tuning network
+(jaxclr.evaluation.finetune's encoder + head layers + zero-initialised
+classifier), trained in full with global BatchNorm, on the same loop, mesh
+and checkpoints as every other job.
 
 Teachers (config.teacher_workdir):
   * a finished jaxclr.finetune or jaxclr.distill workdir: its classifier
