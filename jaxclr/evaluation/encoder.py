@@ -26,7 +26,8 @@ from jaxclr.parallel import sharding
 
 # Model fields an evaluation config may pin; they must match the checkpoint.
 ARCH_FIELDS = ("depth", "width_multiplier", "cifar_stem", "sk_ratio",
-               "se_ratio", "num_proj_layers", "proj_out_dim", "bn_momentum",
+               "se_ratio", "num_proj_layers", "proj_out_dim", "proj_hidden_dim",
+               "bn_momentum",
                "bn_epsilon", "compute_dtype")
 VARIABLE_PARTS = ("encoder", "projection_head")
 

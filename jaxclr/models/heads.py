@@ -18,10 +18,14 @@ class ProjectionHead(nn.Module):
 
   num_layers=3 is SimCLRv2's head, 2 is SimCLRv1's. Returns every layer's
   output, [out_0, ..., out_{L-1}], so fine-tuning can pick an intermediate
-  layer (SimCLRv2's ft_proj_selector); the last one is z.
+  layer (SimCLRv2's ft_proj_selector); the last one is z. hidden_dim 0 keeps
+  the input's width (SimCLR); BYOL's projector and predictor are 4096 wide.
+  output_bn=False ends on the plain Dense (BYOL's predictor).
   """
   num_layers: int = 3
   out_dim: int = 128
+  hidden_dim: int = 0
+  output_bn: bool = True
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
@@ -31,7 +35,7 @@ class ProjectionHead(nn.Module):
     norm = make_batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
     outputs = []
     x = h
-    mid_dim = h.shape[-1]
+    mid_dim = self.hidden_dim or h.shape[-1]
     for j in range(self.num_layers - 1):
       x = nn.Dense(mid_dim, use_bias=False, dtype=self.dtype,
                    param_dtype=jnp.float32, kernel_init=head_kernel_init,
@@ -42,7 +46,8 @@ class ProjectionHead(nn.Module):
     x = nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
                  param_dtype=jnp.float32, kernel_init=head_kernel_init,
                  name=f"dense{last}")(x)
-    x = norm(use_bias=False, name=f"bn{last}")(x)
+    if self.output_bn:
+      x = norm(use_bias=False, name=f"bn{last}")(x)
     outputs.append(x)
     return outputs
 

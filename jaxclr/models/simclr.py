@@ -15,14 +15,16 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class SimCLRModel(nn.Module):
-  """images [B, H, W, 3] -> dict(h, proj (list per head layer), z, logits).
+  """images [B, H, W, 3] -> dict(h, proj (list per head layer), z, logits, p).
 
   `logits` (the online linear probe, TF2's lineareval_while_pretraining) sees
-  stop_gradient(h), so it never shapes the representation.
+  stop_gradient(h), so it never shapes the representation. `p` is the
+  predictor's output q(z) of the methods that have one (BYOL, NNCLR).
   """
   encoder: ResNet
   projection_head: ProjectionHead
   num_classes: int = 0  # 0: no probe.
+  predictor: ProjectionHead | None = None
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -33,6 +35,8 @@ class SimCLRModel(nn.Module):
     if self.num_classes > 0:
       out["logits"] = LinearHead(self.num_classes, name="linear_head")(
           jax.lax.stop_gradient(out["h"]))
+    if self.predictor is not None:
+      out["p"] = self.predictor(proj[-1], train=train)[-1].astype(jnp.float32)
     return out
 
 
@@ -55,13 +59,24 @@ def build_encoder(model_config, image_size: int) -> ResNet:
                 name="encoder")
 
 
-def build_model(config, num_classes: int) -> SimCLRModel:
-  """The pretraining network for `config`; num_classes > 0 adds the probe."""
+def build_model(config, num_classes: int,
+                predictor_hidden_dim: int = 0) -> SimCLRModel:
+  """The pretraining network for `config`; num_classes > 0 adds the probe,
+  predictor_hidden_dim > 0 the predictor (a 2-layer MLP to proj_out_dim
+  with no BN on its output, as BYOL's)."""
   m = config.model
   dtype: Any = COMPUTE_DTYPES[m.compute_dtype]
+  # .get: configs written before the field keep the input's width.
   head = ProjectionHead(num_layers=m.num_proj_layers, out_dim=m.proj_out_dim,
+                        hidden_dim=m.get("proj_hidden_dim") or 0,
                         bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
                         dtype=dtype, name="projection_head")
+  predictor = None
+  if predictor_hidden_dim > 0:
+    predictor = ProjectionHead(
+        num_layers=2, out_dim=m.proj_out_dim, hidden_dim=predictor_hidden_dim,
+        output_bn=False, bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
+        dtype=dtype, name="predictor")
   return SimCLRModel(encoder=build_encoder(m, config.image_size),
                      projection_head=head,
-                     num_classes=num_classes)
+                     num_classes=num_classes, predictor=predictor)
