@@ -19,9 +19,12 @@ Arguments (configs/default.py:steps=50,batch=128 for a quicker look):
   steps=N      training steps (default 300)
   batch=B      global batch size (default 256)
   on_device    colour jitter, grayscale and blur on the accelerator
-  method=simclr|supcon
-               simclr (default) or supervised contrastive (L_out, positives
-               by label; the digits have labels)
+  method=simclr|supcon|byol|nnclr
+               simclr (default), supervised contrastive (L_out, positives
+               by label; the digits have labels), BYOL (no negatives:
+               predictor 512 wide, target EMA tau 0.99 -> 1) or NNCLR
+               (nearest-neighbour positives from a support set of the last
+               4 global batches, predictor 512 wide)
   loss=nt_xent|triplet_batch_hard|triplet_semi_hard|npair|infonce
                the objective for method=simclr (default nt_xent;
                docs/losses.md)
@@ -58,6 +61,8 @@ def get_config(arg=None):
   # the methods differ in their loss only.
   c.method = arg.method
   c.loss = arg.loss
+  c.predictor_hidden_dim = 512
+  c.nnclr_queue_size = 4 * arg.batch
   c.log_every_steps = 25
   c.checkpoint_every_steps = 100
   c.eval_every_steps = -1

@@ -30,6 +30,9 @@ MODEL_FIELDS = (
     ("se_ratio", float, 0.0),  # Squeeze-excitation ratio; 0 = off.
     ("num_proj_layers", int, 3),  # 3 = SimCLRv2 head; 2 = SimCLRv1.
     ("proj_out_dim", int, 128),
+    # Width of the head's hidden layers; 0 = the encoder's output width
+    # (SimCLR). BYOL / NNCLR recipes use 4096 / 2048.
+    ("proj_hidden_dim", int, 0),
     ("bn_momentum", float, 0.9),
     ("bn_epsilon", float, 1e-5),
     ("compute_dtype", str, "float32"),  # 'bfloat16': bf16 compute, float32 params.
@@ -156,8 +159,16 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.model = _model(pretraining=True)
 
   # ---- Objective (docs/losses.md) ----
-  # 'simclr' (the loss below), or 'supcon': loss 'supcon' on class labels.
+  # 'simclr' (the loss below), 'supcon' (loss 'supcon' on class labels),
+  # 'byol' (no negatives) or 'nnclr' (nearest-neighbour positives); byol and
+  # nnclr have their own objectives: the fields below, not `loss`.
   c.method = "simclr"
+  # BYOL: target EMA rate, cosine from tau_base at step 0 to 1 at the end.
+  c.byol_tau_base = 0.99
+  # BYOL / NNCLR: the predictor's hidden width (2-layer MLP to proj_out_dim).
+  c.predictor_hidden_dim = 4096
+  # NNCLR: support set size K (a multiple of batch_size); uses temperature.
+  c.nnclr_queue_size = 65536
   # 'nt_xent', 'supcon', 'triplet_batch_hard', 'triplet_semi_hard', 'npair'
   # or 'infonce' (jaxclr.objectives.LOSSES).
   c.loss = "nt_xent"
@@ -167,7 +178,8 @@ def pretrain_config() -> ml_collections.ConfigDict:
   c.loss_labels = config_dict.placeholder(str)
   c.temperature = 0.1  # nt_xent, supcon, infonce.
   c.triplet_margin = 0.2  # On squared distances of unit vectors, in [0, 4].
-  # InfoNCE's negatives queue; not wired into the train state yet: 0 only.
+  # InfoNCE's negatives queue of past view-2 projections (in the train state
+  # and checkpoints); 0 = none.
   c.infonce_queue_size = 0
   c.hidden_norm = True
   # Online linear probe on stop_gradient(h) (TF2 lineareval_while_pretraining);

@@ -38,8 +38,7 @@ TEACHER_VIEWS = ("same", "clean")  # distill.
 SUBSET_DATASETS = ("imagenet2012_subset/1pct", "imagenet2012_subset/10pct")
 # Pretraining objectives (docs/losses.md). LOSS_NAMES are the keys of
 # jaxclr.objectives.LOSSES, kept here so that validation imports no JAX.
-METHODS = ("simclr", "supcon")
-PLANNED_METHODS = ("byol", "nnclr")  # DESIGN.md's, not implemented yet.
+METHODS = ("simclr", "supcon", "byol", "nnclr")
 LOSS_NAMES = ("nt_xent", "supcon", "triplet_batch_hard", "triplet_semi_hard",
               "npair", "infonce")
 CLASS_LABEL_LOSSES = ("supcon", "triplet_batch_hard", "triplet_semi_hard")
@@ -259,6 +258,10 @@ def _check_model(config):
            "(2 = SimCLRv1 head, 3 = SimCLRv2 head)")
   if m.proj_out_dim is not None:
     _positive("model.proj_out_dim", m.proj_out_dim)
+  if m.get("proj_hidden_dim") is not None:
+    _check(m.proj_hidden_dim >= 0,
+           f"model.proj_hidden_dim={m.proj_hidden_dim!r} must be >= 0 "
+           "(0 = the encoder's output width)")
   if m.compute_dtype is not None:
     _check(m.compute_dtype in COMPUTE_DTYPES,
            f"model.compute_dtype={m.compute_dtype!r}; valid: {COMPUTE_DTYPES}")
@@ -301,12 +304,11 @@ def _check_loop(config):
 
 def _check_objective(config):
   method, loss = config.method, config.loss
-  if method in PLANNED_METHODS:
-    raise ConfigError(f"method={method!r} is not implemented yet; valid: "
-                      f"{METHODS}")
   _check(method in METHODS,
          f"method={method!r} is unknown; valid: {METHODS}")
   _check(loss in LOSS_NAMES, f"loss={loss!r} is unknown; valid: {LOSS_NAMES}")
+  if method in ("byol", "nnclr"):
+    _check_predictor_method(config)
   _check(method != "supcon" or loss in ("nt_xent", "supcon"),
          f"method='supcon' trains with loss 'supcon', not loss={loss!r}; "
          "leave loss at its default or use method='simclr'")
@@ -318,12 +320,35 @@ def _check_objective(config):
          f"loss_labels='class' works with {CLASS_LABEL_LOSSES}")
   _positive("temperature", config.temperature)
   _positive("triplet_margin", config.triplet_margin)
-  _check(config.infonce_queue_size == 0,
-         f"infonce_queue_size={config.infonce_queue_size!r}: the negatives "
-         "queue is not wired into training yet "
-         "(jaxclr.metric_losses.infonce_with_metrics takes one); valid: 0")
+  queue = config.infonce_queue_size
+  _check(isinstance(queue, int) and queue >= 0,
+         f"infonce_queue_size={queue!r} must be an int >= 0 (0 = no queue)")
+  _check(queue == 0 or loss == "infonce",
+         f"infonce_queue_size={queue!r} is InfoNCE's negatives queue, but "
+         f"loss={loss!r}; set loss='infonce' or infonce_queue_size=0")
   if class_labels:
     _check_has_labels(config, loss)
+
+
+def _check_predictor_method(config):
+  """BYOL and NNCLR have their own objectives: the loss fields must stay at
+  their defaults."""
+  method = config.method
+  _check(config.loss == "nt_xent" and config.loss_labels is None,
+         f"method={method!r} has its own loss, not loss={config.loss!r} / "
+         f"loss_labels={config.loss_labels!r}; leave both at their defaults "
+         "or use method='simclr'")
+  _positive("predictor_hidden_dim", config.predictor_hidden_dim)
+  if method == "byol":
+    _check(0.0 <= config.byol_tau_base <= 1.0,
+           f"byol_tau_base={config.byol_tau_base!r} must be in [0, 1] (BYOL: "
+           "0.99 at B=256, 0.996 at B=4096)")
+  else:
+    k, b = config.nnclr_queue_size, config.batch_size
+    _check(isinstance(k, int) and k > 0 and k % b == 0,
+           f"nnclr_queue_size={k!r} must be a positive multiple of "
+           f"batch_size={b} (the support set is a FIFO of whole global "
+           f"batches), e.g. {max(1, 65536 // b) * b}")
 
 
 def _check_has_labels(config, loss: str):

@@ -93,3 +93,12 @@ def sharded_contrastive_loss(name: str, z, labels=None, *, mesh,
 
   return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs),
                        out_specs=(P(), P()))(*args)
+
+
+def replicated_rows(x, *, mesh, data_axis: str = "data"):
+  """A batch-sharded global array, gathered whole onto every device (e.g. a
+  global batch's keys for a replicated queue); Explicit and Auto meshes."""
+  gather = functools.partial(jax.lax.all_gather, axis_name=data_axis,
+                             tiled=True, to="invarying")
+  return jax.shard_map(gather, mesh=mesh, in_specs=P(data_axis),
+                       out_specs=P())(jax.lax.stop_gradient(x))

@@ -1,4 +1,4 @@
-"""The pretraining job: SimCLR's model, LARS and step, run by jaxclr.loop."""
+"""The pretraining job: the method's model, LARS and step, run by jaxclr.loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxclr import config_lib, errors, loop, optim, train, workdir as workdir_lib
+from jaxclr import byol, config_lib, errors, loop, nnclr, optim, train
+from jaxclr import workdir as workdir_lib
 from jaxclr.data import input_pipeline, sources, splits
 from jaxclr.evaluation import periodic
 from jaxclr.models.simclr import build_model
@@ -44,23 +45,45 @@ class Trainer:
 
 def create_trainer(config, mesh, plan: optim.TrainingPlan,
                    num_classes: int) -> Trainer:
-  """Model, LARS on the plan's schedule, and the jitted init and step."""
-  model = build_model(config, num_classes)
+  """Model, LARS on the plan's schedule, and the jitted init and step of
+  config.method: SimCLR's step (jaxclr.train) serves simclr and supcon;
+  byol and nnclr bring their own state and step (jaxclr.byol, jaxclr.nnclr),
+  all on train.model_update."""
+  method = config.method
+  has_predictor = method in ("byol", "nnclr")
+  model = build_model(config, num_classes, predictor_hidden_dim=(
+      config.predictor_hidden_dim if has_predictor else 0))
   optimizer = optim.create_optimizer(config, plan)
   repl = sharding.replicated(mesh)
-  init_fn = jax.jit(functools.partial(train.init_train_state, model=model,
-                                      optimizer=optimizer,
-                                      image_size=config.image_size),
-                    out_shardings=repl)
+  init = functools.partial(
+      train.init_train_state, model=model, optimizer=optimizer,
+      image_size=config.image_size, queue_size=config.infonce_queue_size,
+      embedding_dim=config.model.proj_out_dim)
+  if method == "byol":
+    init = functools.partial(byol.init_train_state, model=model,
+                             optimizer=optimizer, image_size=config.image_size)
+  elif method == "nnclr":
+    init = functools.partial(
+        nnclr.init_train_state, model=model, optimizer=optimizer,
+        image_size=config.image_size, queue_size=config.nnclr_queue_size,
+        embedding_dim=config.model.proj_out_dim)
+  init_fn = jax.jit(init, out_shardings=repl)
   augment_fn = None
   if config.augment.on_device:
     from jaxclr.data import device_augment  # pylint: disable=g-import-not-at-top
     augment_fn = functools.partial(device_augment.augment_views,
                                    params=config_lib.data_spec(config).augment)
-  step_fn = train.make_train_step(
-      config=config, model=model, optimizer=optimizer, mesh=mesh,
-      state_sharding=repl, batch_sharding=sharding.batch_sharded(mesh),
-      replicated_sharding=repl, augment_fn=augment_fn)
+  common = dict(config=config, model=model, optimizer=optimizer,
+                augment_fn=augment_fn, state_sharding=repl,
+                batch_sharding=sharding.batch_sharded(mesh),
+                replicated_sharding=repl)
+  if method == "byol":
+    step_fn = byol.make_train_step(target_model=build_model(config, 0),
+                                   total_steps=plan.total_steps, **common)
+  elif method == "nnclr":
+    step_fn = nnclr.make_train_step(mesh=mesh, **common)
+  else:
+    step_fn = train.make_train_step(mesh=mesh, **common)
   return Trainer(model=model, optimizer=optimizer, init_fn=init_fn,
                  step_fn=step_fn)
 

@@ -11,25 +11,40 @@ extra averaging.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxclr import config_lib, objectives, optim
+from jaxclr import config_lib, metric_losses, objectives, optim
 from jaxclr import state as state_lib
 from jaxclr.state import TrainState
 
 
+class QueueTrainState(TrainState):
+  """InfoNCE with a negatives queue: the queue is state (and checkpointed)."""
+  queue: Any  # float32 [K, D] past view-2 projections, oldest first; 0 = empty.
+
+
 def init_train_state(rng, *, model: nn.Module, optimizer: optim.Optimizer,
-                     image_size: int) -> TrainState:
-  """Pure: jit it with out_shardings so the state is born where it lives."""
+                     image_size: int, queue_size: int = 0,
+                     embedding_dim: int = 0) -> TrainState:
+  """Pure: jit it with out_shardings so the state is born where it lives.
+
+  queue_size > 0 adds an all-zero (empty) negatives queue [K, embedding_dim].
+  """
   dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
   variables = model.init(rng, dummy, train=True)
-  return state_lib.create(variables["params"], variables["batch_stats"],
-                          optimizer)
+  state = state_lib.create(variables["params"], variables["batch_stats"],
+                           optimizer)
+  if queue_size <= 0:
+    return state
+  return QueueTrainState(
+      step=state.step, params=state.params, batch_stats=state.batch_stats,
+      opt_state=state.opt_state,
+      queue=jnp.zeros((queue_size, embedding_dim), jnp.float32))
 
 
 def flatten_views(images):
@@ -62,6 +77,49 @@ def images_as_float(images):
   return images.astype(jnp.float32)
 
 
+def model_update(state: TrainState, batch, *, model: nn.Module,
+                 optimizer: optim.Optimizer, weight_decay: float,
+                 objective: Callable, augment_fn: Callable | None = None):
+  """The update every pretraining method's step is: views -> model ->
+  objective (+ the online probe) -> gradients -> optimizer. Pure.
+
+  objective(views, inputs) -> (loss, metrics, aux): views holds the model's
+  per-view outputs as [B, 2, D] (z; p with a predictor), inputs the
+  flattened images [2B, H, W, 3] (for a second network, e.g. BYOL's target);
+  aux is returned as is (gradients stopped), e.g. a method's new state.
+  Returns (new state, metrics, aux).
+  """
+  images = images_as_float(batch["images"])
+  if augment_fn is not None:
+    images = augment_fn(images, batch["color_params"])
+  num_images = images.shape[0]
+  inputs = flatten_views(images)  # [2B, H, W, 3]
+
+  def loss_fn(params):
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, inputs,
+        train=True, mutable=["batch_stats"])
+    views = {k: out[k].reshape((num_images, 2, -1)) for k in ("z", "p")
+             if k in out}
+    loss_value, metrics, aux = objective(views, inputs)
+    total = loss_value
+    if "logits" in out:
+      logits = out["logits"].reshape((num_images, 2, -1))
+      probe_loss, probe_acc = probe_loss_and_accuracy(logits, batch["labels"])
+      total = total + probe_loss + optim.probe_l2_penalty(params, weight_decay)
+      metrics = {**metrics, "probe_loss": probe_loss, "probe_acc": probe_acc}
+    return total, (loss_value, metrics, new_vars["batch_stats"],
+                   jax.lax.stop_gradient(aux))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (total, (loss_value, metrics, batch_stats, aux)), grads = grad_fn(
+      state.params)
+  new_state, update_metrics = state_lib.apply_gradients(
+      state, grads, batch_stats, optimizer)
+  return new_state, {**metrics, **update_metrics, "loss": loss_value,
+                     "total_loss": total}, aux
+
+
 def train_step(state: TrainState, batch, *, model: nn.Module,
                optimizer: optim.Optimizer, mesh, temperature: float,
                hidden_norm: bool, weight_decay: float,
@@ -75,34 +133,28 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
   colour/blur draws the host made. loss names objectives.LOSSES' entry;
   with class_labels it reads batch["labels"] (same class = positive).
   """
-  images = images_as_float(batch["images"])
-  if augment_fn is not None:
-    images = augment_fn(images, batch["color_params"])
-  num_images = images.shape[0]
-  inputs = flatten_views(images)  # [2B, H, W, 3]
+  queue = getattr(state, "queue", None)  # QueueTrainState (InfoNCE) only.
 
-  def loss_fn(params):
-    out, new_vars = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, inputs,
-        train=True, mutable=["batch_stats"])
-    z = out["z"].reshape((num_images, 2, -1))  # [B, 2, D]
+  def objective(views, inputs):
+    del inputs
     loss_value, metrics = objectives.sharded_contrastive_loss(
-        loss, z, batch["labels"] if class_labels else None, mesh=mesh,
-        temperature=temperature, hidden_norm=hidden_norm, margin=margin)
-    total = loss_value
-    if "logits" in out:
-      logits = out["logits"].reshape((num_images, 2, -1))
-      probe_loss, probe_acc = probe_loss_and_accuracy(logits, batch["labels"])
-      total = total + probe_loss + optim.probe_l2_penalty(params, weight_decay)
-      metrics = {**metrics, "probe_loss": probe_loss, "probe_acc": probe_acc}
-    return total, (loss_value, metrics, new_vars["batch_stats"])
+        loss, views["z"], batch["labels"] if class_labels else None,
+        mesh=mesh, temperature=temperature, hidden_norm=hidden_norm,
+        margin=margin, queue=queue)
+    if queue is None:
+      return loss_value, metrics, ()
+    keys = objectives.replicated_rows(views["z"][:, 1], mesh=mesh)
+    return loss_value, metrics, metric_losses.update_queue(queue, keys)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (total, (loss_value, metrics, batch_stats)), grads = grad_fn(state.params)
-  new_state, update_metrics = state_lib.apply_gradients(
-      state, grads, batch_stats, optimizer)
-  return new_state, {**metrics, **update_metrics, "loss": loss_value,
-                     "total_loss": total}
+  new_state, metrics, new_queue = model_update(
+      state, batch, model=model, optimizer=optimizer,
+      weight_decay=weight_decay, objective=objective, augment_fn=augment_fn)
+  if queue is not None:
+    # A refused (non-finite) update keeps the old queue too.
+    applied = optim.update_applied(new_state.opt_state)
+    new_state = new_state.replace(
+        queue=jnp.where(applied, new_queue, queue))
+  return new_state, metrics
 
 
 def make_train_step(*, config, model, optimizer, mesh, state_sharding,

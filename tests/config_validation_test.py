@@ -138,11 +138,22 @@ BAD_CONFIGS = [
      ["unknown config field(s) eval_evry_steps"]),
     ("loss", _set("loss", "simclr"),
      ["loss='simclr' is unknown", "'nt_xent', 'supcon', 'triplet_batch_hard'"]),
-    ("method_byol", _set("method", "byol"),
-     ["method='byol' is not implemented yet", "valid: ('simclr', 'supcon')"]),
-    ("method_nnclr", _set("method", "nnclr"),
-     ["method='nnclr' is not implemented yet"]),
-    ("method_unknown", _set("method", "moco"), ["method='moco' is unknown"]),
+    ("method_byol_other_loss", _many(method="byol", loss="npair"),
+     ["method='byol' has its own loss", "loss='npair'"]),
+    ("method_nnclr_labels", _many(method="nnclr", loss_labels="class"),
+     ["method='nnclr' has its own loss", "loss_labels='class'"]),
+    ("nnclr_queue_not_multiple", _many(method="nnclr", nnclr_queue_size=1000),
+     ["nnclr_queue_size=1000 must be a positive multiple of batch_size=16",
+      "e.g. 65536"]),
+    ("method_byol_tau", _many(method="byol", byol_tau_base=1.5),
+     ["byol_tau_base=1.5 must be in [0, 1]"]),
+    ("method_byol_predictor", _many(method="byol", predictor_hidden_dim=0),
+     ["predictor_hidden_dim=0"]),
+    ("proj_hidden_dim_negative", _set("model.proj_hidden_dim", -1),
+     ["model.proj_hidden_dim=-1 must be >= 0"]),
+    ("method_unknown", _set("method", "moco"),
+     ["method='moco' is unknown", "valid: ('simclr', 'supcon', 'byol', "
+      "'nnclr')"]),
     ("method_supcon_other_loss", _many(method="supcon", loss="npair"),
      ["method='supcon' trains with loss 'supcon', not loss='npair'"]),
     ("supcon_unlabelled_synthetic", _many(method="supcon",
@@ -160,8 +171,10 @@ BAD_CONFIGS = [
      ["loss='npair' pairs the two views of an image only"]),
     ("loss_labels", _set("loss_labels", "image"),
      ["loss_labels='image'", "'instance', 'class'"]),
-    ("queue", _set("infonce_queue_size", 64),
-     ["infonce_queue_size=64", "not wired into training yet", "valid: 0"]),
+    ("queue_without_infonce", _set("infonce_queue_size", 64),
+     ["infonce_queue_size=64 is InfoNCE's negatives queue", "loss='nt_xent'"]),
+    ("queue_negative", _many(loss="infonce", infonce_queue_size=-1),
+     ["infonce_queue_size=-1 must be an int >= 0"]),
     ("margin", _set("triplet_margin", 0.0),
      ["triplet_margin=0.0 must be > 0"]),
 ]
@@ -248,8 +261,10 @@ def test_objective_fields_are_checked_on_resume():
       new)) == ["loss: 'nt_xent' -> 'triplet_batch_hard'",
                 "triplet_margin: 0.2 -> 0.3"]
   for name in ("method", "loss", "loss_labels", "triplet_margin",
-               "infonce_queue_size"):
+               "infonce_queue_size", "byol_tau_base", "predictor_hidden_dim",
+               "nnclr_queue_size"):
     del old[name]
+  del old["model"]["proj_hidden_dim"]
   assert workdir_lib.config_differences(
       old, workdir_lib.config_to_dict(tiny_config())) == []
 

@@ -174,6 +174,10 @@ def _load(name, arg=None):
     # 0.1 x sqrt(4096).
     ("imagenet", "v2", 1_281_167, 250_228, 12_511, 6.4),
     ("imagenet", "v2,epochs=100", 1_281_167, 31_279, 1_563, 6.4),
+    # BYOL / NNCLR CIFAR-10 (solo-learn's recipes): 50,000 x 1000 // 256 + 1;
+    # 10 warmup epochs (500,000 / 256 = 1,953.1); lr 1.0 / 0.4 x 256/256.
+    ("byol", None, 50_000, 195_313, 1_953, 1.0),
+    ("nnclr", None, 50_000, 195_313, 1_953, 0.4),
     ("default", None, 1_347, 300, 26, 0.5),
     ("synthetic_tiny", None, 64, 12, 0, 1.0 * 16 / 256),
     # configs/finetune.py: the digits subsets.
@@ -242,6 +246,27 @@ def test_cifar10_follows_the_official_readme(arg, weight_decay, head_layers):
                                                        head_layers)
   assert (c.temperature, c.batch_size, c.augment.color_jitter_strength,
           c.augment.use_blur) == (0.5, 512, 0.5, False)
+
+
+# The published CIFAR-10 recipes (R-18, B=256, wd 1e-5): method,
+# optimiser, temperature (None: the method has none), projector hidden/out
+# widths, predictor width.
+@pytest.mark.parametrize("name,method,optimizer,lr,temperature,proj,pred", [
+    ("byol", "byol", "lars", 1.0, None, (4096, 256), 4096),
+    ("nnclr", "nnclr", "lars", 0.4, 0.2, (2048, 256), 4096),
+])
+def test_method_recipes(name, method, optimizer, lr, temperature, proj, pred):
+  c = _load(name)
+  assert (c.method, c.get("optimizer", "lars"), c.learning_rate, c.weight_decay,
+          c.batch_size, c.model.depth, c.num_epochs) == (
+              method, optimizer, lr, 1e-5, 256, 18, 1000)
+  assert (c.model.proj_hidden_dim, c.model.proj_out_dim) == proj
+  if temperature is not None:
+    assert c.temperature == temperature
+  if pred is not None:
+    assert c.predictor_hidden_dim == pred
+  if method == "nnclr":
+    assert c.nnclr_queue_size == 65536
 
 
 @pytest.mark.parametrize("arg,epochs,head_layers,weight_decay,sk_ratio", [
