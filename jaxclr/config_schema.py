@@ -190,7 +190,10 @@ def pretrain_config() -> ml_collections.ConfigDict:
   _add_optimization(c, batch_size=4096, num_epochs=100, learning_rate=0.3,
                     learning_rate_scaling="linear", warmup_epochs=10.0,
                     momentum=0.9, weight_decay=1e-6)
-  _add_lars(c)
+  # 'lars' (SimCLR's) or 'sgd' (heavy-ball momentum, SupCon's recipe); both
+  # decay the same parameters (jaxclr.optim.lars_mask).
+  c.optimizer = "lars"
+  _add_lars(c)  # optimizer='lars' only.
 
   # ---- Loop, logging, checkpoints ----
   _add_loop(c, log_every_steps=100, checkpoint_every_steps=1000,

@@ -33,6 +33,7 @@ REMOTE_PATH_PREFIXES = ("gs://", "s3://", "hdfs://")
 MAX_COLOR_JITTER_STRENGTH = 2.5
 PROTOCOLS = ("fast", "paper", "knn")  # linear_eval.
 OPTIMIZERS = ("momentum", "lars")  # finetune, distill.
+PRETRAIN_OPTIMIZERS = ("lars", "sgd")
 TEACHER_VIEWS = ("same", "clean")  # distill.
 # TFDS datasets whose training split is itself the labelled subset.
 SUBSET_DATASETS = ("imagenet2012_subset/1pct", "imagenet2012_subset/10pct")
@@ -368,6 +369,9 @@ def _check_has_labels(config, loss: str):
 
 def _check_pretrain(config):
   _check_objective(config)
+  _check(config.optimizer in PRETRAIN_OPTIMIZERS,
+         f"optimizer={config.optimizer!r}; valid for pretraining: "
+         f"{PRETRAIN_OPTIMIZERS} ('sgd': momentum SGD, as SupCon's recipe)")
   a = config.augment
   _range("augment.crop_area_range", a.crop_area_range, 1e-3, 1.0)
   _range("augment.crop_aspect_ratio_range", a.crop_aspect_ratio_range, 1e-2, 1e2)

@@ -172,8 +172,30 @@ def sgd_nesterov(schedule, *, momentum: float,
                   momentum=momentum, weight_decay=weight_decay)
 
 
+def _sgd_momentum(learning_rate, momentum, weight_decay):
+  # Coupled L2 (added to the gradient before momentum, as LARS does and as
+  # PyTorch's SGD(weight_decay=) does) on LARS's mask: SupCon's own code
+  # decays every parameter; we keep SimCLR's exclusions (docs/losses.md).
+  return optax.chain(optax.add_decayed_weights(weight_decay, lars_mask),
+                     optax.sgd(learning_rate, momentum=momentum,
+                               nesterov=False))
+
+
+def sgd_momentum(schedule, *, momentum: float,
+                 weight_decay: float) -> Optimizer:
+  """SGD with heavy-ball momentum and L2 weight decay on kernels (SupCon's
+  pretraining optimiser)."""
+  return _guarded(_sgd_momentum, schedule, momentum=momentum,
+                  weight_decay=weight_decay)
+
+
 def create_optimizer(config, plan: TrainingPlan) -> Optimizer:
-  """Pretraining's LARS on the warmup + cosine schedule of `plan`."""
-  return lars(learning_rate_schedule(plan), weight_decay=config.weight_decay,
+  """Pretraining's optimiser (LARS unless config.optimizer='sgd') on the
+  warmup + cosine schedule of `plan`."""
+  schedule = learning_rate_schedule(plan)
+  if config.get("optimizer", "lars") == "sgd":
+    return sgd_momentum(schedule, momentum=config.momentum,
+                        weight_decay=config.weight_decay)
+  return lars(schedule, weight_decay=config.weight_decay,
               momentum=config.momentum,
               trust_coefficient=config.trust_coefficient)

@@ -145,6 +145,8 @@ BAD_CONFIGS = [
     ("nnclr_queue_not_multiple", _many(method="nnclr", nnclr_queue_size=1000),
      ["nnclr_queue_size=1000 must be a positive multiple of batch_size=16",
       "e.g. 65536"]),
+    ("pretrain_optimizer", _set("optimizer", "momentum"),
+     ["optimizer='momentum'", "valid for pretraining: ('lars', 'sgd')"]),
     ("method_byol_tau", _many(method="byol", byol_tau_base=1.5),
      ["byol_tau_base=1.5 must be in [0, 1]"]),
     ("method_byol_predictor", _many(method="byol", predictor_hidden_dim=0),
@@ -262,7 +264,7 @@ def test_objective_fields_are_checked_on_resume():
                 "triplet_margin: 0.2 -> 0.3"]
   for name in ("method", "loss", "loss_labels", "triplet_margin",
                "infonce_queue_size", "byol_tau_base", "predictor_hidden_dim",
-               "nnclr_queue_size"):
+               "nnclr_queue_size", "optimizer"):
     del old[name]
   del old["model"]["proj_hidden_dim"]
   assert workdir_lib.config_differences(

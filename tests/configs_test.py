@@ -178,6 +178,8 @@ def _load(name, arg=None):
     # 10 warmup epochs (500,000 / 256 = 1,953.1); lr 1.0 / 0.4 x 256/256.
     ("byol", None, 50_000, 195_313, 1_953, 1.0),
     ("nnclr", None, 50_000, 195_313, 1_953, 0.4),
+    # SupCon CIFAR-10 (solo-learn's recipe): the same counts; SGD lr 0.4.
+    ("supcon", None, 50_000, 195_313, 1_953, 0.4),
     ("default", None, 1_347, 300, 26, 0.5),
     ("synthetic_tiny", None, 64, 12, 0, 1.0 * 16 / 256),
     # configs/finetune.py: the digits subsets.
@@ -254,10 +256,11 @@ def test_cifar10_follows_the_official_readme(arg, weight_decay, head_layers):
 @pytest.mark.parametrize("name,method,optimizer,lr,temperature,proj,pred", [
     ("byol", "byol", "lars", 1.0, None, (4096, 256), 4096),
     ("nnclr", "nnclr", "lars", 0.4, 0.2, (2048, 256), 4096),
+    ("supcon", "supcon", "sgd", 0.4, 0.2, (2048, 256), None),
 ])
 def test_method_recipes(name, method, optimizer, lr, temperature, proj, pred):
   c = _load(name)
-  assert (c.method, c.get("optimizer", "lars"), c.learning_rate, c.weight_decay,
+  assert (c.method, c.optimizer, c.learning_rate, c.weight_decay,
           c.batch_size, c.model.depth, c.num_epochs) == (
               method, optimizer, lr, 1e-5, 256, 18, 1000)
   assert (c.model.proj_hidden_dim, c.model.proj_out_dim) == proj

@@ -2,6 +2,7 @@
 
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,6 +138,41 @@ def test_sgd_nesterov_follows_the_step_and_decays_kernels_only():
       w[k] = w[k] - lr * (gk + 0.9 * m[k])
   for k in w:
     np.testing.assert_allclose(p[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_pretraining_sgd_is_pytorch_momentum_with_decay_on_lars_mask():
+  """optimizer='sgd' (SupCon's recipe): buf = mu buf + g + wd w on the
+  kernels LARS decays; w -= lr(step) buf. Nothing else is decayed."""
+  rng = np.random.default_rng(3)
+  params = {
+      "encoder": {"conv": {"kernel": rng.normal(size=(3, 3, 2, 4))},
+                  "bn": {"scale": rng.normal(size=(4,))}},
+      "linear_head": {"Dense_0": {"kernel": rng.normal(size=(4, 3))}},
+  }
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  c = make_config(batch_size=256, num_train_steps=5, learning_rate=0.4,
+                  warmup_epochs=1.0, weight_decay=1e-2, optimizer="sgd")
+  plan = optim.training_plan(c, num_examples=512)  # 2 steps per epoch.
+  tx = optim.create_optimizer(c, plan)
+  schedule = optim.learning_rate_schedule(plan)
+  decayed = {("encoder", "conv", "kernel")}
+  flat = lambda t: {k: np.asarray(v, np.float64) for k, v in
+                    flax.traverse_util.flatten_dict(t).items()}
+  w, buf = flat(params), {k: 0.0 for k in flat(params)}
+  opt_state, p = tx.init(params), params
+  for step in range(4):
+    g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape),
+                                           jnp.float32), params)
+    updates, opt_state = tx.update(g, opt_state, p, step)
+    p = jax.tree.map(lambda a, u: a + u, p, updates)
+    lr = float(schedule(step))
+    for k, gk in flat(g).items():
+      gk = gk + (1e-2 * w[k] if k in decayed else 0.0)
+      buf[k] = 0.9 * buf[k] + gk
+      w[k] = w[k] - lr * buf[k]
+  assert float(schedule(0)) == 0.0 and float(schedule(2)) == pytest.approx(0.4)
+  for k, v in flat(p).items():
+    np.testing.assert_allclose(v, w[k], rtol=1e-5, atol=1e-6, err_msg=str(k))
 
 
 def test_lars_mask_excludes_bn_biases_and_probe():
