@@ -141,6 +141,9 @@ def step_memory(config, *, devices: int, per_device_batch: int,
           "global_batch": config.batch_size,
           "params": int(sum(x.size for x in jax.tree.leaves(state.params))),
           "state_bytes": nbytes(state), "compile_s": compile_s,
+          # XLA's count: remat's recomputation shows here.
+          "flops_per_image": measure.cost_flops(compiled) * devices
+                             / config.batch_size,
           "memory_per_device": mem, "peak_gib": mem["peak_bytes"] / GIB,
           "saved_for_backward": saved, "resident_bytes": resident,
           "resident_gib": resident / GIB,
@@ -164,7 +167,7 @@ def main(argv):
           f"{m['temp'] / GIB:.2f}); resident on any backend "
           f"{r['resident_gib']:.2f} GiB (saved activations "
           f"{r['saved_for_backward']['total'] / GIB:.2f}); fits 80 GB: "
-          f"{r['fits_80gb']}; "
+          f"{r['fits_80gb']}; {r['flops_per_image'] / 1e9:.1f} GFLOP/image; "
           f"compiled in {r['compile_s']:.0f} s", flush=True)
     records.append(r)
   if FLAGS.out:

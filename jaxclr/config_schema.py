@@ -36,6 +36,9 @@ MODEL_FIELDS = (
     ("bn_momentum", float, 0.9),
     ("bn_epsilon", float, 1e-5),
     ("compute_dtype", str, "float32"),  # 'bfloat16': bf16 compute, float32 params.
+    # Recompute residual blocks in the backward (memory for FLOPs); changes
+    # no value, so a run may resume with it flipped.
+    ("remat", bool, False),
 )
 
 

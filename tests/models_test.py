@@ -208,3 +208,35 @@ def test_resnet_d_shortcut_pooling():
   assert y.shape == x.shape
   np.testing.assert_allclose(y[0, 4, 4, 0], x[0, 4, 4, 0])
   np.testing.assert_allclose(y[0, 4, 0, 0], jnp.mean(x[0, 4, :2, 0]))
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_remat_changes_memory_not_values(depth):
+  """model.remat: the same variables, outputs, batch statistics and
+  gradients; the forward saves far fewer arrays for the backward."""
+  kw = dict(depth=depth, width_multiplier=0.125, cifar_stem=True)
+  plain, remat = resnet.ResNet(**kw), resnet.ResNet(remat=True, **kw)
+  x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3))
+  variables = plain.init(jax.random.key(0), x, train=True)
+  assert (jax.tree.structure(remat.init(jax.random.key(0), x, train=True))
+          == jax.tree.structure(variables))
+
+  def loss(model, params):
+    h, new = model.apply({"params": params,
+                          "batch_stats": variables["batch_stats"]}, x,
+                         train=True, mutable=["batch_stats"])
+    return jnp.sum(h ** 2), new
+
+  def residual_bytes(model):
+    res = jax.tree.leaves(jax.eval_shape(lambda p: jax.vjp(
+        lambda q: loss(model, q)[0], p)[1], variables["params"]))
+    return sum(r.size * r.dtype.itemsize for r in res)
+
+  (l0, s0), g0 = jax.value_and_grad(lambda p: loss(plain, p), has_aux=True)(
+      variables["params"])
+  (l1, s1), g1 = jax.value_and_grad(lambda p: loss(remat, p), has_aux=True)(
+      variables["params"])
+  np.testing.assert_allclose(l1, l0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves((s1, g1)), jax.tree.leaves((s0, g0))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert residual_bytes(remat) < 0.5 * residual_bytes(plain)

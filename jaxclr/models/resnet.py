@@ -211,6 +211,10 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   sk_ratio: float = 0.0  # > 0: selective kernels + ResNet-D (SimCLRv2 SK1: 0.0625).
   se_ratio: float = 0.0  # > 0: squeeze-excitation in every block.
+  # Recompute each residual block's activations in the backward instead of
+  # keeping them (flax nn.remat): same parameters and values, less memory
+  # where the compiler honours it (benchmarks/RESULTS.md, memory sections).
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -220,6 +224,8 @@ class ResNet(nn.Module):
     norm = make_batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
     conv_layer = functools.partial(FixedPaddingConv, dtype=self.dtype)
     block_cls = BasicBlock if self.depth < 50 else BottleneckBlock
+    if self.remat:
+      block_cls = nn.remat(block_cls)
     width = lambda f: max(1, int(round(f * self.width_multiplier)))
     x = x.astype(self.dtype)
     if self.cifar_stem:

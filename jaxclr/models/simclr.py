@@ -56,6 +56,7 @@ def build_encoder(model_config, image_size: int) -> ResNet:
                 # Absent from configs and exports older than the fields.
                 sk_ratio=model_config.get("sk_ratio") or 0.0,
                 se_ratio=model_config.get("se_ratio") or 0.0,
+                remat=bool(model_config.get("remat") or False),
                 name="encoder")
 
 
