@@ -22,26 +22,11 @@ from jaxclr import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, batch=256, epochs=1000)
-  c = config_lib.pretrain_config()
-  c.method = "byol"
-  c.dataset = "cifar10"
-  c.eval_split = "test"
-  c.image_size = 32
-  c.batch_size = arg.batch
-  c.num_epochs = arg.epochs
-  c.warmup_epochs = 10.0
-  c.learning_rate = 1.0
-  c.learning_rate_scaling = "linear"
-  c.weight_decay = 1e-5
-  c.trust_coefficient = 0.02
-  c.model.depth = 18
+  c = config_lib.cifar10_method_recipe("byol", batch=arg.batch,
+                                       epochs=arg.epochs)
+  c.learning_rate, c.trust_coefficient = 1.0, 0.02
   c.model.num_proj_layers = 2
-  c.model.proj_hidden_dim = 4096
-  c.model.proj_out_dim = 256
+  c.model.proj_hidden_dim, c.model.proj_out_dim = 4096, 256
   c.predictor_hidden_dim = 4096
   c.byol_tau_base = 0.99
-  c.augment.color_jitter_strength = 0.5
-  c.augment.use_blur = False
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
   return c

@@ -24,26 +24,10 @@ from jaxclr import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, batch=256, epochs=1000)
-  c = config_lib.pretrain_config()
-  c.method = "supcon"
-  c.dataset = "cifar10"
-  c.eval_split = "test"
-  c.image_size = 32
-  c.batch_size = arg.batch
-  c.num_epochs = arg.epochs
-  c.warmup_epochs = 10.0
-  c.optimizer = "sgd"
-  c.learning_rate = 0.4
-  c.learning_rate_scaling = "linear"
-  c.momentum = 0.9
-  c.weight_decay = 1e-5
+  c = config_lib.cifar10_method_recipe("supcon", batch=arg.batch,
+                                       epochs=arg.epochs)
+  c.optimizer, c.learning_rate, c.momentum = "sgd", 0.4, 0.9
   c.temperature = 0.2
-  c.model.depth = 18
   c.model.num_proj_layers = 2
-  c.model.proj_hidden_dim = 2048
-  c.model.proj_out_dim = 256
-  c.augment.color_jitter_strength = 0.5
-  c.augment.use_blur = False
-  c.log_every_steps = 50
-  c.checkpoint_every_steps = 1000
+  c.model.proj_hidden_dim, c.model.proj_out_dim = 2048, 256
   return c

@@ -18,7 +18,8 @@ import ml_collections
 
 from jaxclr import errors
 from jaxclr.config_schema import (  # pylint: disable=unused-import
-    JOBS, MODEL_FIELDS, distill_config, finetune_config, linear_eval_config,
+    JOBS, MODEL_FIELDS, cifar10_method_recipe, distill_config,
+    finetune_config, linear_eval_config,
     pretrain_config, schema, set_digits_random_init)
 from jaxclr.config_validate import (  # pylint: disable=unused-import
     BUILTIN_DATASETS, COMPUTE_DTYPES, DATASET_PREFIXES, DEPTHS,

@@ -321,3 +321,20 @@ def set_digits_random_init(c: ml_collections.ConfigDict) -> None:
   c.model.update(depth=18, width_multiplier=0.25, cifar_stem=True,
                  num_proj_layers=2, proj_out_dim=64)
   c.dataset, c.image_size = "digits", 16
+
+
+def cifar10_method_recipe(method: str, *, batch: int,
+                          epochs: float) -> ml_collections.ConfigDict:
+  """What the published CIFAR-10 R-18 recipes of BYOL, NNCLR and SupCon
+  (configs/byol.py, nnclr.py, supcon.py) share: CIFAR stem at 32 px, 10
+  warmup epochs, lr x B/256, wd 1e-5, SimCLR's CIFAR augmentation (colour
+  0.5, no blur). Each config then sets its method's own fields."""
+  c = pretrain_config()
+  c.method = method
+  c.dataset, c.eval_split, c.image_size = "cifar10", "test", 32
+  c.batch_size, c.num_epochs, c.warmup_epochs = batch, epochs, 10.0
+  c.learning_rate_scaling, c.weight_decay = "linear", 1e-5
+  c.model.depth = 18
+  c.augment.color_jitter_strength, c.augment.use_blur = 0.5, False
+  c.log_every_steps, c.checkpoint_every_steps = 50, 1000
+  return c

@@ -139,8 +139,10 @@ def test_config_files_start_from_a_schema_not_another_file(path):
   with open(path) as f:
     source = f.read()
   assert "load_config_file" not in source and "__file__" not in source
-  assert re.search(r"config_lib\.(pretrain|linear_eval|finetune|distill)_config\(\)",
-                   source)
+  # cifar10_method_recipe is the pretraining schema with the fields the
+  # method recipes share.
+  assert re.search(r"config_lib\.((pretrain|linear_eval|finetune|distill)_"
+                   r"config\(\)|cifar10_method_recipe\()", source)
 
 
 @pytest.mark.parametrize("path,arg", CONFIG_CASES,
