@@ -11,12 +11,13 @@ is ever allocated, so a 4096-image ImageNet step compiles on a laptop) and
 reads XLA's memory analysis of the compiled per-device program: arguments
 (state + the device's shard of the batch), outputs, aliased (donated) bytes
 and temporaries. peak = arguments + outputs - aliased + temporaries.
-Beside it, a figure that holds on any backend: the bytes that must be
-resident at once (state, one gradient per parameter, the device's batch
-shard, and the activations the forward saves for the backward, counted from
-the residuals of jax.vjp, by dtype). XLA:CPU has no native bfloat16 and
-computes it in float32, so its bf16 peak says little about a GPU's; the
-resident figure does halve with bf16 activations.
+Beside it, a figure that does not depend on a backend's buffer
+assignment: the bytes JAX's autodiff keeps resident at once (state, one
+gradient per parameter, the device's batch shard, and the activations the
+forward saves for the backward, counted from the residuals of jax.vjp, by
+dtype), before any compiler fuses or recomputes them. XLA:CPU has no native
+bfloat16 and computes it in float32, so its bf16 peak says little about a
+GPU's; the autodiff figure does shrink with bf16 activations.
 
 The batch's structure (images, labels, ids, colour draws with on-device
 augmentation, the transfer dtype) is taken from one real batch of the
@@ -164,7 +165,7 @@ def main(argv):
           f": peak {r['peak_gib']:.2f} GiB per device (arguments "
           f"{m['argument'] / GIB:.2f}, outputs {m['output'] / GIB:.2f}, "
           f"aliased {m['alias'] / GIB:.2f}, temporaries "
-          f"{m['temp'] / GIB:.2f}); resident on any backend "
+          f"{m['temp'] / GIB:.2f}); autodiff keeps "
           f"{r['resident_gib']:.2f} GiB (saved activations "
           f"{r['saved_for_backward']['total'] / GIB:.2f}); fits 80 GB: "
           f"{r['fits_80gb']}; {r['flops_per_image'] / 1e9:.1f} GFLOP/image; "
