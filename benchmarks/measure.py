@@ -263,3 +263,22 @@ def normalize_dashes(argv: list[str]) -> list[str]:
       a = "--" + name.replace("-", "_") + eq + value
     out.append(a)
   return out
+
+
+def benchmark_config(config):
+  """The config as benchmarked: synthetic data, everything else as given."""
+  config = config.copy_and_resolve_references()
+  config.dataset = "synthetic"
+  config.synthetic.num_examples = max(config.synthetic.num_examples,
+                                      config.batch_size)
+  return config
+
+
+def describe(config) -> dict:
+  m = config.model
+  return {"depth": m.depth, "width_multiplier": m.width_multiplier,
+          "image_size": config.image_size, "batch_size": config.batch_size,
+          "compute_dtype": m.compute_dtype, "remat": bool(m.get("remat", False)),
+          "proj_out_dim": m.proj_out_dim, "num_proj_layers": m.num_proj_layers,
+          "augment_on_device": bool(config.augment.on_device),
+          "linear_probe": bool(config.linear_probe)}

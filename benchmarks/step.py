@@ -58,22 +58,15 @@ TABLE_HEADER = (
 
 
 def benchmark_config(config):
-  """The config as benchmarked: synthetic data, everything else as given."""
-  config = config.copy_and_resolve_references()
-  config.dataset = "synthetic"
-  config.synthetic.num_examples = max(config.synthetic.num_examples,
-                                      config.batch_size)
-  return config
+  # In benchmarks/measure.py (shared with profile_step); imported late, as
+  # jax is: --devices must be set before jax starts.
+  from benchmarks import measure  # pylint: disable=g-import-not-at-top
+  return measure.benchmark_config(config)
 
 
 def describe(config) -> dict:
-  m = config.model
-  return {"depth": m.depth, "width_multiplier": m.width_multiplier,
-          "image_size": config.image_size, "batch_size": config.batch_size,
-          "compute_dtype": m.compute_dtype, "remat": bool(m.get("remat", False)),
-          "proj_out_dim": m.proj_out_dim, "num_proj_layers": m.num_proj_layers,
-          "augment_on_device": bool(config.augment.on_device),
-          "linear_probe": bool(config.linear_probe)}
+  from benchmarks import measure  # pylint: disable=g-import-not-at-top
+  return measure.describe(config)
 
 
 UNREAD_STATE_LEAVES = (".opt_state.inner_state.hyperparams['learning_rate']",
