@@ -50,6 +50,9 @@ SWEEPS = {
     "batch_size": ["batch64", "batch128", "tau0.5", "batch512"],
     "colour": ["colour0.0", "tau0.5", "colour1.0"],
 }
+# The x axis of each sweep's figure (the batch sweep also changes the steps).
+X_FIELDS = {"temperature": "temperature", "batch_size": "batch_size",
+            "colour": "augment.color_jitter_strength"}
 
 
 def sh(cmd: list[str]) -> float:
@@ -101,7 +104,7 @@ def main():
       figure = os.path.join(args.out, "figures",
                             f"{sweep}_{metric.replace('/', '')}")
       sh([py, "-m", "jaxclr.report", "--compare", dirs, "--metric", metric,
-          "--out", figure])
+          "--x_field", X_FIELDS[sweep], "--out", figure])
 
 
 if __name__ == "__main__":

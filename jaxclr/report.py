@@ -408,7 +408,8 @@ def main(argv):
   with cli.user_errors_exit():
     if f.compare:
       out = f.out or "compare_report"
-      c = report_compare.write_comparison(f.compare, f.metric, out)
+      c = report_compare.write_comparison(f.compare, f.metric, out,
+                                          x_field=f.x_field)
       print(f"Wrote {os.path.join(out, report_compare.FIGURE)} ({f.metric} "
             f"against {', '.join(c['fields'])})")
       return
@@ -440,6 +441,8 @@ if __name__ == "__main__":
   flags.DEFINE_list("compare", None, "Runs to compare (pretraining or "
                     "linear_eval workdirs): one figure of --metric against "
                     "the config fields in which they differ.")
+  flags.DEFINE_string("x_field", None, "With --compare: the config field "
+                      "on the x axis when several differ (e.g. batch_size).")
   flags.DEFINE_string("metric", "knn_top1", "With --compare: top1, top5, "
                       "knn_top1, few_label_top1/K, final_loss, "
                       "final_contrast_acc, final_probe_acc.")

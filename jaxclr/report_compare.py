@@ -5,8 +5,10 @@ A run is a pretraining workdir (config.json + metrics.jsonl: the `final_*`
 metrics, from the last training record) or a finished jaxclr.linear_eval
 workdir (its results.json: `top1`, `knn_top1`, `few_label_top1/K`; the
 config compared is that of the pretraining workdir it evaluated). The x axis
-is the one field that differs (numeric values in order), or, when several
-do, one category per run labelled with all of them.
+is the one field that differs (numeric values in order), or the field named
+by --x_field when several differ together (e.g. batch_size, with the steps
+that keep the epochs equal), or else one category per run labelled with all
+of them. Few-label metrics are drawn with their std over the label draws.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ def read_run(path: str) -> tuple[dict, dict]:
                    if results.get(k) is not None})
     for k, v in (results.get("few_label_top1") or {}).items():
       values[f"few_label_top1/{k}"] = v
+    for k, v in (results.get("few_label_top1_std") or {}).items():
+      values[f"few_label_top1_std/{k}"] = v
   # The schema's defaults fill fields a run's config.json predates, so that
   # an older run does not differ in every field added since.
   from jaxclr.evaluation import encoder as encoder_lib  # pylint: disable=g-import-not-at-top
@@ -65,9 +69,11 @@ def differing_fields(configs: list[dict]) -> list[str]:
                   for c in configs}) > 1]
 
 
-def comparison(paths: list[str], metric: str) -> dict:
+def comparison(paths: list[str], metric: str,
+               x_field: str | None = None) -> dict:
   """{'fields', 'x' (per run), 'y', 'paths', 'metric'}, sorted by x when
-  one numeric field differs; WorkdirError naming a bad run or metric."""
+  one numeric field differs (or x_field, one of those that differ, is
+  numeric); WorkdirError naming a bad run, metric or x_field."""
   if len(paths) < 2:
     raise _err(f"--compare needs 2 or more runs, got {len(paths)}")
   runs = [read_run(p) for p in paths]
@@ -79,33 +85,48 @@ def comparison(paths: list[str], metric: str) -> dict:
     if metric not in values:
       raise _err(f"--metric {metric!r} is not available for {p}; it has: "
                  f"{sorted(values)}")
+  if x_field is not None and x_field not in fields:
+    raise _err(f"--x_field {x_field!r} does not differ between the runs; "
+               f"the fields that do: {fields}")
   ys = [values[metric] for _, values in runs]
-  if len(fields) == 1:
-    xs = [c.get(fields[0]) for c, _ in runs]
+  std_key = metric.replace("few_label_top1/", "few_label_top1_std/", 1)
+  stds = ([values.get(std_key) for _, values in runs]
+          if std_key != metric else [None] * len(runs))
+  axis = x_field or (fields[0] if len(fields) == 1 else None)
+  if axis:
+    xs = [c.get(axis) for c, _ in runs]
   else:
     xs = [", ".join(f"{k}={c.get(k)}" for k in fields) for c, _ in runs]
   order = list(range(len(paths)))
-  numeric = len(fields) == 1 and all(
+  numeric = axis is not None and all(
       isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
   if numeric:
     order.sort(key=lambda i: xs[i])
-  return {"metric": metric, "fields": fields, "numeric": numeric,
+  return {"metric": metric, "fields": fields, "x_field": axis,
+          "numeric": numeric,
           "x": [xs[i] for i in order], "y": [ys[i] for i in order],
+          "std": ([stds[i] for i in order]
+                  if all(s is not None for s in stds) else None),
           "paths": [paths[i] for i in order]}
 
 
-def write_comparison(paths: list[str], metric: str, out: str) -> dict:
+def write_comparison(paths: list[str], metric: str, out: str,
+                     x_field: str | None = None) -> dict:
   """Writes out/compare.png and out/compare.json; returns the latter."""
   from jaxclr import report, report_figures  # pylint: disable=g-import-not-at-top
-  c = comparison(paths, metric)
+  c = comparison(paths, metric, x_field)
   report.prepare_out(out)
   fig = report_figures.figure(640, 420)
   ax = fig.add_subplot(1, 1, 1)
   if c["numeric"]:
-    ax.plot(c["x"], c["y"], marker="o")
-    ax.set_xlabel(c["fields"][0])
+    ax.errorbar(c["x"], c["y"], yerr=c["std"], marker="o", capsize=3)
+    ax.set_xlabel(c["x_field"])
+    if c["x_field"] == "batch_size":
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(c["x"], [str(x) for x in c["x"]])
   else:
-    ax.plot(range(len(c["x"])), c["y"], marker="o", linestyle="")
+    ax.errorbar(range(len(c["x"])), c["y"], yerr=c["std"], marker="o",
+                linestyle="", capsize=3)
     ax.set_xticks(range(len(c["x"])))
     ax.set_xticklabels([str(x) for x in c["x"]], rotation=20, ha="right",
                        fontsize=7)

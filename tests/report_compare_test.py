@@ -15,7 +15,7 @@ from jaxclr import config_lib, errors, report_compare
 from jaxclr import workdir as workdir_lib
 
 
-def fake_run(root, name, *, loss, few1, **fields):
+def fake_run(root, name, *, loss, few1, few1_std=None, **fields):
   pre = os.path.join(root, name)
   c = config_lib.pretrain_config()
   c.dataset = "digits"
@@ -31,7 +31,9 @@ def fake_run(root, name, *, loss, few1, **fields):
   os.makedirs(ev)
   with open(os.path.join(ev, "results.json"), "w") as f:
     json.dump({"pretrained_workdir": pre, "top1": 0.9, "knn_top1": few1 + 0.1,
-               "few_label_top1": {"1": few1, "5": few1 + 0.05}}, f)
+               "few_label_top1": {"1": few1, "5": few1 + 0.05},
+               **({"few_label_top1_std": {"1": few1_std, "5": few1_std}}
+                  if few1_std is not None else {})}, f)
   return pre, ev
 
 
@@ -66,6 +68,28 @@ def test_several_fields_are_one_category_each(tmp_path):
   assert not c["numeric"]
   assert c["x"][0] == "batch_size=4096, loss_labels=class, method=supcon"
   np.testing.assert_allclose(c["y"], [0.65, 0.55])
+
+
+def test_x_field_picks_the_axis_when_fields_differ_together(tmp_path):
+  """The batch sweep at equal epochs changes batch_size and the steps: with
+  x_field='batch_size' it is one numeric axis, with the draws' std."""
+  runs = [fake_run(str(tmp_path), f"b{b}", loss=5, few1=0.4 + b / 1000,
+                   few1_std=b / 10000, batch_size=b, num_train_steps=S)[1]
+          for b, S in ((512, 53), (64, 421), (256, 105))]
+  c = report_compare.comparison(runs, "few_label_top1/1", "batch_size")
+  assert c["fields"] == ["batch_size", "num_train_steps"]
+  assert c["numeric"] and c["x"] == [64, 256, 512]
+  np.testing.assert_allclose(c["y"], [0.464, 0.656, 0.912])
+  np.testing.assert_allclose(c["std"], [0.0064, 0.0256, 0.0512])
+  assert report_compare.comparison(runs, "top1", "batch_size")["std"] is None
+  with pytest.raises(errors.WorkdirError,
+                     match=r"--x_field 'temperature' does not differ.*"
+                     r"\['batch_size', 'num_train_steps'\]"):
+    report_compare.comparison(runs, "top1", "temperature")
+  out = str(tmp_path / "cmp")
+  report_compare.write_comparison(runs, "few_label_top1/1", out, "batch_size")
+  with Image.open(os.path.join(out, report_compare.FIGURE)) as im:
+    assert im.format == "PNG"
 
 
 def test_user_errors(tmp_path):

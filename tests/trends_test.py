@@ -34,6 +34,9 @@ def test_each_sweep_varies_one_field_at_equal_epochs():
     fields = [_fields(runs[n]) for n in names]
     varying = {k for k in fields[0] if len({f[k] for f in fields}) > 1}
     assert len(varying) == 1, (sweep, varying)
+    (field,) = varying
+    assert trends.X_FIELDS[sweep] == ("batch_size" if field == "batch"
+                                      else field)
     assert len({f[next(iter(varying))] for f in fields}) == len(names)
   for run in runs.values():  # Same images seen, to within one batch.
     assert abs(run["steps"] * run["batch"] - 20 * trends.NUM_TRAIN) <= (
