@@ -171,6 +171,8 @@ def profile(config, steps: int) -> dict:
 
 def main(argv):
   del argv
+  from jaxclr import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.keep_freed_memory_if_cpu()  # As the jobs do (before jax starts).
   r = profile(FLAGS.config, FLAGS.steps)
   print(f"step wall {r['step_wall_ms']:.0f} ms; operations "
         f"{r['op_total_ms']:.0f} ms")

@@ -162,9 +162,17 @@ def run_job(module: str, *, flags_parser=parse_flags,
   must start before anything touches devices). summary_keys: entries of the
   returned results dict to log at the end.
   """
+  from jaxclr import host_memory  # pylint: disable=g-import-not-at-top
+  # Before flag parsing: validating a config may already start jax.
+  tuned_malloc = host_memory.keep_freed_memory_if_cpu()
+
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if tuned_malloc:
+      logging.info("CPU backend: glibc malloc keeps freed memory "
+                   "(jaxclr/host_memory.py; %s=default turns it off)",
+                   host_memory.ENV)
     with user_errors_exit():
       initialize_runtime()
       results = importlib.import_module(module).run(FLAGS.config,
