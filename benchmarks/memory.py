@@ -38,13 +38,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file.",
-                                lock_config=True)
-flags.DEFINE_integer("devices", 8, "Devices in the mesh (on CPU, simulated).")
-flags.DEFINE_integer("per_device_batch", 512, "Images per device.")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "model.compute_dtype "
-                  "values to compile.")
-flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 GIB = 1024 ** 3
 
@@ -152,6 +145,20 @@ def step_memory(config, *, devices: int, per_device_batch: int,
           "compile_warnings": warnings}
 
 
+
+def define_flags():
+  """The command's flags: defined only when run as a program, so importing
+  the module (tests, other benchmarks) does not clash with their --config."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                  lock_config=True)
+  flags.DEFINE_integer("devices", 8,
+                       "Devices in the mesh (on CPU, simulated).")
+  flags.DEFINE_integer("per_device_batch", 512, "Images per device.")
+  flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "model.compute_dtype "
+                    "values to compile.")
+  flags.DEFINE_string("out", None, "Write the results as JSON here.")
+
+
 def main(argv):
   del argv
   from benchmarks import measure  # pylint: disable=g-import-not-at-top
@@ -177,6 +184,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   # Simulated devices must be requested before jax is imported.
   _devices = next((a.split("=", 1)[1] for a in sys.argv
                    if a.startswith("--devices=")), "8")

@@ -44,10 +44,6 @@ from absl import app, flags
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file.",
-                                lock_config=True)
-flags.DEFINE_integer("steps", 2, "Profiled steps (after one warm-up).")
-flags.DEFINE_string("out", None, "Write the results as JSON here.")
 
 CATEGORIES = ("conv forward", "conv backward-input", "conv backward-filter",
               "batchnorm", "other model", "loss", "optimizer",
@@ -118,7 +114,7 @@ def instruction_categories(hlo_text: str) -> dict:
 
 
 def op_durations(trace_dir: str) -> dict[str, float]:
-  """{event name: total microseconds} of the perfetto trace's complete events."""
+  """{event name: total microseconds} of the trace's complete events."""
   paths = glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"),
                     recursive=True)
   with gzip.open(paths[0]) as f:
@@ -169,6 +165,16 @@ def profile(config, steps: int) -> dict:
           "share": {k: v / total for k, v in by_category.items()}}
 
 
+
+def define_flags():
+  """The command's flags: defined only when run as a program, so importing
+  the module (tests, other benchmarks) does not clash with their --config."""
+  config_flags.DEFINE_config_file("config", None, "Path to a config file.",
+                                  lock_config=True)
+  flags.DEFINE_integer("steps", 2, "Profiled steps (after one warm-up).")
+  flags.DEFINE_string("out", None, "Write the results as JSON here.")
+
+
 def main(argv):
   del argv
   from jaxclr import host_memory  # pylint: disable=g-import-not-at-top
@@ -185,6 +191,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
   app.run(main)
