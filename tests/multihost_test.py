@@ -118,11 +118,12 @@ def load_metrics(workdir: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def run_layouts(dataset: str, *extra: str):
-  """The tiny run on `dataset` as 2 processes x 4 devices, 1 x 8 and 1 x 1,
-  concurrently; yields (root, {layout: workdir})."""
+def run_layouts(dataset: str, *extra: str, single=(("1x8", 8), ("1x1", 1))):
+  """The tiny run on `dataset` as 2 processes x 4 devices and as each
+  one-process layout of `single`, concurrently; yields (root, {layout:
+  workdir})."""
   root = tempfile.mkdtemp(prefix=f"jaxclr_multihost_{dataset}_")
-  dirs = {k: os.path.join(root, k) for k in ("2x4", "1x8", "1x1")}
+  dirs = {k: os.path.join(root, k) for k in ["2x4"] + [n for n, _ in single]}
   args = [*TINY, f"--config.dataset={dataset}", *extra]
   env = child_env(4)
   env["PYTHON"] = sys.executable
@@ -133,7 +134,7 @@ def run_layouts(dataset: str, *extra: str):
     procs["2x4"] = start(["bash", LOCAL_SH, "2", "4", *args,
                           f"--workdir={dirs['2x4']}"], env,
                          os.path.join(root, "2x4.log"))
-    for name, n in (("1x8", 8), ("1x1", 1)):
+    for name, n in single:
       procs[name] = start(
           [sys.executable, "-m", "jaxclr.main", *args,
            f"--workdir={dirs[name]}"], child_env(n),
@@ -210,17 +211,19 @@ def test_plan_rejects_incomplete_or_bad_layouts(kwargs, env, needle):
 
 
 def assert_layouts_agree(dirs):
-  """2x4 == 1x8 == 1x1: metrics per step and every array of the final state.
+  """2x4 == each other layout in dirs (1x8, 1x1): metrics per step and every
+  array of the final state.
 
   Returns the training records; evaluation records (periodic kNN) must be
   identical across layouts too."""
   records = {k: load_metrics(d) for k, d in dirs.items()}
   evals = {k: [r for r in v if "loss" not in r] for k, v in records.items()}
-  assert evals["2x4"] == evals["1x8"] == evals["1x1"], evals
+  assert all(evals[k] == evals["2x4"] for k in evals), evals
   metrics = {k: [r for r in v if "loss" in r] for k, v in records.items()}
   assert [m["step"] for m in metrics["2x4"]] == [1, 2, 3]
   timing = {"steps_per_sec", "images_per_sec"}
-  for other in ("1x8", "1x1"):
+  others = [k for k in dirs if k != "2x4"]
+  for other in others:
     assert [m["step"] for m in metrics[other]] == [1, 2, 3]
     for a, b in zip(metrics["2x4"], metrics[other]):
       assert set(a) == set(b)
@@ -230,7 +233,7 @@ def assert_layouts_agree(dirs):
   states = {k: load_final_state(d) for k, d in dirs.items()}
   assert int(states["2x4"]["['step']"]) == 3
   worst = {}
-  for other in ("1x8", "1x1"):
+  for other in others:
     assert set(states[other]) == set(states["2x4"])
     for k, a in states["2x4"].items():
       b = states[other][k]
@@ -242,8 +245,28 @@ def assert_layouts_agree(dirs):
                            float(np.max(np.abs(a - b), initial=0.0)))
       else:
         np.testing.assert_array_equal(a, b, err_msg=f"{k} 2x4 vs {other}")
-  print(f"max |state difference| 2x4 vs 1x8 / 1x1: {worst}")
+  print(f"max |state difference| 2x4 vs {' / '.join(others)}: {worst}")
   return metrics
+
+
+@pytest.mark.parametrize("method", ["byol", "nnclr"])
+def test_byol_and_nnclr_on_two_processes_match_one(method):
+  """BYOL's EMA target and NNCLR's support set (written from the global
+  batch) are part of the state compared: the same on 2 processes as on one
+  process with the same 8 devices."""
+  extra = [f"--config.method={method}", "--config.predictor_hidden_dim=16"]
+  if method == "nnclr":
+    extra.append("--config.nnclr_queue_size=32")
+  runs = run_layouts("synthetic", *extra, single=(("1x8", 8),))
+  _, dirs = next(runs)
+  try:
+    assert_layouts_agree(dirs)
+    state = load_final_state(dirs["2x4"])
+    part = "target" if method == "byol" else "support"
+    assert any(k.startswith(f".{part}") or f"'{part}'" in k for k in state), (
+        sorted(state)[:5])
+  finally:
+    runs.close()
 
 
 def test_two_processes_match_one_process(layout_runs):
