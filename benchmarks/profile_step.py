@@ -21,7 +21,11 @@ transformation stack and the flax module path:
   loss                  outside the model and before the update
   optimizer             LARS and the state update (under the finiteness
                         check's cond)
-  copies/transposes     layout changes XLA inserted (no op_name)
+  copies/transposes     layout changes XLA inserted: copies with no op_name,
+                        and every fusion that transposes (XLA fuses the
+                        recomputed BatchNorm / ReLU / residual add into the
+                        transposes that feed the kernel-gradient
+                        convolutions, so their op_names are BatchNorm's)
 
 The table gives each category's share of the summed operation time and its
 milliseconds per step, with the step's wall time beside it (on a multi-core
@@ -108,6 +112,8 @@ def instruction_categories(hlo_text: str) -> dict:
       out[name] = classify_convolution(names)
     elif convs:
       out[name] = classify_convolution(convs[0])
+    elif any(op == "transpose" for op, _ in inner) or opcode == "transpose":
+      out[name] = "copies/transposes"
     else:
       out[name] = classify([n for _, ns in inner for n in ns] or names)
   return out

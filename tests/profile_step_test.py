@@ -22,11 +22,18 @@ HLO = """
   ROOT %mul.3 = f32[4,8]{1,0} multiply(%param_0.1, %param_0.1), metadata={op_name="jit(train_step)/jvp(SimCLRModel)/encoder/group1_block1/bn2/mul"}
 }
 
+%fused_t (param_0.2: f32[4,8]) -> f32[8,4] {
+  %param_0.2 = f32[4,8]{1,0} parameter(0)
+  %sub.1 = f32[4,8]{1,0} subtract(%param_0.2, %param_0.2), metadata={op_name="jit(train_step)/jvp(SimCLRModel)/encoder/group1_block1/bn3/sub"}
+  ROOT %transpose.2 = f32[8,4]{1,0} transpose(%sub.1), dimensions={1,0}
+}
+
 ENTRY %main.9 (p0: f32[4,3,3,8], p1: f32[3,3,8,8]) -> f32[8,3,3,8] {
   %conv_general_dilated.7 = f32[4,3,3,8]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(train_step)/jvp(SimCLRModel)/encoder/group1_block1/conv1/conv_general_dilated"}
   %convolution.2 = f32[4,3,3,8]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(train_step)/transpose(jvp(SimCLRModel))/encoder/group1_block1/conv1/conv_general_dilated"}
   %ynn_fusion.3 = f32[8,3,3,8]{3,2,1,0} fusion(%p0, %p1), kind=kCustom, calls=%fused_conv
   %bn_fusion = f32[4,8]{1,0} fusion(%p0), kind=kLoop, calls=%fused_bn
+  %transpose_copy_fusion = f32[8,4]{1,0} fusion(%p0), kind=kLoop, calls=%fused_t
   %select.1 = f32[4,8]{1,0} select(%p0, %p0, %p0), metadata={op_name="jit(train_step)/cond/branch_1_fun/select_n"}
   %nt = f32[4,8]{1,0} exponential(%p0), metadata={op_name="jit(train_step)/jvp()/exp"}
   ROOT %copy.1 = f32[8,3,3,8]{3,2,1,0} copy(%ynn_fusion.3)
@@ -38,12 +45,14 @@ def test_classification_rules_on_written_hlo():
   got = profile_step.instruction_categories(HLO)
   assert {k: got[k] for k in ("conv_general_dilated.7", "convolution.2",
                               "ynn_fusion.3", "bn_fusion", "select.1", "nt",
-                              "copy.1")} == {
+                              "copy.1", "transpose_copy_fusion")} == {
       "conv_general_dilated.7": "conv forward",
       "convolution.2": "conv backward-input",
       "ynn_fusion.3": "conv backward-filter",
       "bn_fusion": "batchnorm", "select.1": "optimizer", "nt": "loss",
-      "copy.1": "copies/transposes"}
+      "copy.1": "copies/transposes",
+      # A transpose with BatchNorm's recomputation fused in is a transpose.
+      "transpose_copy_fusion": "copies/transposes"}
 
 
 def test_profile_of_the_tiny_step_sees_every_kind_of_convolution():
