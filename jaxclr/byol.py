@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxclr import optim
+from jaxclr import state as state_lib
 from jaxclr import train
 from jaxclr.state import TrainState
 
@@ -83,9 +84,7 @@ def init_train_state(rng, *, model: nn.Module, optimizer: optim.Optimizer,
                                 image_size=image_size)
   target = target_part({"params": base.params,
                         "batch_stats": base.batch_stats})
-  return ByolTrainState(step=base.step, params=base.params,
-                        batch_stats=base.batch_stats,
-                        opt_state=base.opt_state, target=target)
+  return state_lib.extend(base, ByolTrainState, target=target)
 
 
 def train_step(state: ByolTrainState, batch, *, model: nn.Module,
@@ -111,20 +110,15 @@ def train_step(state: ByolTrainState, batch, *, model: nn.Module,
   moved = ema_update(state.target, target_part(
       {"params": new_state.params, "batch_stats": new_state.batch_stats}), tau)
   # A refused (non-finite) update leaves the target where it was too.
-  applied = optim.update_applied(new_state.opt_state)
-  target = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
-                        moved, state.target)
+  target = state_lib.where_applied(new_state.opt_state, moved, state.target)
   return new_state.replace(target=target), {**metrics, "byol_tau": tau}
 
 
 def make_train_step(*, config, model, target_model, optimizer, total_steps,
-                    state_sharding, batch_sharding, replicated_sharding,
-                    augment_fn=None):
+                    augment_fn=None, **shardings):
   """jit(train_step) with shardings and the state buffers donated."""
   step = functools.partial(
       train_step, model=model, target_model=target_model, optimizer=optimizer,
       total_steps=total_steps, tau_base=config.byol_tau_base,
       weight_decay=config.weight_decay, augment_fn=augment_fn)
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, replicated_sharding),
-                 donate_argnums=0)
+  return train.jit_step(step, **shardings)

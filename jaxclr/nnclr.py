@@ -27,6 +27,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jaxclr import losses, optim, train
+from jaxclr import state as state_lib
 from jaxclr.state import TrainState
 
 
@@ -129,9 +130,8 @@ def init_train_state(rng, *, model: nn.Module, optimizer: optim.Optimizer,
                                 image_size=image_size)
   support = losses.l2_normalize(
       jax.random.normal(support_rng, (queue_size, embedding_dim), jnp.float32))
-  return NnclrTrainState(
-      step=base.step, params=base.params, batch_stats=base.batch_stats,
-      opt_state=base.opt_state, support=support,
+  return state_lib.extend(
+      base, NnclrTrainState, support=support,
       support_labels=jnp.full((queue_size,), -1, jnp.int32))
 
 
@@ -153,19 +153,17 @@ def train_step(state: NnclrTrainState, batch, *, model: nn.Module,
       state, batch, model=model, optimizer=optimizer,
       weight_decay=weight_decay, objective=objective, augment_fn=augment_fn)
   # A refused (non-finite) update keeps the old support set too.
-  applied = optim.update_applied(new_state.opt_state)
-  return new_state.replace(
-      support=jnp.where(applied, support, state.support),
-      support_labels=jnp.where(applied, labels, state.support_labels)), metrics
+  support, labels = state_lib.where_applied(
+      new_state.opt_state, (support, labels),
+      (state.support, state.support_labels))
+  return new_state.replace(support=support, support_labels=labels), metrics
 
 
-def make_train_step(*, config, model, optimizer, mesh, state_sharding,
-                    batch_sharding, replicated_sharding, augment_fn=None):
+def make_train_step(*, config, model, optimizer, mesh, augment_fn=None,
+                    **shardings):
   """jit(train_step) with shardings and the state buffers donated."""
   step = functools.partial(
       train_step, model=model, optimizer=optimizer, mesh=mesh,
       temperature=config.temperature, weight_decay=config.weight_decay,
       augment_fn=augment_fn)
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, replicated_sharding),
-                 donate_argnums=0)
+  return train.jit_step(step, **shardings)

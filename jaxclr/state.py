@@ -33,6 +33,20 @@ def create(params, batch_stats, optimizer: optim.Optimizer) -> TrainState:
                     batch_stats=batch_stats, opt_state=optimizer.init(params))
 
 
+def extend(base: TrainState, cls, **extra):
+  """`base`'s fields in a TrainState subclass `cls` with its `extra` ones
+  (a method's own state: a queue, an EMA target, a support set)."""
+  return cls(step=base.step, params=base.params,
+             batch_stats=base.batch_stats, opt_state=base.opt_state, **extra)
+
+
+def where_applied(opt_state, new, old):
+  """`new` if the update that produced `opt_state` was applied, else `old`,
+  leaf by leaf: whatever a refused (non-finite) update must leave alone."""
+  applied = optim.update_applied(opt_state)
+  return jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
+
+
 def apply_gradients(state: TrainState, grads, batch_stats,
                     optimizer: optim.Optimizer):
   """The update every job's step ends with.
@@ -42,9 +56,7 @@ def apply_gradients(state: TrainState, grads, batch_stats,
   """
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params,
                                         state.step)
-  applied = optim.update_applied(opt_state)
-  batch_stats = jax.tree.map(lambda new, old: jnp.where(applied, new, old),
-                             batch_stats, state.batch_stats)
+  batch_stats = where_applied(opt_state, batch_stats, state.batch_stats)
   new_state = state.replace(
       step=state.step + 1, params=optax.apply_updates(state.params, updates),
       batch_stats=batch_stats, opt_state=opt_state)

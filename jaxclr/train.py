@@ -41,9 +41,8 @@ def init_train_state(rng, *, model: nn.Module, optimizer: optim.Optimizer,
                            optimizer)
   if queue_size <= 0:
     return state
-  return QueueTrainState(
-      step=state.step, params=state.params, batch_stats=state.batch_stats,
-      opt_state=state.opt_state,
+  return state_lib.extend(
+      state, QueueTrainState,
       queue=jnp.zeros((queue_size, embedding_dim), jnp.float32))
 
 
@@ -149,16 +148,22 @@ def train_step(state: TrainState, batch, *, model: nn.Module,
   new_state, metrics, new_queue = model_update(
       state, batch, model=model, optimizer=optimizer,
       weight_decay=weight_decay, objective=objective, augment_fn=augment_fn)
-  if queue is not None:
-    # A refused (non-finite) update keeps the old queue too.
-    applied = optim.update_applied(new_state.opt_state)
-    new_state = new_state.replace(
-        queue=jnp.where(applied, new_queue, queue))
+  if queue is not None:  # A refused update keeps the old queue too.
+    new_state = new_state.replace(queue=state_lib.where_applied(
+        new_state.opt_state, new_queue, queue))
   return new_state, metrics
 
 
-def make_train_step(*, config, model, optimizer, mesh, state_sharding,
-                    batch_sharding, replicated_sharding, augment_fn=None):
+def jit_step(step, *, state_sharding, batch_sharding, replicated_sharding):
+  """jit of a pretraining step(state, batch) -> (state, metrics), with its
+  shardings and the state buffers donated (every method's step)."""
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated_sharding),
+                 donate_argnums=0)
+
+
+def make_train_step(*, config, model, optimizer, mesh, augment_fn=None,
+                    **shardings):
   """jit(train_step) with shardings and the state buffers donated."""
   loss, class_labels = config_lib.loss_setup(config)
   step = functools.partial(
@@ -166,6 +171,4 @@ def make_train_step(*, config, model, optimizer, mesh, state_sharding,
       temperature=config.temperature, hidden_norm=config.hidden_norm,
       weight_decay=config.weight_decay, augment_fn=augment_fn, loss=loss,
       class_labels=class_labels, margin=config.triplet_margin)
-  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
-                 out_shardings=(state_sharding, replicated_sharding),
-                 donate_argnums=0)
+  return jit_step(step, **shardings)
