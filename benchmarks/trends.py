@@ -67,6 +67,7 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--epochs", type=float, default=20.0)
   args = parser.parse_args()
+  from jaxclr.evaluation import job  # pylint: disable=g-import-not-at-top
   py = sys.executable
   summary_path = os.path.join(args.out, "trends.json")
   summary = {}
@@ -76,7 +77,8 @@ def main():
   for name, r in runs(args.epochs).items():
     pre = os.path.join(args.out, name)
     ev = pre + "_eval"
-    if os.path.exists(os.path.join(ev, "results.json")):
+    results_file = os.path.join(ev, job.RESULTS_FILE)
+    if os.path.exists(results_file):
       continue
     entry = {"batch": r["batch"], "steps": r["steps"],
              "overrides": r["overrides"]}
@@ -87,15 +89,14 @@ def main():
     entry["eval_s"] = sh(
         [py, "-m", "jaxclr.linear_eval", "--config", "configs/linear_eval.py",
          f"--config.pretrained_workdir={pre}", "--workdir", ev])
-    with open(os.path.join(ev, "results.json")) as f:
-      results = json.load(f)
+    results = job.read_results(ev)
     entry["results"] = {
         "top1": results["top1"], "knn_top1": results["knn_top1"],
         **{f"few_label_top1/{k}": v
            for k, v in results["few_label_top1"].items()},
         **{f"few_label_top1_std/{k}": v
            for k, v in results["few_label_top1_std"].items()}}
-    summary[name] = {**entry, "results_file": os.path.join(ev, "results.json")}
+    summary[name] = {**entry, "results_file": results_file}
     with open(summary_path, "w") as f:
       json.dump(summary, f, indent=2)
   for sweep, names in SWEEPS.items():
