@@ -24,7 +24,7 @@ RESUMABLE_CHANGES = frozenset({
     "num_train_steps", "log_every_steps", "checkpoint_every_steps",
     "max_checkpoints_to_keep", "eval_every_steps", "data_dir",
     "allow_config_mismatch", "nonfinite_policy", "allow_eval_on_train",
-    "model.remat",
+    "model.remat", "model.conv_kernel_grad",
 })
 # Fields a saved config.json may hold that the schemas no longer have, with
 # the value that computes what today's code does (the test-only NaN hook,
@@ -61,7 +61,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
       new.get("job", "pretrain"))))
   diffs = []
   for key in sorted(set(a) | set(b)):
-    if key.split(".")[0] in RESUMABLE_CHANGES:
+    if key in RESUMABLE_CHANGES or key.split(".")[0] in RESUMABLE_CHANGES:
       continue
     if key not in a and key in defaults and b.get(key) == defaults[key]:
       continue
