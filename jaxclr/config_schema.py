@@ -16,6 +16,8 @@ import ml_collections
 from ml_collections import config_dict
 
 JOBS = ("pretrain", "linear_eval", "finetune", "distill")
+# model.conv_kernel_grad's values (jaxclr/models/conv.py's KERNEL_GRADS).
+CONV_KERNEL_GRADS = ("auto", "xla", "patches")
 
 # (name, type, pretraining default): the architecture fields. Pretraining
 # sets them; an evaluation job reads them from the checkpoint's config.json
@@ -39,6 +41,10 @@ MODEL_FIELDS = (
     # Recompute residual blocks in the backward (memory for FLOPs); changes
     # no value, so a run may resume with it flipped.
     ("remat", bool, False),
+    # How convolutions get their kernel gradient: 'auto' (a matmul over
+    # image patches on the CPU backend, XLA's own elsewhere), 'xla' or
+    # 'patches' (jaxclr/models/conv.py); same values to float32 round-off.
+    ("conv_kernel_grad", str, "auto"),
 )
 
 

@@ -222,6 +222,10 @@ def _check_model(config):
   if m.compute_dtype is not None:
     _check(m.compute_dtype in COMPUTE_DTYPES,
            f"model.compute_dtype={m.compute_dtype!r}; valid: {COMPUTE_DTYPES}")
+  if m.get("conv_kernel_grad") is not None:
+    _check(m.conv_kernel_grad in config_schema.CONV_KERNEL_GRADS,
+           f"model.conv_kernel_grad={m.conv_kernel_grad!r}; valid: "
+           f"{', '.join(config_schema.CONV_KERNEL_GRADS)}")
   if m.bn_momentum is not None:
     _check(0.0 <= m.bn_momentum < 1.0,
            f"model.bn_momentum={m.bn_momentum!r} must be in [0, 1)")

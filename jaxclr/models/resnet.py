@@ -21,7 +21,8 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
-from jax import lax
+
+from jaxclr.models import conv as conv_lib
 
 BLOCKS_PER_GROUP = {
     18: (2, 2, 2, 2),
@@ -56,6 +57,8 @@ class FixedPaddingConv(nn.Module):
   kernel_size: int
   strides: int = 1
   dtype: Any = jnp.float32
+  # 'xla' or 'patches' (resolved; jaxclr/models/conv.py says why).
+  kernel_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -63,10 +66,9 @@ class FixedPaddingConv(nn.Module):
     kernel = self.param("kernel", conv_kernel_init,
                         (k, k, x.shape[-1], self.features), jnp.float32)
     pad = ((k - 1) // 2, k - 1 - (k - 1) // 2)
-    return lax.conv_general_dilated(
-        x.astype(self.dtype), kernel.astype(self.dtype),
-        (self.strides, self.strides), (pad, pad),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return conv_lib.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+                           self.strides, (pad, pad),
+                           kernel_grad=self.kernel_grad)
 
 
 def avg_pool_shortcut(x, strides: int):
@@ -215,6 +217,9 @@ class ResNet(nn.Module):
   # keeping them (flax nn.remat): same parameters and values, less memory
   # where the compiler honours it (benchmarks/RESULTS.md, memory sections).
   remat: bool = False
+  # How convolutions get their kernel gradient: 'xla' or 'patches' (the CPU
+  # switch, jaxclr/models/conv.py; build_encoder resolves model.conv_kernel_grad).
+  conv_kernel_grad: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -222,7 +227,8 @@ class ResNet(nn.Module):
       raise ValueError(f"ResNet depth {self.depth} not in "
                        f"{sorted(BLOCKS_PER_GROUP)}")
     norm = make_batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
-    conv_layer = functools.partial(FixedPaddingConv, dtype=self.dtype)
+    conv_layer = functools.partial(FixedPaddingConv, dtype=self.dtype,
+                                   kernel_grad=self.conv_kernel_grad)
     block_cls = BasicBlock if self.depth < 50 else BottleneckBlock
     if self.remat:
       block_cls = nn.remat(block_cls)

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxclr.models.heads import LinearHead, ProjectionHead
+from jaxclr.models.conv import resolve_kernel_grad
 from jaxclr.models.resnet import ResNet
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -57,6 +58,8 @@ def build_encoder(model_config, image_size: int) -> ResNet:
                 sk_ratio=model_config.get("sk_ratio") or 0.0,
                 se_ratio=model_config.get("se_ratio") or 0.0,
                 remat=bool(model_config.get("remat") or False),
+                conv_kernel_grad=resolve_kernel_grad(
+                    model_config.get("conv_kernel_grad") or "auto"),
                 name="encoder")
 
 

@@ -1,0 +1,136 @@
+"""2-D convolution (NHWC / HWIO) whose kernel gradient can be matmuls over
+the input's windows: the CPU switch `model.conv_kernel_grad`.
+
+Why this exists: XLA:CPU differentiates a convolution with respect to its
+kernel as another convolution that contracts over the batch, and to run it
+transposes the activations and the output gradient into a batch-minor
+layout first; that gradient and its transposes were 60% of a ResNet step's
+operation time on the 2-core CPU (benchmarks/RESULTS.md, "CPU speed").
+Written instead as
+
+  dW[i, j] = sum over (n, y, x) of dy[n, y, x, :]^T x_pad[n, y*s + i, x*s + j, :]
+
+-- one [Cout, N*Ho*Wo] x [N*Ho*Wo, Cin] matmul per kernel tap (i, j), over
+the window of the padded input that tap reads -- the R-18 / 32 px / B=256
+step ran 1.55x faster there (same section). The taps run one after another
+in a loop, so only one window copy is alive at a time (+13% temporary memory
+on that step; unrolled, all nine were, and the extra memory cost more time
+in page faults than the matmuls saved). On GPU and TPU the native gradient
+is fast and needs no copies, so 'auto' picks 'patches' on the CPU backend
+only.
+
+Both forms compute the same sum in a different order: they agree to float32
+round-off (tests/conv_test.py), and each is deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+KERNEL_GRADS = ("auto", "xla", "patches")
+Padding = tuple[tuple[int, int], tuple[int, int]]
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+def resolve_kernel_grad(kernel_grad: str, backend: str | None = None) -> str:
+  """'xla' or 'patches' for `kernel_grad` ('auto': patches on CPU only)."""
+  if kernel_grad not in KERNEL_GRADS:
+    raise ValueError(f"model.conv_kernel_grad={kernel_grad!r}; valid: "
+                     f"{', '.join(KERNEL_GRADS)}")
+  if kernel_grad != "auto":
+    return kernel_grad
+  backend = jax.default_backend() if backend is None else backend
+  return "patches" if backend == "cpu" else "xla"
+
+
+def conv2d(x, kernel, strides: int, padding: Padding, *,
+           kernel_grad: str = "xla"):
+  """conv(x, kernel) with explicit (low, high) padding per spatial dim.
+
+  kernel_grad: 'xla' (XLA's own gradient) or 'patches' (the matmul above);
+  resolve 'auto' with `resolve_kernel_grad` first.
+  """
+  strides, padding = int(strides), tuple(tuple(map(int, p)) for p in padding)
+  if kernel_grad == "patches":
+    return _conv_with_patch_kernel_grad(x, kernel, strides, padding)
+  if kernel_grad != "xla":
+    raise ValueError(f"kernel_grad={kernel_grad!r}; valid: 'xla', 'patches'")
+  return _conv(x, kernel, strides, padding)
+
+
+def _conv(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, (strides, strides), padding,
+                                  dimension_numbers=_DIMENSIONS)
+
+
+def kernel_grad_from_patches(x, dy, kernel_shape, strides: int,
+                             padding: Padding):
+  """d/dW of sum(conv(x, W) * dy), one matmul per kernel tap; float32.
+
+  dy is the left operand: XLA:CPU's matmul wants its left operand
+  contraction-minor, so dy is transposed once (the loop reuses it) and each
+  window is read as it lies. One matmul over all taps' windows side by side
+  (im2col) was slower: the concatenation and its transpose copy an array
+  kh*kw times the input's size (benchmarks/RESULTS.md).
+  """
+  kh, kw, cin, cout = kernel_shape
+  summed = _summed_sharding(dy)
+  contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
+    window = x[:, ::strides, ::strides, :]
+    dw = lax.dot_general(dy, window, contract,
+                         preferred_element_type=jnp.float32,
+                         out_sharding=summed)
+    return dw.T.reshape(1, 1, cin, cout)
+  xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  n, ho, wo, _ = dy.shape
+  span_h, span_w = (ho - 1) * strides + 1, (wo - 1) * strides + 1
+  # Transposed here, once: inside the loop XLA would redo it every tap.
+  dy_t = jnp.transpose(dy, (3, 0, 1, 2))  # [Cout, N, Ho, Wo]
+
+  def tap(t):
+    i, j = t // kw, t % kw
+    window = lax.dynamic_slice(xp, (0, i, j, 0), (n, span_h, span_w, cin))
+    if strides > 1:
+      window = window[:, ::strides, ::strides, :]
+    return lax.dot_general(dy_t, window, (((1, 2, 3), (0, 1, 2)), ((), ())),
+                           preferred_element_type=jnp.float32,
+                           out_sharding=summed)  # [Cout, Cin]
+
+  per_tap = lax.map(tap, jnp.arange(kh * kw))
+  return per_tap.reshape(kh, kw, cout, cin).transpose(0, 1, 3, 2)
+
+
+def _summed_sharding(x):
+  """On a mesh with Explicit axes, a contraction over the sharded batch
+  must state its (replicated) result sharding; elsewhere XLA decides."""
+  mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+  if mesh is None or not mesh.axis_names or AxisType.Explicit not in tuple(
+      mesh.axis_types):
+    return None
+  return NamedSharding(mesh, P())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_with_patch_kernel_grad(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding)
+
+
+def _forward(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _backward(strides, padding, residuals, dy):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x_: _conv(x_, kernel, strides, padding), x)
+  (dx,) = input_vjp(dy)
+  dw = kernel_grad_from_patches(x, dy, kernel.shape, strides, padding)
+  return dx, dw.astype(kernel.dtype)
+
+
+_conv_with_patch_kernel_grad.defvjp(_forward, _backward)

@@ -1,0 +1,165 @@
+"""The patch-matmul kernel gradient (jaxclr/models/conv.py) against an
+independent float64 formula, XLA's own gradient, and across device layouts."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxclr import config_schema, config_lib, workdir
+from jaxclr.models import conv
+from jaxclr.models.simclr import build_encoder
+from jaxclr.parallel import sharding
+
+
+def _numpy_kernel_grad(x, dy, kernel_shape, stride, padding):
+  """dW[i, j] = sum_{n, y, x} x_pad[n, y*s + i, x*s + j]^T dy[n, y, x], in
+  float64, one tap and one output position at a time."""
+  kh, kw, cin, cout = kernel_shape
+  xp = np.pad(x.astype(np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
+  dy = dy.astype(np.float64)
+  _, ho, wo, _ = dy.shape
+  dw = np.zeros(kernel_shape, np.float64)
+  for i, j in itertools.product(range(kh), range(kw)):
+    for y, xx in itertools.product(range(ho), range(wo)):
+      dw[i, j] += xp[:, y * stride + i, xx * stride + j, :].T @ dy[:, y, xx, :]
+  return dw
+
+
+def _padding(k):
+  return (((k - 1) // 2, k - 1 - (k - 1) // 2),) * 2
+
+
+@pytest.mark.parametrize("k,stride,size,cin,cout", [
+    (3, 1, 8, 5, 7), (3, 2, 9, 4, 6), (1, 1, 6, 8, 3), (1, 2, 7, 3, 5),
+    (7, 2, 11, 3, 4), (2, 1, 5, 2, 3)])
+def test_kernel_grad_equals_the_formula_and_xla(k, stride, size, cin, cout):
+  rng = np.random.default_rng(k * 100 + stride * 10 + size)
+  x = rng.standard_normal((3, size, size, cin)).astype(np.float32)
+  w = rng.standard_normal((k, k, cin, cout)).astype(np.float32)
+  pad = _padding(k)
+
+  def loss(x, w, kernel_grad, dy):
+    return jnp.sum(conv.conv2d(x, w, stride, pad, kernel_grad=kernel_grad)
+                   * dy)
+
+  y = conv.conv2d(x, w, stride, pad, kernel_grad="xla")
+  dy = rng.standard_normal(y.shape).astype(np.float32)
+  np.testing.assert_array_equal(
+      conv.conv2d(x, w, stride, pad, kernel_grad="patches"), y)
+  gx_p, gw_p = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(
+      x, w, "patches", dy)
+  gx_x, gw_x = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(
+      x, w, "xla", dy)
+  expected = _numpy_kernel_grad(x, dy, w.shape, stride, pad)
+  scale = np.abs(expected).max()
+  np.testing.assert_allclose(gw_p, expected, rtol=0, atol=2e-6 * scale)
+  np.testing.assert_allclose(gw_x, expected, rtol=0, atol=2e-6 * scale)
+  # The input gradient is XLA's in both forms.
+  np.testing.assert_array_equal(gx_p, gx_x)
+
+
+def test_kernel_grad_keeps_the_kernel_dtype_and_sums_in_float32():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((4, 6, 6, 3)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((3, 3, 3, 2)), jnp.bfloat16)
+  dy = jnp.asarray(rng.standard_normal((4, 6, 6, 2)), jnp.bfloat16)
+  dw = conv.kernel_grad_from_patches(x, dy, w.shape, 1, _padding(3))
+  assert dw.dtype == jnp.float32
+  expected = _numpy_kernel_grad(np.asarray(x, np.float32),
+                                np.asarray(dy, np.float32), w.shape, 1,
+                                _padding(3))
+  np.testing.assert_allclose(dw, expected, rtol=0,
+                             atol=1e-5 * np.abs(expected).max())
+  gw = jax.grad(lambda w_: jnp.sum(conv.conv2d(
+      x, w_, 1, _padding(3), kernel_grad="patches").astype(jnp.float32)))(w)
+  assert gw.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_batch_sharded_gradient_equals_one_device(axis_type):
+  """On 8 devices the contraction runs over the sharded batch; the
+  summed kernel gradient equals the one-device one."""
+  mesh = sharding.make_mesh(axis_type)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((16, 8, 8, 4)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 4, 6)).astype(np.float32)
+
+  def loss(x, w):
+    y = conv.conv2d(x, w, 2, _padding(3), kernel_grad="patches")
+    return jnp.sum(jnp.sin(y))
+
+  one = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+  spec = NamedSharding(mesh, P(sharding.DATA_AXIS))
+  many = jax.jit(jax.grad(loss, (0, 1)))(
+      jax.device_put(x, spec), jax.device_put(w, NamedSharding(mesh, P())))
+  np.testing.assert_allclose(many[0], one[0], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(many[1], one[1], rtol=0,
+                             atol=1e-6 * np.abs(one[1]).max())
+
+
+def test_auto_is_patches_on_cpu_only():
+  assert conv.resolve_kernel_grad("auto", "cpu") == "patches"
+  assert conv.resolve_kernel_grad("auto", "gpu") == "xla"
+  assert conv.resolve_kernel_grad("auto", "tpu") == "xla"
+  assert conv.resolve_kernel_grad("xla", "cpu") == "xla"
+  assert conv.resolve_kernel_grad("patches", "gpu") == "patches"
+  with pytest.raises(ValueError, match="'im2col'.*auto, xla, patches"):
+    conv.resolve_kernel_grad("im2col", "cpu")
+  assert conv.KERNEL_GRADS == config_schema.CONV_KERNEL_GRADS
+
+
+def test_config_refuses_an_unknown_kernel_grad():
+  config = config_lib.pretrain_config()
+  config.dataset = "synthetic"
+  config.model.conv_kernel_grad = "fast"
+  with pytest.raises(config_lib.ConfigError,
+                     match="model.conv_kernel_grad='fast'; valid: auto"):
+    config_lib.validate(config, job="pretrain")
+
+
+@pytest.mark.parametrize("depth,sk_ratio", [(18, 0.0), (50, 0.0625)])
+def test_resnet_gradients_agree_between_the_two_forms(depth, sk_ratio):
+  """Same variables, same forward, gradients equal to float32 round-off,
+  for every conv kind the ResNets have (stems, strided, 1x1, SK)."""
+  model_config = config_lib.pretrain_config().model
+  model_config.update(depth=depth, width_multiplier=0.125, sk_ratio=sk_ratio)
+  x = jnp.asarray(np.random.default_rng(2).uniform(size=(4, 32, 32, 3)),
+                  jnp.float32)
+  grads, outputs = {}, {}
+  for kernel_grad in ("xla", "patches"):
+    model_config.conv_kernel_grad = kernel_grad
+    encoder = build_encoder(model_config, image_size=32 if depth == 18 else 40)
+    assert encoder.conv_kernel_grad == kernel_grad
+    variables = encoder.init(jax.random.key(0), x, train=True)
+
+    def loss(params, variables=variables, encoder=encoder):
+      h, _ = encoder.apply({**variables, "params": params}, x, train=True,
+                           mutable=["batch_stats"])
+      return jnp.sum(jnp.tanh(h)), h
+
+    grads[kernel_grad], outputs[kernel_grad] = jax.jit(
+        jax.grad(loss, has_aux=True))(variables["params"])
+  np.testing.assert_array_equal(outputs["xla"], outputs["patches"])
+  flat_x = jax.tree_util.tree_leaves_with_path(grads["xla"])
+  flat_p = jax.tree.leaves(grads["patches"])
+  assert len(flat_x) == len(flat_p)
+  for (path, gx), gp in zip(flat_x, flat_p):
+    scale = max(float(np.abs(gx).max()), 1e-12)
+    np.testing.assert_allclose(gp, gx, rtol=0, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_run_may_resume_with_the_kernel_grad_or_remat_flipped():
+  """Neither changes what the finished steps computed beyond round-off;
+  an architecture field still refuses the resume."""
+  old = workdir.config_to_dict(config_lib.pretrain_config())
+  new = config_lib.pretrain_config()
+  new.model.conv_kernel_grad, new.model.remat = "xla", True
+  assert workdir.config_differences(old, workdir.config_to_dict(new)) == []
+  new.model.depth = 18
+  assert workdir.config_differences(old, workdir.config_to_dict(new)) == [
+      "model.depth: 50 -> 18"]
