@@ -99,6 +99,11 @@ def step_memory(config, *, devices: int, per_device_batch: int,
   config = config.copy_and_resolve_references()
   config.batch_size = devices * per_device_batch
   config.model.compute_dtype = compute_dtype
+  if config.model.conv_kernel_grad == "auto":
+    # The figure is for the accelerator, which 'auto' gives XLA's own
+    # kernel gradient; compiled here on the CPU backend, 'auto' would pick
+    # the CPU-only form (jaxclr/models/conv.py).
+    config.model.conv_kernel_grad = "xla"
   if len(jax.devices()) < devices:
     raise SystemExit(f"--devices={devices} but {jax.devices()[0].platform} "
                      f"has {len(jax.devices())}; simulate them on CPU with "

@@ -13,7 +13,10 @@ transformation stack and the flax module path:
   conv forward          convolution, not under transpose(...)
   conv backward-input   convolution under transpose(...)
   conv backward-filter  the convolutions XLA writes for kernel gradients
-                        (activations * output gradients; no op_name)
+                        (activations * output gradients; no op_name), or,
+                        with model.conv_kernel_grad='patches' (the CPU
+                        default), the per-tap matmuls and window copies of
+                        a conv module under transpose(...)
   batchnorm             anything inside a BatchNorm module (bn*, *_bn), fwd
                         and bwd
   other model           the rest of the model (ReLU, residual adds, pooling,
@@ -57,6 +60,9 @@ _COMPUTATION = re.compile(r"^%?([\w.\-]+)\s.*\{\s*$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]+)"')
 _BN = re.compile(r"/(?:\w*_)?bn\d*/")
+# The ResNets' conv modules: conv1-3, proj_conv, stem_conv[1-3], the SK
+# block's conv, fc1 and fc2.
+_CONV_MODULE = re.compile(r"/(?:\w*_)?conv\d*/|/fc\d/")
 
 
 def parse_hlo(text: str) -> tuple[dict, dict]:
@@ -95,6 +101,10 @@ def classify(names: list[str]) -> str:
   if not names:
     return "copies/transposes"
   if any("SimCLRModel" in n for n in names):
+    kernel_grad = sum("transpose(" in n and bool(_CONV_MODULE.search(n))
+                      for n in names)
+    if kernel_grad * 2 >= len(names):
+      return "conv backward-filter"
     bn = sum(bool(_BN.search(n)) for n in names)
     return "batchnorm" if bn * 2 >= len(names) else "other model"
   if any("cond/" in n or "is_finite" in n for n in names):

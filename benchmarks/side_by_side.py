@@ -46,7 +46,8 @@ def jaxclr_images_per_sec(args) -> dict:
            f"--config.image_size={args.image_size}",
            f"--config.num_train_steps={args.warmup + args.steps}",
            "--config.log_every_steps=1",
-           f"--config.checkpoint_every_steps={args.warmup + args.steps}"]
+           f"--config.checkpoint_every_steps={args.warmup + args.steps}",
+           f"--config.model.conv_kernel_grad={args.conv_kernel_grad}"]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     wall = time.time() - t0
@@ -131,6 +132,9 @@ def main():
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--depth", type=int, default=18, choices=(18, 34))
   p.add_argument("--image_size", type=int, default=32)
+  p.add_argument("--conv_kernel_grad", default="auto",
+                 choices=("auto", "xla", "patches"),
+                 help="jaxclr's model.conv_kernel_grad (before/after runs)")
   p.add_argument("--out")
   p.add_argument("--keras_worker", action="store_true",
                  help=argparse.SUPPRESS)
