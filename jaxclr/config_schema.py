@@ -41,8 +41,8 @@ MODEL_FIELDS = (
     # Recompute residual blocks in the backward (memory for FLOPs); changes
     # no value, so a run may resume with it flipped.
     ("remat", bool, False),
-    # How convolutions get their kernel gradient: 'auto' (a matmul over
-    # image patches on the CPU backend, XLA's own elsewhere), 'xla' or
+    # How convolutions get their kernel gradient: 'auto' (one matmul per
+    # kernel tap in a one-device CPU job, XLA's own elsewhere), 'xla' or
     # 'patches' (jaxclr/models/conv.py); same values to float32 round-off.
     ("conv_kernel_grad", str, "auto"),
 )

@@ -17,7 +17,7 @@ in a loop, so only one window copy is alive at a time (+13% temporary memory
 on that step; unrolled, all nine were, and the extra memory cost more time
 in page faults than the matmuls saved). On GPU and TPU the native gradient
 is fast and needs no copies, so 'auto' picks 'patches' on the CPU backend
-only.
+only, and there only for a one-device job (resolve_kernel_grad says why).
 
 Both forms compute the same sum in a different order: they agree to float32
 round-off (tests/conv_test.py), and each is deterministic.
@@ -32,20 +32,35 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
+from jaxclr import errors
+
 KERNEL_GRADS = ("auto", "xla", "patches")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
-def resolve_kernel_grad(kernel_grad: str, backend: str | None = None) -> str:
-  """'xla' or 'patches' for `kernel_grad` ('auto': patches on CPU only)."""
+def resolve_kernel_grad(kernel_grad: str, backend: str | None = None,
+                        num_devices: int | None = None) -> str:
+  """'xla' or 'patches' for `kernel_grad`: 'auto' is 'patches' on a CPU
+  backend with one device in all, 'xla' elsewhere.
+
+  One device only: each tap's matmul sums over the batch, so on a
+  batch-sharded mesh it ends in an all-reduce, and an all-reduce inside the
+  taps' loop escapes XLA:CPU's ordering of collectives across local devices
+  (an 8-device step deadlocked in the test suite, 2026-12-05).
+  """
   if kernel_grad not in KERNEL_GRADS:
-    raise ValueError(f"model.conv_kernel_grad={kernel_grad!r}; valid: "
-                     f"{', '.join(KERNEL_GRADS)}")
+    raise errors.ConfigError(f"model.conv_kernel_grad={kernel_grad!r}; "
+                             f"valid: {', '.join(KERNEL_GRADS)}")
+  backend = jax.default_backend() if backend is None else backend
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  if kernel_grad == "patches" and num_devices > 1:
+    raise errors.ConfigError(
+        f"model.conv_kernel_grad='patches' runs on one device, and this job "
+        f"has {num_devices}; use 'auto' or 'xla'")
   if kernel_grad != "auto":
     return kernel_grad
-  backend = jax.default_backend() if backend is None else backend
-  return "patches" if backend == "cpu" else "xla"
+  return "patches" if backend == "cpu" and num_devices == 1 else "xla"
 
 
 def conv2d(x, kernel, strides: int, padding: Padding, *,
