@@ -14,8 +14,8 @@ transformation stack and the flax module path:
   conv backward-input   convolution under transpose(...)
   conv backward-filter  the convolutions XLA writes for kernel gradients
                         (activations * output gradients; no op_name), or,
-                        with model.conv_kernel_grad='patches' (the CPU
-                        default), the per-tap matmuls and window copies of
+                        with model.conv_kernel_grad='patches' (the
+                        one-device CPU default), the per-tap matmuls and window copies of
                         a conv module under transpose(...)
   batchnorm             anything inside a BatchNorm module (bn*, *_bn), fwd
                         and bwd

@@ -16,7 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 JOBS = ("pretrain", "linear_eval", "finetune", "distill")
-# model.conv_kernel_grad's values (jaxclr/models/conv.py's KERNEL_GRADS).
+# model.conv_kernel_grad's values (jaxclr/models/conv.py reads them).
 CONV_KERNEL_GRADS = ("auto", "xla", "patches")
 
 # (name, type, pretraining default): the architecture fields. Pretraining

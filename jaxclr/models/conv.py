@@ -33,8 +33,8 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxclr import errors
+from jaxclr.config_schema import CONV_KERNEL_GRADS as KERNEL_GRADS
 
-KERNEL_GRADS = ("auto", "xla", "patches")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
