@@ -172,6 +172,33 @@ def test_architecture_mismatch_is_named(pretrained, tmp_path):
   assert "width_multiplier" not in str(e.value)
 
 
+def test_one_device_kernel_grad_of_the_run_is_not_inherited(pretrained,
+                                                            tmp_path):
+  """conv_kernel_grad says how the pretraining job ran on its one device:
+  a run saved with 'patches' (one device only) still evaluates on these 8,
+  and an eval job's own explicit 'patches' is what gets refused."""
+  run = str(tmp_path / "run")
+  shutil.copytree(pretrained, run)
+  path = os.path.join(run, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  saved["model"]["conv_kernel_grad"] = "patches"
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  mesh = sharding.make_mesh("auto")
+  assert jax.device_count() == 8
+  enc = encoder_lib.restore_encoder(run, mesh)
+  assert enc.model_config["conv_kernel_grad"] == "auto"
+  assert encoder_lib.pretraining_config(run).model.conv_kernel_grad == "auto"
+  want = encoder_lib.restore_encoder(pretrained, mesh).variables
+  jax.tree.map(np.testing.assert_array_equal,
+               jax.device_get(enc.variables), jax.device_get(want))
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"conv_kernel_grad='patches' runs on one device"):
+    encoder_lib.restore_encoder(run, mesh,
+                                eval_model={"conv_kernel_grad": "patches"})
+
+
 def test_not_a_workdir_and_random_init_errors(tmp_path):
   empty = tmp_path / "empty"
   empty.mkdir()

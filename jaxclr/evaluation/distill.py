@@ -103,7 +103,8 @@ def _classifier_teacher(workdir: str, step: int, mesh, kind: str) -> Teacher:
   results = job.read_results(workdir)
   config = config_lib.base_config()
   config.model.update({k: v for k, v in results["model"].items()
-                       if k in config.model})
+                       if k in config.model
+                       and k not in encoder_lib.PER_JOB_FIELDS})
   config.image_size = int(results["image_size"])
   net = finetune.FineTuneNetwork(
       backbone=build_model(config, num_classes=0),

@@ -30,6 +30,11 @@ ARCH_FIELDS = ("depth", "width_multiplier", "cifar_stem", "sk_ratio",
                "bn_momentum",
                "bn_epsilon", "compute_dtype")
 VARIABLE_PARTS = ("encoder", "projection_head")
+# Model fields that say how the writing job ran on its own devices, not what
+# it built: a job that reads the run takes its own value (default 'auto'),
+# so a one-device run's conv_kernel_grad='patches' does not stop an
+# evaluation on 8 devices (jaxclr/models/conv.py: one device only).
+PER_JOB_FIELDS = ("conv_kernel_grad",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +55,8 @@ def pretraining_config(workdir: str) -> ml_collections.ConfigDict:
   config.update_from_flattened_dict(
       {k: tuple(v) if isinstance(v, list) else v
        for k, v in workdir_lib.flatten(raw).items() if k in _flat_keys(config)})
+  for k in PER_JOB_FIELDS:
+    config.model[k] = config_lib.base_config().model[k]
   return config
 
 
@@ -111,6 +118,10 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
   config = pretraining_config(workdir)
   model_dict = workdir_lib.config_to_dict(config.model)
   check_architecture(eval_model, model_dict, workdir)
+  for k in PER_JOB_FIELDS:
+    if eval_model and eval_model.get(k) is not None:
+      config.model[k] = eval_model[k]
+  model_dict = workdir_lib.config_to_dict(config.model)
   ckpt_dir = os.path.join(os.path.abspath(workdir), workdir_lib.CHECKPOINT_DIR)
   steps = workdir_lib.checkpoint_steps(workdir)
   if not steps:
