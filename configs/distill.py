@@ -14,6 +14,11 @@ over every training image (digits: 1,347 images, 632 steps, peak lr 0.025),
 no warmup, no weight decay. The data, architecture and image size come from
 the teacher's and the student's workdirs. The paper distils for 400 epochs
 on ImageNet; the step count here is scaled to the digits.
+Big-to-small (SimCLRv2's headline setting): a teacher fine-tuned from a wider
+pretraining run, the student started from the smaller run's encoder:
+  --config.teacher_workdir=runs/wide_ft1 --config.pretrained_workdir=runs/default
+(docs/simclrv2.md: R-18 x 0.5 teacher into the default R-18 x 0.25, 1 label
+per class, 53.2% fine-tuning alone -> 62.0% distilled, four label draws).
 Arguments:
   epochs=E       distillation epochs (default 30)
   temperature=T  the softmax temperature (default 1.0)

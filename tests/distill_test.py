@@ -15,7 +15,7 @@ import pytest
 
 import eval_finetune_test as ft  # Its fixtures and config helpers.
 from eval_finetune_test import finetuned, pretrained  # noqa: F401 (fixtures)
-from jaxclr import config_lib, metrics, workdir as workdir_lib
+from jaxclr import config_lib, metrics, pretrain, workdir as workdir_lib
 from jaxclr.evaluation import distill, encoder as encoder_lib
 from jaxclr.parallel import sharding
 
@@ -180,3 +180,32 @@ def test_user_errors_come_first(pretrained, finetuned, tmp_path):
   with pytest.raises(workdir_lib.WorkdirError, match="has not finished"):
     distill.run(distill_config(unfinished), out)
   assert not os.path.exists(out)
+
+
+def test_big_to_small_student_starts_from_its_own_run(finetuned, tmp_path):
+  """SimCLRv2's big-to-small setting: the teacher fine-tuned from one
+  pretraining run, the student a narrower network that starts from another
+  run's encoder (--config.pretrained_workdir), not from the teacher's."""
+  small = str(tmp_path / "small")
+  c = ft.load_config_file("synthetic_tiny", "steps=2,every=1")
+  c.model.width_multiplier = 0.0625
+  pretrain.run(c, small)
+  out = str(tmp_path / "out")
+  # A learning rate so small that the student's parameters stay where they
+  # started, to far below float32 round-off.
+  r = distill.run(distill_config(finetuned[0], pretrained_workdir=small,
+                                 learning_rate=1e-30, num_train_steps=2), out)
+  assert r["pretrained_workdir"] == os.path.abspath(small)
+  assert r["model"]["width_multiplier"] == 0.0625
+  assert (r["teacher_top1"], r["teacher_top5"]) == (finetuned[1]["top1"],
+                                                    finetuned[1]["top5"])
+  start = ft.saved_state(small, 2)["params"]
+  student = ft.saved_state(out, 2)["params"]["backbone"]
+  assert "encoder" in student
+  for part in encoder_lib.VARIABLE_PARTS:
+    if part not in student:  # Head layers past ft_proj_selector are dropped.
+      continue
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0,
+                                                         atol=1e-20),
+                 student[part], start[part] if part == "encoder" else
+                 {k: start[part][k] for k in student[part]})
