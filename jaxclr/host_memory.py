@@ -19,7 +19,10 @@ accelerator plugin is installed): on GPU/TPU hosts the device holds the big
 buffers and host threads keep glibc's defaults. JAXCLR_HOST_MALLOC=default
 turns the settings off, =tuned forces them. The price: the process keeps
 its peak host memory until it exits (no trimming), so resident memory does
-not fall after a peak.
+not fall after a peak, and the one heap can fragment: at R-50 / 224 px /
+B=32 the resident set reached 19-24 GB where glibc's defaults stay at 11 GB
+(one run OOM-killed on a 24 GB machine; benchmarks/RESULTS.md). Near the
+machine's memory, run with JAXCLR_HOST_MALLOC=default.
 """
 
 from __future__ import annotations
