@@ -97,7 +97,15 @@ def kernel_grad_from_patches(x, dy, kernel_shape, strides: int,
   summed = _summed_sharding(dy)
   contract = (((0, 1, 2), (0, 1, 2)), ((), ()))
   if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
+    # One matmul; its left operand gets transposed, so put there whichever
+    # of the window and dy has fewer channels (a bottleneck's expanding 1x1
+    # conv: the 64-channel input, not the 256-channel dy).
     window = x[:, ::strides, ::strides, :]
+    if cin < cout:
+      dw = lax.dot_general(window, dy, contract,
+                           preferred_element_type=jnp.float32,
+                           out_sharding=summed)
+      return dw.reshape(1, 1, cin, cout)
     dw = lax.dot_general(dy, window, contract,
                          preferred_element_type=jnp.float32,
                          out_sharding=summed)
