@@ -54,9 +54,9 @@ def pretraining_config(workdir: str) -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.update_from_flattened_dict(
       {k: tuple(v) if isinstance(v, list) else v
-       for k, v in workdir_lib.flatten(raw).items() if k in _flat_keys(config)})
-  for k in PER_JOB_FIELDS:
-    config.model[k] = config_lib.base_config().model[k]
+       for k, v in workdir_lib.flatten(raw).items()
+       if k in _flat_keys(config)
+       and k.removeprefix("model.") not in PER_JOB_FIELDS})
   return config
 
 
@@ -116,12 +116,11 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
                     eval_model: dict | None = None) -> FrozenEncoder:
   """The encoder + projection head of `workdir`'s newest (or `step`) checkpoint."""
   config = pretraining_config(workdir)
-  model_dict = workdir_lib.config_to_dict(config.model)
-  check_architecture(eval_model, model_dict, workdir)
   for k in PER_JOB_FIELDS:
     if eval_model and eval_model.get(k) is not None:
       config.model[k] = eval_model[k]
   model_dict = workdir_lib.config_to_dict(config.model)
+  check_architecture(eval_model, model_dict, workdir)
   ckpt_dir = os.path.join(os.path.abspath(workdir), workdir_lib.CHECKPOINT_DIR)
   steps = workdir_lib.checkpoint_steps(workdir)
   if not steps:

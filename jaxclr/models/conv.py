@@ -90,9 +90,9 @@ def kernel_grad_from_patches(x, dy, kernel_shape, strides: int,
   dy is the left operand: XLA:CPU's matmul wants its left operand
   contraction-minor, so dy is transposed once (the loop reuses it) and each
   window is read as it lies. A 1x1 kernel is one matmul: there the operand
-  with fewer channels goes on the left. One matmul over all taps' windows side by side
-  (im2col) was slower: the concatenation and its transpose copy an array
-  kh*kw times the input's size (benchmarks/RESULTS.md).
+  with fewer channels goes on the left. One matmul over all taps' windows
+  side by side (im2col) was slower: the concatenation and its transpose
+  copy an array kh*kw times the input's size (benchmarks/RESULTS.md).
   """
   kh, kw, cin, cout = kernel_shape
   summed = _summed_sharding(dy)
