@@ -30,6 +30,12 @@ transformation stack and the flax module path:
                         transposes that feed the kernel-gradient
                         convolutions, so their op_names are BatchNorm's)
 
+With XLA:CPU's Eigen convolutions (jaxclr/cpu_runtime.py, the CPU default on
+jaxlib 0.10) the convolutions emit no per-operation trace events: their time
+is in "not in the trace" (the step's wall time minus the operations traced),
+and the conv rows hold only the kernel-gradient matmuls and copies. Run with
+JAXCLR_CPU_CONV=ynnpack to split the convolutions by kind (on YNNPACK).
+
 The table gives each category's share of the summed operation time and its
 milliseconds per step, with the step's wall time beside it (on a multi-core
 CPU independent operations can overlap, so the sum may exceed the wall).
@@ -175,9 +181,12 @@ def profile(config, steps: int) -> dict:
     if name in categories:
       by_category[categories[name]] += us / steps / 1e3
   total = sum(by_category.values())
+  from jaxclr import cpu_runtime  # pylint: disable=g-import-not-at-top
   return {**measure.run_record(), "config": measure.describe(config),
           "step_wall_ms": wall * 1e3, "op_ms_per_step": by_category,
           "op_total_ms": total,
+          "eigen_convolutions": cpu_runtime.eigen_convolutions(),
+          "untraced_ms": max(0.0, wall * 1e3 - total),
           "share": {k: v / total for k, v in by_category.items()}}
 
 
@@ -193,14 +202,18 @@ def define_flags():
 
 def main(argv):
   del argv
-  from jaxclr import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.keep_freed_memory_if_cpu()  # As the jobs do (before jax starts).
+  from jaxclr import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.prepare()  # As the jobs do (before jax starts).
   r = profile(FLAGS.config, FLAGS.steps)
   print(f"step wall {r['step_wall_ms']:.0f} ms; operations "
         f"{r['op_total_ms']:.0f} ms")
   for k in CATEGORIES:
     print(f"  {k:22s} {r['op_ms_per_step'][k]:9.1f} ms  "
           f"{100 * r['share'][k]:5.1f}%")
+  if r["eigen_convolutions"]:
+    print(f"  (not in the trace: {r['untraced_ms']:.0f} ms of the wall time, "
+          "most of it the convolutions: XLA:CPU's Eigen convolutions emit no "
+          "per-operation events; JAXCLR_CPU_CONV=ynnpack times them)")
   if FLAGS.out:
     with open(FLAGS.out, "w") as f:
       json.dump(r, f, indent=2)

@@ -56,7 +56,11 @@ def jaxclr_images_per_sec(args) -> dict:
            if "images_per_sec" in r and r.get("step", 0) > args.warmup]
   return {"images_per_sec": statistics.median(rates), "min": min(rates),
           "max": max(rates), "steps": len(rates), "wall_s": wall,
-          "command": " ".join(cmd)}
+          "command": " ".join(cmd),
+          # jaxclr/cpu_runtime.py: the job's convolution library and host
+          # allocator settings.
+          "JAXCLR_CPU_CONV": os.environ.get("JAXCLR_CPU_CONV", "auto"),
+          "JAXCLR_HOST_MALLOC": os.environ.get("JAXCLR_HOST_MALLOC", "auto")}
 
 
 def _keras_worker(args) -> dict:

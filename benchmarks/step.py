@@ -233,8 +233,8 @@ def command_line(argv: list[str]) -> str:
 
 
 def main(argv):
-  from jaxclr import host_memory  # pylint: disable=g-import-not-at-top
-  host_memory.keep_freed_memory_if_cpu()  # As the jobs do (before jax starts).
+  from jaxclr import cpu_runtime  # pylint: disable=g-import-not-at-top
+  cpu_runtime.prepare()  # As the jobs do (before jax starts).
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.devices:  # Read when the CPU backend starts (after this line).

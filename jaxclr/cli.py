@@ -162,17 +162,25 @@ def run_job(module: str, *, flags_parser=parse_flags,
   must start before anything touches devices). summary_keys: entries of the
   returned results dict to log at the end.
   """
-  from jaxclr import host_memory  # pylint: disable=g-import-not-at-top
+  from jaxclr import cpu_runtime, host_memory  # pylint: disable=g-import-not-at-top
   # Before flag parsing: validating a config may already start jax.
-  tuned_malloc = host_memory.keep_freed_memory_if_cpu()
+  cpu_settings = cpu_runtime.prepare(restart=True)
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if tuned_malloc:
+    if cpu_settings["huge_pages"]:
+      logging.info("CPU backend: malloc maps large buffers with huge pages "
+                   "(jaxclr/host_memory.py; %s=tuned|default changes it)",
+                   host_memory.ENV)
+    if cpu_settings["tuned_malloc"]:
       logging.info("CPU backend: glibc malloc keeps freed memory "
                    "(jaxclr/host_memory.py; %s=default turns it off)",
                    host_memory.ENV)
+    if cpu_settings["eigen_convolutions"]:
+      logging.info("CPU backend: convolutions on XLA's Eigen kernels, not "
+                   "YNNPACK (jaxclr/cpu_runtime.py; %s=ynnpack turns it off)",
+                   cpu_runtime.CONV_ENV)
     with user_errors_exit():
       initialize_runtime()
       results = importlib.import_module(module).run(FLAGS.config,
