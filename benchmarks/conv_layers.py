@@ -63,7 +63,7 @@ def measure_layer(n: int, size: int, cin: int, cout: int, stride: int,
          "gflop": gflop}
   for name, (fn, args) in timed.items():
     ms = _median_ms(fn, args, calls)
-    out[name] = {"ms": round(ms, 1), "gflop_per_s": round(gflop / ms * 1e3, 1)}
+    out[name] = {"ms": ms, "gflop_per_s": gflop / ms * 1e3}
   return out
 
 

@@ -8,10 +8,11 @@ once, when it starts) and only where the backend will be the CPU:
 
 Why the second: jaxlib 0.10 hands every large convolution to YNNPACK (an
 XLA "ynn fusion"), and on the 2-core AVX-512 development CPU its kernels were
-1.8x slower than XLA's Eigen convolutions on 64-channel layers and its
-kernel gradient 1.4-3.5x slower at every ResNet-18 layer (3x3 conv at
-128 x 32 x 32 x 64: forward 101.7 -> 56.6 ms, input gradient 101.2 -> 55.7,
-kernel gradient 194 -> 70; benchmarks/RESULTS.md, "Convolution library").
+1.8x slower than XLA's Eigen convolutions on 64-channel layers and XLA's
+kernel gradient on them 1.2-2.3x slower at every ResNet-18 layer (3x3 conv
+at 128 x 32 x 32 x 64: forward 102.0 -> 56.7 ms, input gradient 102.2 ->
+57.0, kernel gradient 183.7 -> 78.6; `python -m benchmarks.conv_layers`,
+benchmarks/RESULTS.md, "CPU speed, 2026-12-05 (evening)").
 XLA's `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` keeps
 convolutions out of YNNPACK and leaves its matmuls, reductions and
 element-wise fusions where they are (taking reductions out too was slower).
