@@ -102,15 +102,12 @@ def kernel_grad_from_patches(x, dy, kernel_shape, strides: int,
     # of the window and dy has fewer channels (a bottleneck's expanding 1x1
     # conv: the 64-channel input, not the 256-channel dy).
     window = x[:, ::strides, ::strides, :]
-    if cin < cout:
-      dw = lax.dot_general(window, dy, contract,
-                           preferred_element_type=jnp.float32,
-                           out_sharding=summed)
-      return dw.reshape(1, 1, cin, cout)
-    dw = lax.dot_general(dy, window, contract,
+    window_left = cin < cout
+    left, right = (window, dy) if window_left else (dy, window)
+    dw = lax.dot_general(left, right, contract,
                          preferred_element_type=jnp.float32,
                          out_sharding=summed)
-    return dw.T.reshape(1, 1, cin, cout)
+    return (dw if window_left else dw.T).reshape(1, 1, cin, cout)
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   n, ho, wo, _ = dy.shape
   span_h, span_w = (ho - 1) * strides + 1, (wo - 1) * strides + 1
