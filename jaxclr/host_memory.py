@@ -82,10 +82,21 @@ def _mode(environ) -> str:
   return mode
 
 
+def _hugetlb_tunable(environ) -> str | None:
+  """The value GLIBC_TUNABLES gives glibc.malloc.hugetlb (the last one, as
+  glibc reads them), or None where it names none."""
+  value = None
+  for tunable in environ.get("GLIBC_TUNABLES", "").split(":"):
+    name, _, setting = tunable.partition("=")
+    if name == "glibc.malloc.hugetlb":
+      value = setting
+  return value
+
+
 def huge_pages_in_effect(environ=None) -> bool:
-  """Whether this process started with glibc's huge-page tunable."""
+  """Whether this process started with glibc's huge-page tunable on."""
   environ = os.environ if environ is None else environ
-  return "glibc.malloc.hugetlb=" in environ.get("GLIBC_TUNABLES", "")
+  return _hugetlb_tunable(environ) not in (None, "0")
 
 
 def transparent_huge_pages_available(path: str = _THP_ENABLED) -> bool:
@@ -112,7 +123,8 @@ def huge_pages_restart(environ, argv, executable) -> tuple | None:
   """(executable, argv, environment) to re-execute this job with glibc's
   huge-page tunable, or None where that does not apply."""
   mode = _mode(environ)
-  if mode in ("tuned", "default") or huge_pages_in_effect(environ):
+  # Already set, by an earlier restart or by the user (=0 included): keep it.
+  if mode in ("tuned", "default") or _hugetlb_tunable(environ) is not None:
     return None
   if mode == "auto" and not (backend_will_be_cpu(environ)
                              and transparent_huge_pages_available()

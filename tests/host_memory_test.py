@@ -101,10 +101,24 @@ def test_restart_adds_the_tunable_to_the_users(monkeypatch):
     ({"JAX_PLATFORMS": "cpu", host_memory.ENV: "default"}, True),
     ({"JAX_PLATFORMS": "cuda"}, True),
     ({"JAX_PLATFORMS": "cpu"}, False),  # no THP or an old glibc
+    # The user's own choice, even "off", is kept.
+    ({"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"},
+     True),
 ])
 def test_no_restart(monkeypatch, env, possible):
   _huge_pages_possible(monkeypatch, possible)
   assert host_memory.huge_pages_restart(env, ["python"], "python") is None
+
+
+@pytest.mark.parametrize("tunables,in_effect", [
+    ("glibc.malloc.hugetlb=1", True), ("glibc.malloc.hugetlb=2", True),
+    ("glibc.malloc.hugetlb=0", False),
+    ("glibc.malloc.hugetlb=1:glibc.malloc.hugetlb=0", False),  # last wins
+    ("glibc.malloc.check=0:glibc.malloc.hugetlb=1", True),
+    ("glibc.malloc.hugetlbx=1", False), ("", False)])
+def test_huge_pages_in_effect_reads_the_tunables_value(tunables, in_effect):
+  assert host_memory.huge_pages_in_effect(
+      {"GLIBC_TUNABLES": tunables}) is in_effect
 
 
 def test_hugepages_forces_the_restart_and_never_tunes(monkeypatch):
