@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def jaxclr_images_per_sec(args) -> dict:
   # Not at the top: the TensorFlow worker process must not import jax.
-  from jaxclr import metrics  # pylint: disable=g-import-not-at-top
+  from jaxclr import cpu_runtime, host_memory, metrics  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     workdir = os.path.join(tmp, "run")
     cmd = [sys.executable, "-m", "jaxclr.main", "--config",
@@ -59,8 +59,8 @@ def jaxclr_images_per_sec(args) -> dict:
           "command": " ".join(cmd),
           # jaxclr/cpu_runtime.py: the job's convolution library and host
           # allocator settings.
-          "JAXCLR_CPU_CONV": os.environ.get("JAXCLR_CPU_CONV", "auto"),
-          "JAXCLR_HOST_MALLOC": os.environ.get("JAXCLR_HOST_MALLOC", "auto")}
+          **{env: os.environ.get(env, "auto")
+             for env in (cpu_runtime.CONV_ENV, host_memory.ENV)}}
 
 
 def _keras_worker(args) -> dict:
