@@ -16,21 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 # The ResNet-18 CIFAR layers: group 1-4 3x3 convs and the stride-2 ones.
 LAYERS = "32x64x64x1,32x64x128x2,16x128x128x1,16x128x256x2,8x256x256x1,4x512x512x1"
 
 
 def _median_ms(fn, args, calls: int) -> float:
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(calls):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * statistics.median(times)
+  # Imported here: benchmarks.measure imports jax, which must start after
+  # main() applied the CPU settings.
+  from benchmarks import measure  # pylint: disable=g-import-not-at-top
+  return 1e3 * statistics.median(
+      measure.time_calls(lambda: fn(*args), steps=calls, warmup=1))
 
 
 def measure_layer(n: int, size: int, cin: int, cout: int, stride: int,
