@@ -104,6 +104,8 @@ def step_memory(config, *, devices: int, per_device_batch: int,
     # kernel gradient; compiled here on the CPU backend, 'auto' would pick
     # the CPU-only form (jaxclr/models/conv.py).
     config.model.conv_kernel_grad = "xla"
+  if config.model.conv_library == "auto":
+    config.model.conv_library = "xla"  # Likewise: the oneDNN convs are CPU-only.
   if len(jax.devices()) < devices:
     raise SystemExit(f"--devices={devices} but {jax.devices()[0].platform} "
                      f"has {len(jax.devices())}; simulate them on CPU with "

@@ -153,6 +153,18 @@ def define_job_flags(config_help: str, workdir_help: str):
   define_distributed_flags()
 
 
+def _log_conv_library(config):
+  """Says when the job's convolutions run on oneDNN (a host callback in the
+  step, visible in profiles) rather than XLA's kernels."""
+  from jaxclr.models import conv  # pylint: disable=g-import-not-at-top
+  model = config.get("model") or {}
+  library = model.get("conv_library") or "auto"
+  if conv.resolve_library(library) == "onednn":
+    logging.info("CPU backend: convolutions larger than 1x1 on TensorFlow's "
+                 "oneDNN kernels (jaxclr/models/onednn_conv.py; "
+                 "--config.model.conv_library=xla turns it off)")
+
+
 def run_job(module: str, *, flags_parser=parse_flags,
             summary_keys: Sequence[str] = ()):
   """app.run of `module`.run(config, workdir), with the runtime started and
@@ -183,6 +195,7 @@ def run_job(module: str, *, flags_parser=parse_flags,
                    cpu_runtime.CONV_ENV)
     with user_errors_exit():
       initialize_runtime()
+      _log_conv_library(FLAGS.config)
       results = importlib.import_module(module).run(FLAGS.config,
                                                     FLAGS.workdir)
     if summary_keys:

@@ -18,6 +18,8 @@ from ml_collections import config_dict
 JOBS = ("pretrain", "linear_eval", "finetune", "distill")
 # model.conv_kernel_grad's values (jaxclr/models/conv.py reads them).
 CONV_KERNEL_GRADS = ("auto", "xla", "patches")
+# model.conv_library's values (jaxclr/models/conv.py resolves them).
+CONV_LIBRARIES = ("auto", "xla", "onednn")
 
 # (name, type, pretraining default): the architecture fields. Pretraining
 # sets them; an evaluation job reads them from the checkpoint's config.json
@@ -45,6 +47,11 @@ MODEL_FIELDS = (
     # kernel tap in a one-device CPU job, XLA's own elsewhere), 'xla' or
     # 'patches' (jaxclr/models/conv.py); same values to float32 round-off.
     ("conv_kernel_grad", str, "auto"),
+    # Which kernels run the float32 convolutions larger than 1x1: 'auto'
+    # (TensorFlow's oneDNN ones in a one-device CPU job, XLA's elsewhere),
+    # 'xla' or 'onednn' (jaxclr/models/onednn_conv.py); same values to
+    # float32 round-off.
+    ("conv_library", str, "auto"),
 )
 
 

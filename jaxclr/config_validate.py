@@ -226,6 +226,10 @@ def _check_model(config):
     _check(m.conv_kernel_grad in config_schema.CONV_KERNEL_GRADS,
            f"model.conv_kernel_grad={m.conv_kernel_grad!r}; valid: "
            f"{', '.join(config_schema.CONV_KERNEL_GRADS)}")
+  if m.get("conv_library") is not None:
+    _check(m.conv_library in config_schema.CONV_LIBRARIES,
+           f"model.conv_library={m.conv_library!r}; valid: "
+           f"{', '.join(config_schema.CONV_LIBRARIES)}")
   if m.bn_momentum is not None:
     _check(0.0 <= m.bn_momentum < 1.0,
            f"model.bn_momentum={m.bn_momentum!r} must be in [0, 1)")

@@ -24,7 +24,7 @@ RESUMABLE_CHANGES = frozenset({
     "num_train_steps", "log_every_steps", "checkpoint_every_steps",
     "max_checkpoints_to_keep", "eval_every_steps", "data_dir",
     "allow_config_mismatch", "nonfinite_policy", "allow_eval_on_train",
-    "model.remat", "model.conv_kernel_grad",
+    "model.remat", "model.conv_kernel_grad", "model.conv_library",
 })
 # Fields a saved config.json may hold that the schemas no longer have, with
 # the value that computes what today's code does (the test-only NaN hook,

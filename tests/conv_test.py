@@ -106,37 +106,48 @@ def test_config_refuses_an_unknown_kernel_grad():
     config_lib.validate(config, job="pretrain")
 
 
-@pytest.mark.parametrize("depth,sk_ratio", [(18, 0.0), (50, 0.0625)])
-def test_resnet_gradients_agree_between_the_two_forms(depth, sk_ratio):
-  """Same variables, same forward, gradients equal to float32 round-off,
-  for every conv kind the ResNets have (stems, strided, 1x1, SK)."""
+def resnet_grads_and_outputs(depth, sk_ratio, **encoder_fields):
+  """The gradient of sum(tanh(features)) w.r.t. the parameters, and the
+  features, of a 1/8-width ResNet on 4 fixed images; encoder_fields set
+  how it runs (conv_kernel_grad, conv_library) whatever build_encoder would
+  resolve in this 8-device process: the encoder runs on one device here."""
   model_config = config_lib.pretrain_config().model
   model_config.update(depth=depth, width_multiplier=0.125, sk_ratio=sk_ratio)
   x = jnp.asarray(np.random.default_rng(2).uniform(size=(4, 32, 32, 3)),
                   jnp.float32)
-  grads, outputs = {}, {}
-  for kernel_grad in ("xla", "patches"):
-    # build_encoder would refuse 'patches' in this 8-device process; the
-    # encoder runs on one device here.
-    encoder = build_encoder(model_config, image_size=32 if depth == 18
-                            else 64).clone(conv_kernel_grad=kernel_grad)
-    variables = encoder.init(jax.random.key(0), x, train=True)
+  encoder = build_encoder(model_config, image_size=32 if depth == 18
+                          else 64).clone(**encoder_fields)
+  variables = encoder.init(jax.random.key(0), x, train=True)
 
-    def loss(params, variables=variables, encoder=encoder):
-      h, _ = encoder.apply({**variables, "params": params}, x, train=True,
-                           mutable=["batch_stats"])
-      return jnp.sum(jnp.tanh(h)), h
+  def loss(params):
+    h, _ = encoder.apply({**variables, "params": params}, x, train=True,
+                         mutable=["batch_stats"])
+    return jnp.sum(jnp.tanh(h)), h
 
-    grads[kernel_grad], outputs[kernel_grad] = jax.jit(
-        jax.grad(loss, has_aux=True))(variables["params"])
-  np.testing.assert_array_equal(outputs["xla"], outputs["patches"])
-  flat_x = jax.tree_util.tree_leaves_with_path(grads["xla"])
-  flat_p = jax.tree.leaves(grads["patches"])
-  assert len(flat_x) == len(flat_p)
-  for (path, gx), gp in zip(flat_x, flat_p):
-    scale = max(float(np.abs(gx).max()), 1e-12)
-    np.testing.assert_allclose(gp, gx, rtol=0, atol=1e-5 * scale,
+  return jax.jit(jax.grad(loss, has_aux=True))(variables["params"])
+
+
+def assert_grads_close(got, want, rel):
+  """Each leaf of got within rel x (its max |want|) of want."""
+  flat_want = jax.tree_util.tree_leaves_with_path(want)
+  flat_got = jax.tree.leaves(got)
+  assert len(flat_want) == len(flat_got)
+  for (path, w), g in zip(flat_want, flat_got):
+    scale = max(float(np.abs(w).max()), 1e-12)
+    np.testing.assert_allclose(g, w, rtol=0, atol=rel * scale,
                                err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("depth,sk_ratio", [(18, 0.0), (50, 0.0625)])
+def test_resnet_gradients_agree_between_the_two_forms(depth, sk_ratio):
+  """Same variables, same forward, gradients equal to float32 round-off,
+  for every conv kind the ResNets have (stems, strided, 1x1, SK)."""
+  grads_x, out_x = resnet_grads_and_outputs(depth, sk_ratio,
+                                            conv_kernel_grad="xla")
+  grads_p, out_p = resnet_grads_and_outputs(depth, sk_ratio,
+                                            conv_kernel_grad="patches")
+  np.testing.assert_array_equal(out_x, out_p)
+  assert_grads_close(grads_p, grads_x, 1e-5)
 
 
 def test_a_run_may_resume_with_the_kernel_grad_or_remat_flipped():

@@ -183,6 +183,7 @@ def test_one_device_kernel_grad_of_the_run_is_not_inherited(pretrained,
   with open(path) as f:
     saved = json.load(f)
   saved["model"]["conv_kernel_grad"] = "patches"
+  saved["model"]["conv_library"] = "onednn"
   with open(path, "w") as f:
     json.dump(saved, f)
   mesh = sharding.make_mesh("auto")
@@ -190,6 +191,7 @@ def test_one_device_kernel_grad_of_the_run_is_not_inherited(pretrained,
   enc = encoder_lib.restore_encoder(run, mesh)
   assert enc.model_config["conv_kernel_grad"] == "auto"
   assert encoder_lib.pretraining_config(run).model.conv_kernel_grad == "auto"
+  assert enc.model_config["conv_library"] == "auto"
   want = encoder_lib.restore_encoder(pretrained, mesh).variables
   jax.tree.map(np.testing.assert_array_equal,
                jax.device_get(enc.variables), jax.device_get(want))
@@ -197,6 +199,10 @@ def test_one_device_kernel_grad_of_the_run_is_not_inherited(pretrained,
                      match=r"conv_kernel_grad='patches' runs on one device"):
     encoder_lib.restore_encoder(run, mesh,
                                 eval_model={"conv_kernel_grad": "patches"})
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"conv_library='onednn' runs on one device"):
+    encoder_lib.restore_encoder(run, mesh,
+                                eval_model={"conv_library": "onednn"})
 
 
 def test_not_a_workdir_and_random_init_errors(tmp_path):

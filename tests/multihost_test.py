@@ -135,11 +135,13 @@ def run_layouts(dataset: str, *extra: str, single=(("1x8", 8), ("1x1", 1))):
                           f"--workdir={dirs['2x4']}"], env,
                          os.path.join(root, "2x4.log"))
     for name, n in single:
-      # The kernel gradient every layout computes the same way: 'auto' would
-      # give the one-device run the per-tap form (jaxclr/models/conv.py),
+      # The convolutions every layout computes the same way: 'auto' would
+      # give the one-device run the per-tap kernel gradient
+      # (jaxclr/models/conv.py) and oneDNN's kernels (onednn_conv.py),
       # equal to XLA's only to round-off, which can flip a kNN neighbour;
-      # this compares layouts, conv_test compares the forms.
-      same_form = ["--config.model.conv_kernel_grad=xla"] if n == 1 else []
+      # this compares layouts, conv_test / onednn_conv_test the forms.
+      same_form = (["--config.model.conv_kernel_grad=xla",
+                    "--config.model.conv_library=xla"] if n == 1 else [])
       procs[name] = start(
           [sys.executable, "-m", "jaxclr.main", *args, *same_form,
            f"--workdir={dirs[name]}"], child_env(n),

@@ -32,9 +32,10 @@ ARCH_FIELDS = ("depth", "width_multiplier", "cifar_stem", "sk_ratio",
 VARIABLE_PARTS = ("encoder", "projection_head")
 # Model fields that say how the writing job ran on its own devices, not what
 # it built: a job that reads the run takes its own value (default 'auto'),
-# so a one-device run's conv_kernel_grad='patches' does not stop an
-# evaluation on 8 devices (jaxclr/models/conv.py: one device only).
-PER_JOB_FIELDS = ("conv_kernel_grad",)
+# so a one-device run's conv_kernel_grad='patches' or conv_library='onednn'
+# does not stop an evaluation on 8 devices (jaxclr/models/conv.py: one
+# device only).
+PER_JOB_FIELDS = ("conv_kernel_grad", "conv_library")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxclr import errors
 from jaxclr.config_schema import CONV_KERNEL_GRADS as KERNEL_GRADS
+from jaxclr.config_schema import CONV_LIBRARIES as LIBRARIES
+from jaxclr.models import onednn_conv
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -63,14 +65,53 @@ def resolve_kernel_grad(kernel_grad: str, backend: str | None = None,
   return "patches" if backend == "cpu" and num_devices == 1 else "xla"
 
 
+def resolve_library(library: str, backend: str | None = None,
+                    num_devices: int | None = None) -> str:
+  """'xla' or 'onednn' for `library` (model.conv_library): 'auto' is
+  'onednn' on a CPU backend with one device in all where TensorFlow's oneDNN
+  kernels can run (jaxclr/models/onednn_conv.py), 'xla' elsewhere."""
+  if library not in LIBRARIES:
+    raise errors.ConfigError(f"model.conv_library={library!r}; "
+                             f"valid: {', '.join(LIBRARIES)}")
+  backend = jax.default_backend() if backend is None else backend
+  num_devices = jax.device_count() if num_devices is None else num_devices
+  if library == "onednn":
+    if backend != "cpu":
+      raise errors.ConfigError(
+          f"model.conv_library='onednn' runs on the CPU backend, and this "
+          f"job's is {backend!r}; use 'auto' or 'xla'")
+    if num_devices > 1:
+      raise errors.ConfigError(
+          f"model.conv_library='onednn' runs on one device, and this job "
+          f"has {num_devices}; use 'auto' or 'xla'")
+    reason = onednn_conv.unavailable_reason()
+    if reason:
+      raise errors.ConfigError(
+          f"model.conv_library='onednn' cannot run here: {reason}; use "
+          f"'auto' or 'xla'")
+  if library != "auto":
+    return library
+  if (backend == "cpu" and num_devices == 1
+      and onednn_conv.unavailable_reason() is None):
+    return "onednn"
+  return "xla"
+
+
 def conv2d(x, kernel, strides: int, padding: Padding, *,
-           kernel_grad: str = "xla"):
+           kernel_grad: str = "xla", library: str = "xla"):
   """conv(x, kernel) with explicit (low, high) padding per spatial dim.
 
   kernel_grad: 'xla' (XLA's own gradient) or 'patches' (the matmul above);
-  resolve 'auto' with `resolve_kernel_grad` first.
+  resolve 'auto' with `resolve_kernel_grad` first. library: 'xla' or
+  'onednn' (resolved by `resolve_library`); 'onednn' takes the float32
+  convolutions with kernels larger than 1x1, and kernel_grad then applies to
+  the rest.
   """
   strides, padding = int(strides), tuple(tuple(map(int, p)) for p in padding)
+  if library not in ("xla", "onednn"):
+    raise ValueError(f"library={library!r}; valid: 'xla', 'onednn'")
+  if library == "onednn" and onednn_conv.applies(kernel.shape, x.dtype):
+    return onednn_conv.conv2d(x, kernel, strides, padding)
   if kernel_grad == "patches":
     return _conv_with_patch_kernel_grad(x, kernel, strides, padding)
   if kernel_grad != "xla":

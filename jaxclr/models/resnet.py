@@ -59,6 +59,8 @@ class FixedPaddingConv(nn.Module):
   dtype: Any = jnp.float32
   # 'xla' or 'patches' (resolved; jaxclr/models/conv.py says why).
   kernel_grad: str = "xla"
+  # 'xla' or 'onednn' (resolved; jaxclr/models/onednn_conv.py says why).
+  library: str = "xla"
 
   @nn.compact
   def __call__(self, x):
@@ -68,7 +70,8 @@ class FixedPaddingConv(nn.Module):
     pad = ((k - 1) // 2, k - 1 - (k - 1) // 2)
     return conv_lib.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
                            self.strides, (pad, pad),
-                           kernel_grad=self.kernel_grad)
+                           kernel_grad=self.kernel_grad,
+                           library=self.library)
 
 
 def avg_pool_shortcut(x, strides: int):
@@ -220,6 +223,10 @@ class ResNet(nn.Module):
   # How convolutions get their kernel gradient: 'xla' or 'patches' (the CPU
   # switch, jaxclr/models/conv.py; build_encoder resolves model.conv_kernel_grad).
   conv_kernel_grad: str = "xla"
+  # Which kernels run the convolutions larger than 1x1: 'xla' or 'onednn'
+  # (the CPU switch, jaxclr/models/onednn_conv.py; build_encoder resolves
+  # model.conv_library).
+  conv_library: str = "xla"
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -228,7 +235,8 @@ class ResNet(nn.Module):
                        f"{sorted(BLOCKS_PER_GROUP)}")
     norm = make_batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
     conv_layer = functools.partial(FixedPaddingConv, dtype=self.dtype,
-                                   kernel_grad=self.conv_kernel_grad)
+                                   kernel_grad=self.conv_kernel_grad,
+                                   library=self.conv_library)
     block_cls = BasicBlock if self.depth < 50 else BottleneckBlock
     if self.remat:
       block_cls = nn.remat(block_cls)

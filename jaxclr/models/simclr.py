@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxclr.models.heads import LinearHead, ProjectionHead
-from jaxclr.models.conv import resolve_kernel_grad
+from jaxclr.models.conv import resolve_kernel_grad, resolve_library
 from jaxclr.models.resnet import ResNet
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -60,6 +60,8 @@ def build_encoder(model_config, image_size: int) -> ResNet:
                 remat=bool(model_config.get("remat") or False),
                 conv_kernel_grad=resolve_kernel_grad(
                     model_config.get("conv_kernel_grad") or "auto"),
+                conv_library=resolve_library(
+                    model_config.get("conv_library") or "auto"),
                 name="encoder")
 
 
