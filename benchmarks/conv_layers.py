@@ -6,7 +6,9 @@
 Each layer is HxCinxCoutxstride (3x3 kernel, NHWC, float32, N images). For
 each: the jitted forward, input gradient and kernel gradient -- the last
 both as XLA's own and as jaxclr's per-tap matmuls (jaxclr/models/conv.py)
--- median ms of --calls calls and GFLOP/s. The process applies the CPU
+--, then the forward and both gradients on TensorFlow's oneDNN kernels
+(jaxclr/models/onednn_conv.py, callbacks included): median ms of --calls
+calls and GFLOP/s. The process applies the CPU
 settings the jobs apply (jaxclr/cpu_runtime.py): run it once with and once
 without JAXCLR_CPU_CONV=ynnpack to compare the convolution libraries.
 """
@@ -19,6 +21,8 @@ import statistics
 
 # The ResNet-18 CIFAR layers: group 1-4 3x3 convs and the stride-2 ones.
 LAYERS = "32x64x64x1,32x64x128x2,16x128x128x1,16x128x256x2,8x256x256x1,4x512x512x1"
+KINDS = ("forward", "input_grad", "kernel_grad_xla", "kernel_grad_patches",
+         "forward_onednn", "grads_onednn")
 
 
 def _median_ms(fn, args, calls: int) -> float:
@@ -54,12 +58,21 @@ def measure_layer(n: int, size: int, cin: int, cout: int, stride: int,
                      (x, w, dy)),
       "kernel_grad_xla": (kernel_grad("xla"), (x, w, dy)),
       "kernel_grad_patches": (kernel_grad("patches"), (x, w, dy)),
+      # TensorFlow's oneDNN kernels (jaxclr/models/onednn_conv.py), host
+      # callbacks included; both gradients come from one callback, so they
+      # are timed together (their FLOPs are twice the forward's).
+      "forward_onednn": (jax.jit(lambda x, w: conv.conv2d(
+          x, w, stride, pad, library="onednn")), (x, w)),
+      "grads_onednn": (jax.jit(lambda x, w, dy: jax.vjp(
+          lambda x_, w_: conv.conv2d(x_, w_, stride, pad, library="onednn"),
+          x, w)[1](dy)), (x, w, dy)),
   }
   out = {"layer": f"{n}x{size}x{size}x{cin}->{cout}/s{stride}",
          "gflop": gflop}
   for name, (fn, args) in timed.items():
     ms = _median_ms(fn, args, calls)
-    out[name] = {"ms": ms, "gflop_per_s": gflop / ms * 1e3}
+    flop = 2 * gflop if name == "grads_onednn" else gflop
+    out[name] = {"ms": ms, "gflop_per_s": flop / ms * 1e3}
   return out
 
 
@@ -80,8 +93,7 @@ def main():
     r = rows[-1]
     print(f"{r['layer']:28s} " + "  ".join(
         f"{k} {r[k]['ms']:7.1f} ms ({r[k]['gflop_per_s']:5.1f})"
-        for k in ("forward", "input_grad", "kernel_grad_xla",
-                  "kernel_grad_patches")), flush=True)
+        for k in KINDS), flush=True)
   record = {**measure.run_record(), "cpu_settings": settings, "n": args.n,
             "layers": rows}
   if args.out:

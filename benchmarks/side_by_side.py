@@ -47,7 +47,8 @@ def jaxclr_images_per_sec(args) -> dict:
            f"--config.num_train_steps={args.warmup + args.steps}",
            "--config.log_every_steps=1",
            f"--config.checkpoint_every_steps={args.warmup + args.steps}",
-           f"--config.model.conv_kernel_grad={args.conv_kernel_grad}"]
+           f"--config.model.conv_kernel_grad={args.conv_kernel_grad}",
+           f"--config.model.conv_library={args.conv_library}"]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     wall = time.time() - t0
@@ -139,6 +140,9 @@ def main():
   p.add_argument("--conv_kernel_grad", default="auto",
                  choices=("auto", "xla", "patches"),
                  help="jaxclr's model.conv_kernel_grad (before/after runs)")
+  p.add_argument("--conv_library", default="auto",
+                 choices=("auto", "xla", "onednn"),
+                 help="jaxclr's model.conv_library (before/after runs)")
   p.add_argument("--out")
   p.add_argument("--keras_worker", action="store_true",
                  help=argparse.SUPPRESS)

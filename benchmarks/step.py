@@ -79,6 +79,7 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
   """Compiles and times the pretraining step of `config`; returns a dict."""
   import jax  # pylint: disable=g-import-not-at-top
   from jaxclr import config_lib, optim, pretrain, train  # pylint: disable=g-import-not-at-top
+  from jaxclr.models import conv  # pylint: disable=g-import-not-at-top
   from jaxclr.parallel import sharding  # pylint: disable=g-import-not-at-top
   from benchmarks import measure  # pylint: disable=g-import-not-at-top
 
@@ -102,19 +103,34 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
   batch = measure.synthetic_batch(mesh, config.batch_size, config.image_size,
                                   num_classes, seed=config.seed)
 
+  # XLA's cost analysis does not see into the oneDNN convolutions' host
+  # callbacks (jaxclr/models/onednn_conv.py): their FLOPs are counted on the
+  # same step with XLA's convolutions, the same arithmetic.
+  library = conv.resolve_library(config.model.conv_library)
+  result["conv_library"] = library
+  counted = trainer
+  if library == "onednn":
+    xla_config = config.copy_and_resolve_references()
+    xla_config.model.conv_library = "xla"
+    counted = pretrain.create_trainer(xla_config, mesh, plan, num_classes)
+
   # Forward pass alone (both views, batch statistics as in training).
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   images = train.flatten_views(batch["images"])
   fwd, _, _ = measure.compile_with_warnings(
       measure.forward_fn(trainer.model, mesh).lower(variables, images))
-  fwd_flops = measure.cost_flops(fwd) * n
+  fwd_flops = measure.cost_flops(fwd if counted is trainer else
+                                 measure.forward_fn(counted.model, mesh).lower(
+                                     variables, images).compile()) * n
   fwd_times = measure.time_calls(lambda: fwd(variables, images),
                                  max(3, steps // 2), 1)
   del fwd, images
 
   compiled, compile_s, compile_warnings = measure.compile_with_warnings(
       trainer.step_fn.lower(state, batch))
-  step_flops = measure.cost_flops(compiled) * n
+  step_flops = measure.cost_flops(
+      compiled if counted is trainer else
+      counted.step_fn.lower(state, batch).compile()) * n
   result.update(compile_s=compile_s, flops_per_step=step_flops,
                 flops_per_image=step_flops / config.batch_size,
                 forward_flops_per_image=fwd_flops / config.batch_size,
