@@ -201,6 +201,7 @@ def test_resnet_values_and_gradients_agree_with_xla(depth, sk_ratio):
   conv_test.assert_grads_close(grads_o, grads_x, 1e-5)
 
 
+@pytest.mark.slow
 def test_a_one_device_job_uses_it_and_resumes_bitwise(tmp_path):
   """The default on a one-device CPU job, end to end: the job says so, and
   a run resumed from its step-2 checkpoint ends bitwise where the
