@@ -1,5 +1,7 @@
 """The patch-matmul kernel gradient (jaxclr/models/conv.py) against an
-independent float64 formula, XLA's own gradient, and across device layouts."""
+independent float64 formula, XLA's own gradient, and across device layouts.
+The formula and the ResNet gradient comparison also serve
+onednn_conv_test.py."""
 
 import itertools
 
@@ -13,22 +15,33 @@ from jaxclr.models import conv
 from jaxclr.models.simclr import build_encoder
 
 
-def _numpy_kernel_grad(x, dy, kernel_shape, stride, padding):
-  """dW[i, j] = sum_{n, y, x} x_pad[n, y*s + i, x*s + j]^T dy[n, y, x], in
-  float64, one tap and one output position at a time."""
-  kh, kw, cin, cout = kernel_shape
-  xp = np.pad(x.astype(np.float64), ((0, 0), padding[0], padding[1], (0, 0)))
-  dy = dy.astype(np.float64)
-  _, ho, wo, _ = dy.shape
-  dw = np.zeros(kernel_shape, np.float64)
-  for i, j in itertools.product(range(kh), range(kw)):
-    for y, xx in itertools.product(range(ho), range(wo)):
-      dw[i, j] += xp[:, y * stride + i, xx * stride + j, :].T @ dy[:, y, xx, :]
-  return dw
-
-
-def _padding(k):
+def centred_padding(k):
   return (((k - 1) // 2, k - 1 - (k - 1) // 2),) * 2
+
+
+def _taps(kernel_shape, out_hw):
+  kh, kw = kernel_shape[:2]
+  return itertools.product(range(kh), range(kw), range(out_hw[0]),
+                           range(out_hw[1]))
+
+
+def numpy_conv_and_grads(x, w, dy, stride, padding):
+  """y, dL/dx, dL/dw of L = sum(conv(x, w) * dy), in float64, one tap and
+  one output position at a time."""
+  x, w, dy = (a.astype(np.float64) for a in (x, w, dy))
+  xp = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  _, ho, wo, _ = dy.shape
+  y = np.zeros(dy.shape)
+  dxp = np.zeros_like(xp)
+  dw = np.zeros_like(w)
+  for i, j, r, c in _taps(w.shape, (ho, wo)):
+    window = xp[:, r * stride + i, c * stride + j, :]
+    y[:, r, c] += window @ w[i, j]
+    dxp[:, r * stride + i, c * stride + j] += dy[:, r, c] @ w[i, j].T
+    dw[i, j] += window.T @ dy[:, r, c]
+  (top, _), (left, _) = padding
+  dx = dxp[:, top:top + x.shape[1], left:left + x.shape[2]]
+  return y, dx, dw
 
 
 @pytest.mark.parametrize("k,stride,size,cin,cout", [
@@ -38,7 +51,7 @@ def test_kernel_grad_equals_the_formula_and_xla(k, stride, size, cin, cout):
   rng = np.random.default_rng(k * 100 + stride * 10 + size)
   x = rng.standard_normal((3, size, size, cin)).astype(np.float32)
   w = rng.standard_normal((k, k, cin, cout)).astype(np.float32)
-  pad = _padding(k)
+  pad = centred_padding(k)
 
   def loss(x, w, kernel_grad, dy):
     return jnp.sum(conv.conv2d(x, w, stride, pad, kernel_grad=kernel_grad)
@@ -52,7 +65,7 @@ def test_kernel_grad_equals_the_formula_and_xla(k, stride, size, cin, cout):
       x, w, "patches", dy)
   gx_x, gw_x = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(
       x, w, "xla", dy)
-  expected = _numpy_kernel_grad(x, dy, w.shape, stride, pad)
+  expected = numpy_conv_and_grads(x, w, dy, stride, pad)[2]
   scale = np.abs(expected).max()
   np.testing.assert_allclose(gw_p, expected, rtol=0, atol=2e-6 * scale)
   np.testing.assert_allclose(gw_x, expected, rtol=0, atol=2e-6 * scale)
@@ -65,15 +78,16 @@ def test_kernel_grad_keeps_the_kernel_dtype_and_sums_in_float32():
   x = jnp.asarray(rng.standard_normal((4, 6, 6, 3)), jnp.bfloat16)
   w = jnp.asarray(rng.standard_normal((3, 3, 3, 2)), jnp.bfloat16)
   dy = jnp.asarray(rng.standard_normal((4, 6, 6, 2)), jnp.bfloat16)
-  dw = conv.kernel_grad_from_patches(x, dy, w.shape, 1, _padding(3))
+  pad = centred_padding(3)
+  dw = conv.kernel_grad_from_patches(x, dy, w.shape, 1, pad)
   assert dw.dtype == jnp.float32
-  expected = _numpy_kernel_grad(np.asarray(x, np.float32),
-                                np.asarray(dy, np.float32), w.shape, 1,
-                                _padding(3))
+  expected = numpy_conv_and_grads(np.asarray(x, np.float32),
+                                  np.asarray(w, np.float32),
+                                  np.asarray(dy, np.float32), 1, pad)[2]
   np.testing.assert_allclose(dw, expected, rtol=0,
                              atol=1e-5 * np.abs(expected).max())
   gw = jax.grad(lambda w_: jnp.sum(conv.conv2d(
-      x, w_, 1, _padding(3), kernel_grad="patches").astype(jnp.float32)))(w)
+      x, w_, 1, pad, kernel_grad="patches").astype(jnp.float32)))(w)
   assert gw.dtype == jnp.bfloat16
 
 

@@ -3,7 +3,6 @@ gradients against independent float64 formulas, determinism, which
 convolutions it takes, how model.conv_library resolves, and a ResNet's
 gradients against XLA's convolutions."""
 
-import itertools
 import os
 import shutil
 import subprocess
@@ -28,35 +27,6 @@ pytestmark = pytest.mark.skipif(
     reason=str(onednn_conv.unavailable_reason()))
 
 
-def _padding(k):
-  return (((k - 1) // 2, k - 1 - (k - 1) // 2),) * 2
-
-
-def _taps(kernel_shape, out_hw):
-  kh, kw = kernel_shape[:2]
-  return itertools.product(range(kh), range(kw), range(out_hw[0]),
-                           range(out_hw[1]))
-
-
-def _numpy_conv_and_grads(x, w, dy, stride, padding):
-  """y, dL/dx, dL/dw of L = sum(conv(x, w) * dy), in float64, one tap and
-  one output position at a time."""
-  x, w, dy = (a.astype(np.float64) for a in (x, w, dy))
-  xp = np.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  n, ho, wo, _ = dy.shape
-  y = np.zeros(dy.shape)
-  dxp = np.zeros_like(xp)
-  dw = np.zeros_like(w)
-  for i, j, r, c in _taps(w.shape, (ho, wo)):
-    window = xp[:, r * stride + i, c * stride + j, :]
-    y[:, r, c] += window @ w[i, j]
-    dxp[:, r * stride + i, c * stride + j] += dy[:, r, c] @ w[i, j].T
-    dw[i, j] += window.T @ dy[:, r, c]
-  (top, _), (left, _) = padding
-  dx = dxp[:, top:top + x.shape[1], left:left + x.shape[2]]
-  return y, dx, dw
-
-
 def _value_and_grads(library, x, w, dy, stride, pad):
   def loss(x, w):
     y = conv.conv2d(x, w, stride, pad, library=library)
@@ -73,11 +43,11 @@ def test_values_and_gradients_equal_the_formula(k, stride, size, cin, cout):
   rng = np.random.default_rng(k * 100 + stride * 10 + size)
   x = rng.standard_normal((3, size, size, cin)).astype(np.float32)
   w = rng.standard_normal((k, k, cin, cout)).astype(np.float32)
-  pad = _padding(k)
+  pad = conv_test.centred_padding(k)
   out = (size + pad[0][0] + pad[0][1] - k) // stride + 1
   dy = rng.standard_normal((3, out, out, cout)).astype(np.float32)
   got = _value_and_grads("onednn", x, w, dy, stride, pad)
-  want = _numpy_conv_and_grads(x, w, dy, stride, pad)
+  want = conv_test.numpy_conv_and_grads(x, w, dy, stride, pad)
   for name, g, e in zip(("y", "dx", "dw"), got, want):
     assert g.shape == e.shape, name
     np.testing.assert_allclose(g, e, rtol=0, atol=2e-6 * np.abs(e).max(),
@@ -91,10 +61,10 @@ def test_repeated_calls_are_bitwise_equal():
   x = rng.standard_normal((16, 16, 16, 32)).astype(np.float32)
   w = rng.standard_normal((3, 3, 32, 48)).astype(np.float32)
   dy = rng.standard_normal((16, 16, 16, 48)).astype(np.float32)
-  first = _value_and_grads("onednn", x, w, dy, 1, _padding(3))
+  pad = conv_test.centred_padding(3)
+  first = _value_and_grads("onednn", x, w, dy, 1, pad)
   for _ in range(3):
-    for a, b in zip(first, _value_and_grads("onednn", x, w, dy, 1,
-                                            _padding(3))):
+    for a, b in zip(first, _value_and_grads("onednn", x, w, dy, 1, pad)):
       np.testing.assert_array_equal(a, b)
 
 
@@ -131,16 +101,17 @@ def test_keeps_the_batch_sharding_of_an_explicit_mesh():
 
   @jax.jit
   def step(x, w):
-    y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, 2, _padding(3),
-                                              library="onednn"), x, w)
+    y, vjp = jax.vjp(lambda x, w: conv.conv2d(
+        x, w, 2, conv_test.centred_padding(3), library="onednn"), x, w)
     return (y,) + vjp(y)
 
   y, dx, dw = step(x, w)
   assert jax.typeof(y).sharding.spec == P("data", None, None, None)
   assert jax.typeof(dx).sharding.spec == P("data", None, None, None)
   assert dw.shape == w.shape
-  want_y, want_dx, _ = _numpy_conv_and_grads(
-      np.asarray(x), np.asarray(w), np.asarray(y), 2, _padding(3))
+  want_y, want_dx, _ = conv_test.numpy_conv_and_grads(
+      np.asarray(x), np.asarray(w), np.asarray(y), 2,
+      conv_test.centred_padding(3))
   np.testing.assert_allclose(y, want_y, rtol=0, atol=2e-6 * abs(want_y).max())
   np.testing.assert_allclose(dx, want_dx, rtol=0,
                              atol=2e-6 * abs(want_dx).max())

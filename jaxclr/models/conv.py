@@ -30,12 +30,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from jaxclr import errors
 from jaxclr.config_schema import CONV_KERNEL_GRADS as KERNEL_GRADS
 from jaxclr.config_schema import CONV_LIBRARIES as LIBRARIES
 from jaxclr.models import onednn_conv
+from jaxclr.parallel import sharding
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -171,11 +171,8 @@ def kernel_grad_from_patches(x, dy, kernel_shape, strides: int,
 def _summed_sharding(x):
   """On a mesh with Explicit axes, a contraction over the sharded batch
   must state its (replicated) result sharding; elsewhere XLA decides."""
-  mesh = getattr(jax.typeof(x).sharding, "mesh", None)
-  if mesh is None or not mesh.axis_names or AxisType.Explicit not in tuple(
-      mesh.axis_types):
-    return None
-  return NamedSharding(mesh, P())
+  mesh = sharding.explicit_mesh_of(x)
+  return None if mesh is None else sharding.replicated(mesh)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -36,7 +36,9 @@ import platform
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
+
+from jaxclr.parallel import sharding
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
@@ -82,12 +84,11 @@ def _pad(x, padding: Padding):
 def _like(y, x):
   """y with x's sharding where x's mesh has Explicit axes: a callback's
   result carries none, and the step's batch-sharded types must line up."""
-  sharding = jax.typeof(x).sharding
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or not mesh.axis_names or AxisType.Explicit not in tuple(
-      mesh.axis_types):
+  mesh = sharding.explicit_mesh_of(x)
+  if mesh is None:
     return y
-  return jax.sharding.reshard(y, NamedSharding(mesh, sharding.spec))
+  return jax.sharding.reshard(
+      y, NamedSharding(mesh, jax.typeof(x).sharding.spec))
 
 
 def _to_tf(a):

@@ -24,6 +24,16 @@ def make_mesh(axis_type: str = "explicit", devices=None) -> jax.sharding.Mesh:
                        axis_types=(AXIS_TYPES[axis_type],), devices=devices)
 
 
+def explicit_mesh_of(x) -> jax.sharding.Mesh | None:
+  """The mesh of x's type where it has Explicit axes (whose shardings are
+  part of the type and must be stated), else None."""
+  mesh = getattr(jax.typeof(x).sharding, "mesh", None)
+  if mesh is None or not mesh.axis_names or AxisType.Explicit not in tuple(
+      mesh.axis_types):
+    return None
+  return mesh
+
+
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
