@@ -7,7 +7,7 @@ Each layer is HxCinxCoutxstride (3x3 kernel, NHWC, float32, N images). For
 each: the jitted forward, input gradient and kernel gradient -- the last
 both as XLA's own and as jaxclr's per-tap matmuls (jaxclr/models/conv.py)
 --, then the forward and both gradients on TensorFlow's oneDNN kernels
-(jaxclr/models/onednn_conv.py, callbacks included): median ms of --calls
+(jaxclr/models/onednn_conv.py, its custom calls included): median ms of --calls
 calls and GFLOP/s. The process applies the CPU
 settings the jobs apply (jaxclr/cpu_runtime.py): run it once with and once
 without JAXCLR_CPU_CONV=ynnpack to compare the convolution libraries.
@@ -58,9 +58,9 @@ def measure_layer(n: int, size: int, cin: int, cout: int, stride: int,
                      (x, w, dy)),
       "kernel_grad_xla": (kernel_grad("xla"), (x, w, dy)),
       "kernel_grad_patches": (kernel_grad("patches"), (x, w, dy)),
-      # TensorFlow's oneDNN kernels (jaxclr/models/onednn_conv.py), host
-      # callbacks included; both gradients come from one callback, so they
-      # are timed together (their FLOPs are twice the forward's).
+      # TensorFlow's oneDNN kernels (jaxclr/models/onednn_conv.py), custom
+      # calls included; both gradients are timed together, as the step
+      # runs them (their FLOPs are twice the forward's).
       "forward_onednn": (jax.jit(lambda x, w: conv.conv2d(
           x, w, stride, pad, library="onednn")), (x, w)),
       "grads_onednn": (jax.jit(lambda x, w, dy: jax.vjp(

@@ -103,8 +103,8 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
   batch = measure.synthetic_batch(mesh, config.batch_size, config.image_size,
                                   num_classes, seed=config.seed)
 
-  # XLA's cost analysis does not see into the oneDNN convolutions' host
-  # callbacks (jaxclr/models/onednn_conv.py): their FLOPs are counted on the
+  # XLA's cost analysis does not see into the oneDNN convolutions' custom
+  # calls (jaxclr/models/onednn_conv.py): their FLOPs are counted on the
   # same step with XLA's convolutions, the same arithmetic.
   library = conv.resolve_library(config.model.conv_library)
   result["conv_library"] = library

@@ -154,13 +154,13 @@ def define_job_flags(config_help: str, workdir_help: str):
 
 
 def _log_conv_library(config):
-  """Says when the job's convolutions run on oneDNN (a host callback in the
+  """Says when the job's convolutions run on oneDNN (custom calls in the
   step, visible in profiles) rather than XLA's kernels."""
   from jaxclr.models import conv  # pylint: disable=g-import-not-at-top
   model = config.get("model") or {}
   library = model.get("conv_library") or "auto"
   if conv.resolve_library(library) == "onednn":
-    logging.info("CPU backend: convolutions larger than 1x1 on TensorFlow's "
+    logging.info("CPU backend: float32 convolutions on TensorFlow's "
                  "oneDNN kernels (jaxclr/models/onednn_conv.py; "
                  "--config.model.conv_library=xla turns it off)")
 

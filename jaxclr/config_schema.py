@@ -47,7 +47,7 @@ MODEL_FIELDS = (
     # kernel tap in a one-device CPU job, XLA's own elsewhere), 'xla' or
     # 'patches' (jaxclr/models/conv.py); same values to float32 round-off.
     ("conv_kernel_grad", str, "auto"),
-    # Which kernels run the float32 convolutions larger than 1x1: 'auto'
+    # Which kernels run the float32 convolutions: 'auto'
     # (TensorFlow's oneDNN ones in a one-device CPU job, XLA's elsewhere),
     # 'xla' or 'onednn' (jaxclr/models/onednn_conv.py); same values to
     # float32 round-off.

@@ -35,12 +35,15 @@ import jax, jax.numpy as jnp
 x = jnp.ones((256, 32, 32, 64))  # 64 MiB: over glibc's 32 MiB mmap cap.
 f = jax.jit(lambda x: x * 2 + 1)
 for _ in range(10):  # The heap grows to its steady size over a few calls.
-  f(x).block_until_ready()
+  f(x).block_until_ready().delete()
 faults = []
 for _ in range(9):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  f(x).block_until_ready()
+  y = f(x).block_until_ready()
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  # Freed now, not whenever the runtime gets to it: the next call's output
+  # can only reuse memory that is already free.
+  y.delete()
 """
 
 _CHILD = """
@@ -62,9 +65,11 @@ def _faults_per_call(mode):
 def test_tuned_allocator_stops_refaulting_each_output():
   """64 MiB of output is 16,384 pages: with glibc's defaults every call
   faults them in again; with the settings, once the heap has grown to its
-  steady size, most calls fault (almost) none. (Now and then a call still
-  gets fresh pages, when the previous output is not yet freed as the next
-  is allocated: hence the median over 9 calls.)"""
+  steady size, most calls fault (almost) none. Each output is deleted
+  before the next call: left to the runtime, it was now and then still
+  held as the next was allocated (seen in CI, and again in the full suite
+  on 2026-12-05 as every call faulting). The median of 9 calls is
+  judged."""
   applied, tuned, _ = _faults_per_call("tuned")
   not_applied, _, default_least = _faults_per_call("default")
   assert applied and not not_applied

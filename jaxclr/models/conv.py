@@ -104,13 +104,12 @@ def conv2d(x, kernel, strides: int, padding: Padding, *,
   kernel_grad: 'xla' (XLA's own gradient) or 'patches' (the matmul above);
   resolve 'auto' with `resolve_kernel_grad` first. library: 'xla' or
   'onednn' (resolved by `resolve_library`); 'onednn' takes the float32
-  convolutions with kernels larger than 1x1, and kernel_grad then applies to
-  the rest.
+  convolutions, and kernel_grad then applies to the rest.
   """
   strides, padding = int(strides), tuple(tuple(map(int, p)) for p in padding)
   if library not in ("xla", "onednn"):
     raise ValueError(f"library={library!r}; valid: 'xla', 'onednn'")
-  if library == "onednn" and onednn_conv.applies(kernel.shape, x.dtype):
+  if library == "onednn" and onednn_conv.applies(x.dtype):
     return onednn_conv.conv2d(x, kernel, strides, padding)
   if kernel_grad == "patches":
     return _conv_with_patch_kernel_grad(x, kernel, strides, padding)
