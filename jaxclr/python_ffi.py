@@ -9,8 +9,9 @@ XLA's buffer after it returns. For the oneDNN convolutions
 (jaxclr/models/onednn_conv.py) those copies of 100+ MB activations, and
 the page faults of the fresh memory they land in, took a quarter of each
 call: measured on the 2-core CPU, a 3x3, 64-channel layer at N=512, forward
-236 ms through pure_callback against 183 ms here, both gradients 469
-against 401 ms (benchmarks/RESULTS.md, "CPU speed, 2026-12-05 (late)").
+245 ms through pure_callback against 187 ms here, both gradients 457
+against 381 ms (`python -m benchmarks.conv_layers --n 512`;
+benchmarks/RESULTS.md, "CPU speed, 2026-12-05 (late)").
 jax registers FFI targets from a function pointer (`jax.ffi.pycapsule`)
 and offers no way to write one in Python, so this module builds the
 pointer with ctypes over the FFI's C ABI (xla/ffi/api/c_api.h in jaxlib's

@@ -4,7 +4,7 @@ called from the jitted step as XLA custom calls: the CPU switch
 
 Why this exists: on the 2-core CPU a 3x3, 64-channel R-18 layer's forward
 and both gradients took 1.15 s on XLA:CPU (the kernel gradient as the step
-computes it, jaxclr/models/conv.py) and 0.58 s on oneDNN, the library
+computes it, jaxclr/models/conv.py) and 0.57 s on oneDNN, the library
 TensorFlow's CPU convolutions use, calls included; the R-18 / B=256 job
 ran faster end to end (benchmarks/RESULTS.md, "CPU speed, 2026-12-05
 (oneDNN)" and "(late)"). jaxlib ships no oneDNN convolution, and
@@ -73,6 +73,10 @@ def applies(dtype) -> bool:
 
 def _tf_padding(kernel_shape, strides: int, padding: Padding):
   """(TensorFlow padding mode, padding to apply before calling it)."""
+  # TensorFlow's 'SAME' at stride 1: (k - 1) // 2 before, the rest after --
+  # TensorFlow's definition, which the ResNets' centred padding
+  # (resnet.py) happens to equal; at other strides 'SAME' depends on the
+  # input size, so those always pad here.
   same = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2)
                for k in kernel_shape[:2])
   if strides == 1 and padding == same:
