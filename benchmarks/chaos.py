@@ -34,7 +34,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from jaxclr import metrics  # noqa: E402  pylint: disable=g-import-not-at-top
+from jaxclr.training import (  # noqa: E402  pylint: disable=g-import-not-at-top
+    metrics)
 
 
 def child_env(cache_dir):

@@ -5,11 +5,11 @@
 
 Each layer is HxCinxCoutxstride (3x3 kernel, NHWC, float32, N images). For
 each: the jitted forward, input gradient and kernel gradient -- the last
-both as XLA's own and as jaxclr's per-tap matmuls (jaxclr/models/conv.py)
+both as XLA's own and as jaxclr's per-tap matmuls (jaxclr/cpu/patch_conv.py)
 --, then the forward and both gradients on TensorFlow's oneDNN kernels
-(jaxclr/models/onednn_conv.py, its custom calls included): median ms of --calls
+(jaxclr/cpu/onednn_conv.py, its custom calls included): median ms of --calls
 calls and GFLOP/s. The process applies the CPU
-settings the jobs apply (jaxclr/cpu_runtime.py): run it once with and once
+settings the jobs apply (jaxclr/cpu/runtime.py): run it once with and once
 without JAXCLR_CPU_CONV=ynnpack to compare the convolution libraries.
 """
 
@@ -36,6 +36,7 @@ def _median_ms(fn, args, calls: int) -> float:
 def measure_layer(n: int, size: int, cin: int, cout: int, stride: int,
                   calls: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+  from jaxclr import cpu  # pylint: disable=g-import-not-at-top
   from jaxclr.models import conv  # pylint: disable=g-import-not-at-top
   pad = ((1, 1), (1, 1))
   keys = jax.random.split(jax.random.key(0), 3)
@@ -47,8 +48,8 @@ def measure_layer(n: int, size: int, cin: int, cout: int, stride: int,
 
   def kernel_grad(form):
     return jax.jit(lambda x, w, dy: jax.vjp(
-        lambda w_: conv.conv2d(x, w_, stride, pad, kernel_grad=form), w)[1](
-            dy)[0])
+        lambda w_: cpu.conv2d(x, w_, stride, pad, library="xla",
+                              kernel_grad=form), w)[1](dy)[0])
 
   timed = {
       "forward": (jax.jit(lambda x, w: conv.conv2d(x, w, stride, pad)),
@@ -58,13 +59,14 @@ def measure_layer(n: int, size: int, cin: int, cout: int, stride: int,
                      (x, w, dy)),
       "kernel_grad_xla": (kernel_grad("xla"), (x, w, dy)),
       "kernel_grad_patches": (kernel_grad("patches"), (x, w, dy)),
-      # TensorFlow's oneDNN kernels (jaxclr/models/onednn_conv.py), custom
+      # TensorFlow's oneDNN kernels (jaxclr/cpu/onednn_conv.py), custom
       # calls included; both gradients are timed together, as the step
       # runs them (their FLOPs are twice the forward's).
-      "forward_onednn": (jax.jit(lambda x, w: conv.conv2d(
-          x, w, stride, pad, library="onednn")), (x, w)),
+      "forward_onednn": (jax.jit(lambda x, w: cpu.conv2d(
+          x, w, stride, pad, library="onednn", kernel_grad="xla")), (x, w)),
       "grads_onednn": (jax.jit(lambda x, w, dy: jax.vjp(
-          lambda x_, w_: conv.conv2d(x_, w_, stride, pad, library="onednn"),
+          lambda x_, w_: cpu.conv2d(x_, w_, stride, pad, library="onednn",
+                                    kernel_grad="xla"),
           x, w)[1](dy)), (x, w, dy)),
   }
   out = {"layer": f"{n}x{size}x{size}x{cin}->{cout}/s{stride}",
@@ -83,8 +85,8 @@ def main():
   parser.add_argument("--calls", type=int, default=5)
   parser.add_argument("--out")
   args = parser.parse_args()
-  from jaxclr import cpu_runtime  # pylint: disable=g-import-not-at-top
-  settings = cpu_runtime.prepare()  # Before jax starts, as the jobs do.
+  from jaxclr import cpu  # pylint: disable=g-import-not-at-top
+  settings = cpu.prepare()  # Before jax starts, as the jobs do.
   from benchmarks import measure  # pylint: disable=g-import-not-at-top
   rows = []
   for spec in args.layers.split(","):

@@ -75,7 +75,7 @@ def jpeg_bytes_source(folder: str):
 def time_pipeline(dataset, image_size, batch, steps, source=None, repeats=1,
                   **aug):
   """images/s of `repeats` consecutive windows of `steps` batches each."""
-  from jaxclr import config_lib
+  from jaxclr import config as config_lib
   from jaxclr.data import input_pipeline
   c = config_lib.base_config()
   c.dataset, c.image_size, c.batch_size = dataset, image_size, batch
@@ -100,7 +100,7 @@ def time_device(image_size, batch, steps, **aug):
   import functools
   import jax
   import tensorflow as tf
-  from jaxclr import config_lib
+  from jaxclr import config as config_lib
   from jaxclr.data import augment, device_augment
   c = config_lib.base_config()
   c.augment.update(aug)

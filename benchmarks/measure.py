@@ -173,8 +173,8 @@ def sharded_embeddings(mesh, num_images: int, dim: int, seed: int = 0):
 def loss_grad_fn(mesh, temperature: float, hidden_norm: bool = True):
   """jit(value_and_grad) of the sharded NT-Xent w.r.t. both views' z."""
   def loss(z1, z2):
-    return losses.sharded_nt_xent_with_metrics(
-        z1, z2, mesh=mesh, temperature=temperature, hidden_norm=hidden_norm)[0]
+    return losses.sharded("nt_xent", (z1, z2), mesh=mesh, options={
+        "temperature": temperature, "hidden_norm": hidden_norm})[0]
   spec = sharding.batch_sharded(mesh)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)),
                  in_shardings=(spec, spec),

@@ -4,7 +4,7 @@
       [--devices 8] [--per_device_batch 512] [--dtypes float32,bfloat16] \
       [--out memory.json]
 
-Builds the step exactly as the job does (jaxclr.pretrain.create_trainer on a
+Builds the step exactly as the job does (jobs.pretrain.create_trainer on a
 mesh of --devices devices; on CPU they are simulated host devices), lowers
 and compiles it for abstract inputs (jax.ShapeDtypeStruct: no state or batch
 is ever allocated, so a 4096-image ImageNet step compiles on a laptop) and
@@ -45,7 +45,7 @@ GIB = 1024 ** 3
 def abstract_batch(config, global_batch: int, batch_sharding):
   """ShapeDtypeStructs of a global batch of the config's pipeline."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxclr import config_lib  # pylint: disable=g-import-not-at-top
+  from jaxclr import config as config_lib  # pylint: disable=g-import-not-at-top
   from jaxclr.data import input_pipeline  # pylint: disable=g-import-not-at-top
   small = config.copy_and_resolve_references()
   small.dataset = "synthetic"
@@ -92,8 +92,9 @@ def step_memory(config, *, devices: int, per_device_batch: int,
   """Compiles config's step for abstract inputs; returns the memory record."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxclr import optim, pretrain  # pylint: disable=g-import-not-at-top
+  from jaxclr.jobs import pretrain  # pylint: disable=g-import-not-at-top
   from jaxclr.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from jaxclr.training import optim  # pylint: disable=g-import-not-at-top
   from benchmarks import measure  # pylint: disable=g-import-not-at-top
 
   config = config.copy_and_resolve_references()
@@ -102,7 +103,7 @@ def step_memory(config, *, devices: int, per_device_batch: int,
   if config.model.conv_kernel_grad == "auto":
     # The figure is for the accelerator, which 'auto' gives XLA's own
     # kernel gradient; compiled here on the CPU backend, 'auto' would pick
-    # the CPU-only form (jaxclr/models/conv.py).
+    # the CPU-only form (jaxclr/cpu/patch_conv.py).
     config.model.conv_kernel_grad = "xla"
   if config.model.conv_library == "auto":
     config.model.conv_library = "xla"  # Likewise: the oneDNN convs are CPU-only.

@@ -3,7 +3,7 @@
   python -m benchmarks.profile_step --config configs/cifar10.py \
       [--config.batch_size=256 ...] [--steps 2] [--out profile.json]
 
-Builds the step as the job does (jaxclr.pretrain.create_trainer on synthetic
+Builds the step as the job does (jobs.pretrain.create_trainer on synthetic
 images, like benchmarks/step.py), runs --steps steps under jax.profiler.trace
 and adds up the duration of every executed XLA operation (the thunks XLA:CPU
 runs, named by their HLO instruction) by category. Each instruction is
@@ -30,7 +30,7 @@ transformation stack and the flax module path:
                         transposes that feed the kernel-gradient
                         convolutions, so their op_names are BatchNorm's)
 
-With XLA:CPU's Eigen convolutions (jaxclr/cpu_runtime.py, the CPU default on
+With XLA:CPU's Eigen convolutions (jaxclr/cpu/runtime.py, the CPU default on
 jaxlib 0.10) the convolutions emit no per-operation trace events: their time
 is in "not in the trace" (the step's wall time minus the operations traced),
 and the conv rows hold only the kernel-gradient matmuls and copies. Run with
@@ -151,8 +151,10 @@ def op_durations(trace_dir: str) -> dict[str, float]:
 
 def profile(config, steps: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxclr import config_lib, optim, pretrain  # pylint: disable=g-import-not-at-top
+  from jaxclr import config as config_lib  # pylint: disable=g-import-not-at-top
+  from jaxclr.jobs import pretrain  # pylint: disable=g-import-not-at-top
   from jaxclr.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from jaxclr.training import optim  # pylint: disable=g-import-not-at-top
   from benchmarks import measure  # pylint: disable=g-import-not-at-top
 
   config = measure.benchmark_config(config)
@@ -181,7 +183,8 @@ def profile(config, steps: int) -> dict:
     if name in categories:
       by_category[categories[name]] += us / steps / 1e3
   total = sum(by_category.values())
-  from jaxclr import cpu_runtime  # pylint: disable=g-import-not-at-top
+  from jaxclr.cpu import (  # pylint: disable=g-import-not-at-top
+      runtime as cpu_runtime)
   return {**measure.run_record(), "config": measure.describe(config),
           "step_wall_ms": wall * 1e3, "op_ms_per_step": by_category,
           "op_total_ms": total,
@@ -202,8 +205,8 @@ def define_flags():
 
 def main(argv):
   del argv
-  from jaxclr import cpu_runtime  # pylint: disable=g-import-not-at-top
-  cpu_runtime.prepare()  # As the jobs do (before jax starts).
+  from jaxclr import cpu  # pylint: disable=g-import-not-at-top
+  cpu.prepare()  # As the jobs do (before jax starts).
   r = profile(FLAGS.config, FLAGS.steps)
   print(f"step wall {r['step_wall_ms']:.0f} ms; operations "
         f"{r['op_total_ms']:.0f} ms")

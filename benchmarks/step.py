@@ -4,7 +4,7 @@
       [--config.batch_size=64 ...] [--steps 20] [--devices N] \
       [--out results.json] [--append-results]
 
-The step is built by jaxclr.pretrain.create_trainer, exactly as the job
+The step is built by jaxclr.jobs.pretrain.create_trainer, exactly as the job
 builds it, with dataset=synthetic forced (random images already on the
 devices: no input pipeline, no I/O). Reports compile time; per-step wall time
 (median, min/max, IQR over --steps steps after --warmup, each synced with
@@ -78,9 +78,12 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
                  peak_repeats: int = 5, loss_steps: int = 20) -> dict:
   """Compiles and times the pretraining step of `config`; returns a dict."""
   import jax  # pylint: disable=g-import-not-at-top
-  from jaxclr import config_lib, optim, pretrain, train  # pylint: disable=g-import-not-at-top
-  from jaxclr.models import conv  # pylint: disable=g-import-not-at-top
+  from jaxclr import (  # pylint: disable=g-import-not-at-top
+      config as config_lib, cpu)
+  from jaxclr.jobs import pretrain  # pylint: disable=g-import-not-at-top
   from jaxclr.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from jaxclr.training import (  # pylint: disable=g-import-not-at-top
+      optim, update)
   from benchmarks import measure  # pylint: disable=g-import-not-at-top
 
   config = benchmark_config(config)
@@ -104,9 +107,10 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
                                   num_classes, seed=config.seed)
 
   # XLA's cost analysis does not see into the oneDNN convolutions' custom
-  # calls (jaxclr/models/onednn_conv.py): their FLOPs are counted on the
+  # calls (jaxclr/cpu/onednn_conv.py): their FLOPs are counted on the
   # same step with XLA's convolutions, the same arithmetic.
-  library = conv.resolve_library(config.model.conv_library)
+  library = cpu.resolve_library(config.model.conv_library,
+                                compute_dtype=config.model.compute_dtype)
   result["conv_library"] = library
   counted = trainer
   if library == "onednn":
@@ -116,7 +120,7 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
 
   # Forward pass alone (both views, batch statistics as in training).
   variables = {"params": state.params, "batch_stats": state.batch_stats}
-  images = train.flatten_views(batch["images"])
+  images = update.flatten_views(batch["images"])
   fwd, _, _ = measure.compile_with_warnings(
       measure.forward_fn(trainer.model, mesh).lower(variables, images))
   fwd_flops = measure.cost_flops(fwd if counted is trainer else
@@ -193,7 +197,8 @@ def measure_step(config, *, num_devices: int | None = None, steps: int = 20,
                 mfu=step_flops / med / peak_total)
 
   loss = measure.measure_loss(mesh, config.batch_size,
-                              config.model.proj_out_dim, config.temperature,
+                              config.model.proj_out_dim,
+                              config.simclr.temperature,
                               steps=loss_steps)
   result["loss"] = loss
   result["loss_fraction_time"] = loss["loss"]["time"]["median_s"] / med
@@ -249,8 +254,8 @@ def command_line(argv: list[str]) -> str:
 
 
 def main(argv):
-  from jaxclr import cpu_runtime  # pylint: disable=g-import-not-at-top
-  cpu_runtime.prepare()  # As the jobs do (before jax starts).
+  from jaxclr import cpu  # pylint: disable=g-import-not-at-top
+  cpu.prepare()  # As the jobs do (before jax starts).
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.devices:  # Read when the CPU backend starts (after this line).

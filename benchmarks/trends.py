@@ -37,7 +37,7 @@ def runs(epochs: float) -> dict[str, dict]:
   """{name: {"batch": B, "steps": S, "overrides": [...]}}, one per config."""
   def run(batch=256, temperature=0.5, colour=0.5):
     return {"batch": batch, "steps": max(1, round(epochs * NUM_TRAIN / batch)),
-            "overrides": [f"--config.temperature={temperature}",
+            "overrides": [f"--config.simclr.temperature={temperature}",
                           f"--config.augment.color_jitter_strength={colour}"]}
   out = {f"tau{t}": run(temperature=t) for t in (0.1, 0.2, 0.5, 1.0)}
   out.update({f"batch{b}": run(batch=b) for b in (64, 128, 512)})
@@ -51,7 +51,7 @@ SWEEPS = {
     "colour": ["colour0.0", "tau0.5", "colour1.0"],
 }
 # The x axis of each sweep's figure (the batch sweep also changes the steps).
-X_FIELDS = {"temperature": "temperature", "batch_size": "batch_size",
+X_FIELDS = {"temperature": "simclr.temperature", "batch_size": "batch_size",
             "colour": "augment.color_jitter_strength"}
 
 
@@ -67,7 +67,8 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--epochs", type=float, default=20.0)
   args = parser.parse_args()
-  from jaxclr.evaluation import job  # pylint: disable=g-import-not-at-top
+  from jaxclr.jobs import (  # pylint: disable=g-import-not-at-top
+      linear_eval as job)
   py = sys.executable
   summary_path = os.path.join(args.out, "trends.json")
   summary = {}

@@ -17,7 +17,7 @@ Arguments (e.g. configs/byol.py:epochs=200):
   epochs=E     training epochs (default 1000)
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 
 def get_config(arg=None):
@@ -27,6 +27,6 @@ def get_config(arg=None):
   c.learning_rate, c.trust_coefficient = 1.0, 0.02
   c.model.num_proj_layers = 2
   c.model.proj_hidden_dim, c.model.proj_out_dim = 4096, 256
-  c.predictor_hidden_dim = 4096
-  c.byol_tau_base = 0.99
+  c.byol.predictor_hidden_dim = 4096
+  c.byol.tau_base = 0.99
   return c

@@ -16,7 +16,7 @@ Arguments (e.g. configs/cifar10.py:depth=50,epochs=500):
   v1           the first release's README: wd 1e-6, 2-layer head
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 
 def get_config(arg=None):
@@ -30,7 +30,7 @@ def get_config(arg=None):
   c.learning_rate = 1.0
   c.learning_rate_scaling = "linear"
   c.weight_decay = 1e-6 if arg.v1 else 1e-4
-  c.temperature = 0.5
+  c.simclr.temperature = 0.5
   c.model.depth = arg.depth
   c.model.num_proj_layers = 2 if arg.v1 else 3
   c.augment.color_jitter_strength = 0.5

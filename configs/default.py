@@ -19,18 +19,18 @@ Arguments (configs/default.py:steps=50,batch=128 for a quicker look):
   steps=N      training steps (default 300)
   batch=B      global batch size (default 256)
   on_device    colour jitter, grayscale and blur on the accelerator
-  method=simclr|supcon|byol|nnclr
+  method=NAME  a registered method (jaxclr.methods.names()):
                simclr (default), supervised contrastive (L_out, positives
                by label; the digits have labels), BYOL (no negatives:
                predictor 512 wide, target EMA tau 0.99 -> 1) or NNCLR
                (nearest-neighbour positives from a support set of the last
                4 global batches, predictor 512 wide)
-  loss=nt_xent|triplet_batch_hard|triplet_semi_hard|npair|infonce
-               the objective for method=simclr (default nt_xent;
-               docs/losses.md)
+  loss=NAME    method=simclr's loss, a registered one (default nt_xent;
+               nt_xent|supcon|triplet_batch_hard|triplet_semi_hard|npair|
+               infonce; docs/losses.md)
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 
 def get_config(arg=None):
@@ -48,7 +48,6 @@ def get_config(arg=None):
   c.model.cifar_stem = True
   c.model.num_proj_layers = 2
   c.model.proj_out_dim = 64
-  c.temperature = 0.5
   # SimCLR's small-batch advice (simclr#166): higher lr, short warmup.
   c.learning_rate = 0.5
   c.learning_rate_scaling = "linear"
@@ -57,12 +56,14 @@ def get_config(arg=None):
   c.augment.color_jitter_strength = 0.5
   c.augment.use_blur = False
   c.augment.on_device = arg.on_device
-  # Every objective keeps the recipe above (tau 0.5 where it has one), so
-  # the methods differ in their loss only.
+  # Every objective keeps the recipe above (tau 0.5 where it has one, a
+  # 512-wide predictor), so the methods differ in their loss only.
   c.method = arg.method
-  c.loss = arg.loss
-  c.predictor_hidden_dim = 512
-  c.nnclr_queue_size = 4 * arg.batch
+  c.simclr.loss = arg.loss
+  for section in (c.simclr, c.supcon, c.nnclr):
+    section.temperature = 0.5
+  c.byol.predictor_hidden_dim = c.nnclr.predictor_hidden_dim = 512
+  c.nnclr.queue_size = 4 * arg.batch
   c.log_every_steps = 25
   c.checkpoint_every_steps = 100
   c.eval_every_steps = -1

@@ -33,7 +33,7 @@ num_train_examples, steps, ... (and the linear-eval keys knn_top1=None,
 few_label_top1={}).
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 
 def get_config(arg=None):

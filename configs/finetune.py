@@ -39,7 +39,7 @@ peak_learning_rate, steps, wall_times, ... (and the linear-eval keys
 knn_top1=None, few_label_top1={}).
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 PROTOCOLS = ("digits", "v1", "v2")
 

@@ -28,7 +28,7 @@ Arguments:
                x1/8 on 32 px synthetic images, B=16, 2 steps (tests)
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 
 def get_config(arg=None):
@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.learning_rate = 0.3
   c.learning_rate_scaling = "linear"
   c.weight_decay = 1e-6
-  c.temperature = 0.1
+  c.simclr.temperature = 0.1
   c.warmup_epochs = 10.0
   c.augment.color_jitter_strength = 1.0
   c.augment.use_blur = True

@@ -23,7 +23,7 @@ Several processes (jax.distributed, e.g. launch/local.sh 2 4 with
 JAXCLR_MODULE=jaxclr.linear_eval) give the same results as one.
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 
 def get_config(arg=None):

@@ -18,7 +18,7 @@ Arguments (e.g. configs/nnclr.py:epochs=200):
   epochs=E     training epochs (default 1000)
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 
 def get_config(arg=None):
@@ -26,9 +26,9 @@ def get_config(arg=None):
   c = config_lib.cifar10_method_recipe("nnclr", batch=arg.batch,
                                        epochs=arg.epochs)
   c.learning_rate, c.trust_coefficient = 0.4, 0.02
-  c.temperature = 0.2
+  c.nnclr.temperature = 0.2
   c.model.num_proj_layers = 3
   c.model.proj_hidden_dim, c.model.proj_out_dim = 2048, 256
-  c.predictor_hidden_dim = 4096
-  c.nnclr_queue_size = max(1, 65536 // arg.batch) * arg.batch
+  c.nnclr.predictor_hidden_dim = 4096
+  c.nnclr.queue_size = max(1, 65536 // arg.batch) * arg.batch
   return c

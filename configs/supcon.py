@@ -19,7 +19,7 @@ Arguments (e.g. configs/supcon.py:epochs=200):
   epochs=E     training epochs (default 1000)
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 
 def get_config(arg=None):
@@ -27,7 +27,7 @@ def get_config(arg=None):
   c = config_lib.cifar10_method_recipe("supcon", batch=arg.batch,
                                        epochs=arg.epochs)
   c.optimizer, c.learning_rate, c.momentum = "sgd", 0.4, 0.9
-  c.temperature = 0.2
+  c.supcon.temperature = 0.2
   c.model.num_proj_layers = 2
   c.model.proj_hidden_dim, c.model.proj_out_dim = 2048, 256
   return c

@@ -11,7 +11,7 @@ Arguments (e.g. configs/synthetic_tiny.py:steps=40,every=5):
   every=N      checkpoint cadence in steps (default 3)
 """
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 
 
 def get_config(arg=None):

@@ -71,7 +71,8 @@ def parse_flags(argv: list[str], validate=None) -> list[str]:
       _fail(f"cannot load --config={FLAGS['config'].config_filename}: "
             f"{_one_line(cause)}")
     if validate is not None and FLAGS.config is not None:
-      from jaxclr import config_lib  # pylint: disable=g-import-not-at-top
+      from jaxclr import (  # pylint: disable=g-import-not-at-top
+          config as config_lib)
       try:
         validate(FLAGS.config)
       except config_lib.ConfigError as e:
@@ -83,7 +84,7 @@ def job_flags_parser(job: str):
   """parse_flags that also validates --config as a `job` config before JAX
   or TensorFlow load (a bad value, or another job's config, is reported in
   about a second, not after the imports)."""
-  from jaxclr import config_lib  # pylint: disable=g-import-not-at-top
+  from jaxclr import config as config_lib  # pylint: disable=g-import-not-at-top
   return lambda argv: parse_flags(
       argv, validate=lambda c: config_lib.validate(c, job=job))
 
@@ -153,18 +154,6 @@ def define_job_flags(config_help: str, workdir_help: str):
   define_distributed_flags()
 
 
-def _log_conv_library(config):
-  """Says when the job's convolutions run on oneDNN (custom calls in the
-  step, visible in profiles) rather than XLA's kernels."""
-  from jaxclr.models import conv  # pylint: disable=g-import-not-at-top
-  model = config.get("model") or {}
-  library = model.get("conv_library") or "auto"
-  if conv.resolve_library(library) == "onednn":
-    logging.info("CPU backend: float32 convolutions on TensorFlow's "
-                 "oneDNN kernels (jaxclr/models/onednn_conv.py; "
-                 "--config.model.conv_library=xla turns it off)")
-
-
 def run_job(module: str, *, flags_parser=parse_flags,
             summary_keys: Sequence[str] = ()):
   """app.run of `module`.run(config, workdir), with the runtime started and
@@ -174,28 +163,16 @@ def run_job(module: str, *, flags_parser=parse_flags,
   must start before anything touches devices). summary_keys: entries of the
   returned results dict to log at the end.
   """
-  from jaxclr import cpu_runtime, host_memory  # pylint: disable=g-import-not-at-top
+  from jaxclr import cpu  # pylint: disable=g-import-not-at-top
   # Before flag parsing: validating a config may already start jax.
-  cpu_settings = cpu_runtime.prepare(restart=True)
+  cpu_settings = cpu.prepare(restart=True)
 
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if cpu_settings["huge_pages"]:
-      logging.info("CPU backend: malloc maps large buffers with huge pages "
-                   "(jaxclr/host_memory.py; %s=tuned|default changes it)",
-                   host_memory.ENV)
-    if cpu_settings["tuned_malloc"]:
-      logging.info("CPU backend: glibc malloc keeps freed memory "
-                   "(jaxclr/host_memory.py; %s=default turns it off)",
-                   host_memory.ENV)
-    if cpu_settings["eigen_convolutions"]:
-      logging.info("CPU backend: convolutions on XLA's Eigen kernels, not "
-                   "YNNPACK (jaxclr/cpu_runtime.py; %s=ynnpack turns it off)",
-                   cpu_runtime.CONV_ENV)
+    cpu.log_settings(cpu_settings)
     with user_errors_exit():
       initialize_runtime()
-      _log_conv_library(FLAGS.config)
       results = importlib.import_module(module).run(FLAGS.config,
                                                     FLAGS.workdir)
     if summary_keys:

@@ -16,7 +16,7 @@ cli.define_job_flags("Path to a distillation config file.",
                      "Directory for results and checkpoints.")
 
 if __name__ == "__main__":
-  cli.run_job("jaxclr.evaluation.distill",
+  cli.run_job("jaxclr.jobs.distill",
               flags_parser=cli.job_flags_parser("distill"),
               summary_keys=("top1", "teacher_top1", "num_train_examples",
                             "steps", "teacher_workdir"))

@@ -16,7 +16,7 @@ cli.define_job_flags("Path to a fine-tuning config file.",
                      "Directory for results and checkpoints.")
 
 if __name__ == "__main__":
-  cli.run_job("jaxclr.evaluation.finetune",
+  cli.run_job("jaxclr.jobs.finetune",
               flags_parser=cli.job_flags_parser("finetune"),
               summary_keys=("top1", "top5", "num_labelled_examples",
                             "steps", "checkpoint_step"))

@@ -14,7 +14,7 @@ cli.define_job_flags("Path to an eval config file.",
                      "Directory for results and checkpoints.")
 
 if __name__ == "__main__":
-  cli.run_job("jaxclr.evaluation.job",
+  cli.run_job("jaxclr.jobs.linear_eval",
               flags_parser=cli.job_flags_parser("linear_eval"),
               summary_keys=("top1", "top5", "knn_top1", "few_label_top1",
                             "checkpoint_step"))

@@ -12,4 +12,5 @@ cli.define_job_flags("Path to a config file.",
                      "Directory for checkpoints and metrics.")
 
 if __name__ == "__main__":
-  cli.run_job("jaxclr.pretrain", flags_parser=cli.job_flags_parser("pretrain"))
+  cli.run_job("jaxclr.jobs.pretrain",
+              flags_parser=cli.job_flags_parser("pretrain"))

@@ -10,11 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from jaxclr import config_lib
-from jaxclr.data import augment
-from jaxclr.data import device_augment
-from jaxclr.data import input_pipeline
-from jaxclr.data import spec
+from jaxclr import config as config_lib
+from jaxclr.data import augment, device_augment, input_pipeline, spec
 
 
 def _aug(**kw):

@@ -19,7 +19,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import step as step_bench  # noqa: E402
-from jaxclr import config_lib  # noqa: E402
+from jaxclr import config as config_lib  # noqa: E402
 
 RESNET18_BLOCKS, GROUP_STRIDES = (2, 2, 2, 2), (1, 2, 2, 2)
 
@@ -212,7 +212,7 @@ def test_prefetch_overlaps_input_with_compute():
   the same loop without prefetch (measured alongside, as the machine is
   shared and sleeps overshoot under load)."""
   import time
-  from jaxclr import loop
+  from jaxclr.training import loop
   n, d = 10, 0.1
 
   def produce():
@@ -243,7 +243,7 @@ def test_pretrain_loop_reads_the_device_only_at_log_steps(config, result,
   (every jax.device_get is recorded with the step it follows). The step is
   the one `result` compiled (same config: the compilation cache serves it)."""
   import dataclasses
-  from jaxclr import pretrain
+  from jaxclr.jobs import pretrain
   del result  # Only ordering: compile once, via the harness fixture.
   c = config.copy_and_resolve_references()
   c.log_every_steps, c.checkpoint_every_steps, c.num_train_steps = 4, 8, 8

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxclr import byol, config_lib
+from jaxclr import config as config_lib
 from jaxclr.data import input_pipeline
 from jaxclr.evaluation import encoder as encoder_lib
+from jaxclr.methods import byol
 from jaxclr.parallel import sharding
 
 import methods_util
@@ -21,8 +22,9 @@ NUM_STEPS = 3
 
 def tiny_byol_config(**arg):
   # A low tau_base moves the target visibly in a few steps.
-  return methods_util.tiny_config(method="byol", predictor_hidden_dim=32,
-                                  byol_tau_base=0.5, **arg)
+  return methods_util.tiny_config(method="byol",
+                                  byol__predictor_hidden_dim=32,
+                                  byol__tau_base=0.5, **arg)
 
 
 def test_tau_schedule_is_the_hand_computed_cosine():
@@ -113,7 +115,7 @@ def test_one_step_moves_the_target_by_the_scheduled_ema():
       start_step=0, process_index=0, process_count=1))
   state, metrics = trainer.step_fn(state, sharding.global_batch(mesh, batch))
   state = jax.device_get(state)
-  tau = 1 - (1 - config.byol_tau_base) * (math.cos(0.0) + 1) / 2
+  tau = 1 - (1 - config.byol.tau_base) * (math.cos(0.0) + 1) / 2
   assert float(metrics["byol_tau"]) == pytest.approx(tau)
   online = byol.target_part({"params": state.params,
                              "batch_stats": state.batch_stats})

@@ -8,8 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from jaxclr import cli, config_lib, pretrain, workdir as workdir_lib
+from jaxclr import cli, config as config_lib
+from jaxclr.config import legacy
 from jaxclr.data import input_pipeline
+from jaxclr.jobs import pretrain
+from jaxclr.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -79,10 +82,10 @@ BAD_CONFIGS = [
      ["model.compute_dtype='float16'", "bfloat16"]),
     ("proj_layers", _set("model.num_proj_layers", 0),
      ["model.num_proj_layers=0 must be >= 1"]),
-    ("temperature_zero", _set("temperature", 0.0),
-     ["temperature=0.0 must be > 0"]),
-    ("temperature_negative", _set("temperature", -0.5),
-     ["temperature=-0.5 must be > 0"]),
+    ("temperature_zero", _set("simclr.temperature", 0.0),
+     ["simclr.temperature=0.0 must be > 0"]),
+    ("temperature_negative", _set("simclr.temperature", -0.5),
+     ["simclr.temperature=-0.5 must be > 0"]),
     ("learning_rate", _set("learning_rate", 0.0),
      ["learning_rate=0.0 must be > 0"]),
     ("lr_scaling", _set("learning_rate_scaling", "cubic"),
@@ -136,49 +139,49 @@ BAD_CONFIGS = [
       "'pretrain', 'linear_eval', 'finetune', 'distill'"]),
     ("unknown_field", _unknown_field,
      ["unknown config field(s) eval_evry_steps"]),
-    ("loss", _set("loss", "simclr"),
-     ["loss='simclr' is unknown", "'nt_xent', 'supcon', 'triplet_batch_hard'"]),
-    ("method_byol_other_loss", _many(method="byol", loss="npair"),
-     ["method='byol' has its own loss", "loss='npair'"]),
-    ("method_nnclr_labels", _many(method="nnclr", loss_labels="class"),
-     ["method='nnclr' has its own loss", "loss_labels='class'"]),
-    ("nnclr_queue_not_multiple", _many(method="nnclr", nnclr_queue_size=1000),
-     ["nnclr_queue_size=1000 must be a positive multiple of batch_size=16",
+    ("loss", _set("simclr.loss", "simclr"),
+     ["simclr.loss='simclr' is unknown",
+      "nt_xent, supcon, triplet_batch_hard"]),
+    ("nnclr_queue_not_multiple", _many(method="nnclr", nnclr__queue_size=1000),
+     ["nnclr.queue_size=1000 must be a positive multiple of batch_size=16",
       "e.g. 65536"]),
     ("pretrain_optimizer", _set("optimizer", "momentum"),
      ["optimizer='momentum'", "valid for pretraining: ('lars', 'sgd')"]),
-    ("method_byol_tau", _many(method="byol", byol_tau_base=1.5),
-     ["byol_tau_base=1.5 must be in [0, 1]"]),
-    ("method_byol_predictor", _many(method="byol", predictor_hidden_dim=0),
-     ["predictor_hidden_dim=0"]),
+    ("method_byol_tau", _many(method="byol", byol__tau_base=1.5),
+     ["byol.tau_base=1.5 must be in [0, 1]"]),
+    ("method_byol_predictor", _many(method="byol",
+                                    byol__predictor_hidden_dim=0),
+     ["byol.predictor_hidden_dim=0"]),
     ("proj_hidden_dim_negative", _set("model.proj_hidden_dim", -1),
      ["model.proj_hidden_dim=-1 must be >= 0"]),
     ("method_unknown", _set("method", "moco"),
-     ["method='moco' is unknown", "valid: ('simclr', 'supcon', 'byol', "
-      "'nnclr')"]),
-    ("method_supcon_other_loss", _many(method="supcon", loss="npair"),
-     ["method='supcon' trains with loss 'supcon', not loss='npair'"]),
+     ["method='moco' is unknown", "valid: simclr, supcon, byol, nnclr"]),
+    ("nnclr_temperature", _many(method="nnclr", nnclr__temperature=0.0),
+     ["nnclr.temperature=0.0 must be > 0"]),
     ("supcon_unlabelled_synthetic", _many(method="supcon",
                                           synthetic__num_classes=0),
-     ["loss='supcon' with class labels needs a labelled dataset",
-      "dataset='synthetic' has no labels", "loss_labels=instance"]),
+     ["method='supcon' with class positives needs a labelled dataset",
+      "dataset='synthetic' has no labels", "supcon.positives=instance"]),
     ("triplet_class_unlabelled_synthetic",
-     _many(loss="triplet_semi_hard", loss_labels="class",
+     _many(simclr__loss="triplet_semi_hard", simclr__positives="class",
            synthetic__num_classes=0),
-     ["loss='triplet_semi_hard' with class labels needs a labelled dataset"]),
+     ["method='simclr' with class positives needs a labelled dataset"]),
     ("supcon_stl10_unlabelled",
-     _many(loss="supcon", dataset="stl10", data_dir=REPO),
+     _many(method="supcon", dataset="stl10", data_dir=REPO),
      ["dataset='stl10' split 'unlabelled' is unlabelled"]),
-    ("class_labels_instance_loss", _many(loss="npair", loss_labels="class"),
-     ["loss='npair' pairs the two views of an image only"]),
-    ("loss_labels", _set("loss_labels", "image"),
-     ["loss_labels='image'", "'instance', 'class'"]),
-    ("queue_without_infonce", _set("infonce_queue_size", 64),
-     ["infonce_queue_size=64 is InfoNCE's negatives queue", "loss='nt_xent'"]),
-    ("queue_negative", _many(loss="infonce", infonce_queue_size=-1),
-     ["infonce_queue_size=-1 must be an int >= 0"]),
-    ("margin", _set("triplet_margin", 0.0),
-     ["triplet_margin=0.0 must be > 0"]),
+    ("class_labels_instance_loss", _many(simclr__loss="npair",
+                                         simclr__positives="class"),
+     ["simclr.positives='class' needs a loss that reads labels",
+      "loss='npair' pairs the two views of an image only"]),
+    ("positives", _set("simclr.positives", "image"),
+     ["simclr.positives='image'", "'instance', 'class'"]),
+    ("queue_without_infonce", _set("simclr.queue_size", 64),
+     ["simclr.queue_size=64 is a queue of past keys",
+      "loss='nt_xent' does not read"]),
+    ("queue_negative", _many(simclr__loss="infonce", simclr__queue_size=-1),
+     ["simclr.queue_size=-1 must be an int >= 0"]),
+    ("margin", _many(simclr__loss="triplet_batch_hard", simclr__margin=0.0),
+     ["simclr.margin=0.0 must be > 0"]),
 ]
 
 
@@ -220,17 +223,20 @@ def test_valid_config_passes_validation():
 @pytest.mark.parametrize("fields,expected", [
     ({}, ("nt_xent", False)),
     ({"method": "supcon"}, ("supcon", True)),
-    ({"method": "supcon", "loss_labels": "instance"}, ("supcon", False)),
-    ({"loss": "triplet_batch_hard"}, ("triplet_batch_hard", False)),
-    ({"loss": "triplet_semi_hard", "loss_labels": "class"},
+    ({"method": "supcon", "supcon.positives": "instance"}, ("supcon", False)),
+    ({"simclr.loss": "triplet_batch_hard"}, ("triplet_batch_hard", False)),
+    ({"simclr.loss": "triplet_semi_hard", "simclr.positives": "class"},
      ("triplet_semi_hard", True)),
-    ({"loss": "infonce"}, ("infonce", False)),
+    ({"simclr.loss": "infonce"}, ("infonce", False)),
+    ({"method": "byol"}, ("byol", False)),
 ])
-def test_loss_setup_of_valid_objectives(fields, expected):
+def test_method_options_of_valid_objectives(fields, expected):
   config = tiny_config()
-  config.update(fields)
+  for path, value in fields.items():
+    _set(path, value)(config)
   config_lib.validate(config)
-  assert config_lib.loss_setup(config) == expected
+  method, opts = config_lib.method_options(config)
+  assert (method.loss_name(opts), method.reads_class_labels(opts)) == expected
 
 
 def test_class_labels_on_an_unlabelled_npz_fail_before_compilation(
@@ -243,32 +249,52 @@ def test_class_labels_on_an_unlabelled_npz_fail_before_compilation(
   path = tmp_path / "unlabelled.npz"
   np.savez(path, images=np.zeros((16, 8, 8, 3), np.uint8))
   config = tiny_config()
-  config.update({"dataset": f"npz:{path}", "loss": "supcon"})
+  config.update({"dataset": f"npz:{path}", "method": "supcon"})
   with pytest.raises(config_lib.ConfigError,
-                     match="loss='supcon' with class labels needs a labelled "
-                     "dataset, but dataset='npz:.*' has no labels"):
+                     match="method='supcon' with class positives needs a "
+                     "labelled dataset, but dataset='npz:.*' has no labels"):
     pretrain.run(config, str(tmp_path / "work"))
 
 
-def test_objective_fields_are_checked_on_resume():
-  """Changing the loss refuses to resume; a config.json from before the
-  fields existed resumes with them at their defaults."""
+def test_method_sections_are_checked_on_resume():
+  """Changing the chosen method's section refuses to resume; the sections of
+  methods the run does not train change nothing; a config.json from before
+  the fields existed resumes with them at their defaults."""
   old = workdir_lib.config_to_dict(tiny_config())
-  for name in ("method", "loss", "loss_labels", "triplet_margin",
-               "infonce_queue_size"):
-    assert name in old
   new = tiny_config()
-  new.loss, new.triplet_margin = "triplet_batch_hard", 0.3
+  new.simclr.loss, new.simclr.margin = "triplet_batch_hard", 0.3
+  new.byol.tau_base = 0.5  # Not the run's method.
   assert workdir_lib.config_differences(old, workdir_lib.config_to_dict(
-      new)) == ["loss: 'nt_xent' -> 'triplet_batch_hard'",
-                "triplet_margin: 0.2 -> 0.3"]
-  for name in ("method", "loss", "loss_labels", "triplet_margin",
-               "infonce_queue_size", "byol_tau_base", "predictor_hidden_dim",
-               "nnclr_queue_size", "optimizer"):
+      new)) == ["simclr.loss: 'nt_xent' -> 'triplet_batch_hard'",
+                "simclr.margin: 0.2 -> 0.3"]
+  for name in ("method", "simclr", "supcon", "byol", "nnclr", "optimizer"):
     del old[name]
   del old["model"]["proj_hidden_dim"]
   assert workdir_lib.config_differences(
       old, workdir_lib.config_to_dict(tiny_config())) == []
+
+
+def test_a_config_from_before_the_method_sections_resumes_as_it_ran():
+  """The flat objective fields of jaxclr <= 2739732 (temperature, loss,
+  loss_labels, byol_tau_base, ...) read as today's method sections."""
+  new = tiny_config()
+  new.method, new.supcon.temperature = "supcon", 0.5
+  old = workdir_lib.config_to_dict(new)
+  for name in ("simclr", "supcon", "byol", "nnclr"):
+    del old[name]
+  old.update(loss="nt_xent", loss_labels=None, temperature=0.5,
+             hidden_norm=True, triplet_margin=0.2, infonce_queue_size=0,
+             byol_tau_base=0.99, predictor_hidden_dim=4096,
+             nnclr_queue_size=65536)
+  upgraded = legacy.upgrade(old)
+  assert upgraded["supcon"] == {"temperature": 0.5, "hidden_norm": True,
+                                "positives": "class"}
+  assert workdir_lib.config_differences(
+      upgraded, workdir_lib.config_to_dict(new)) == []
+  new.supcon.temperature = 0.1
+  assert workdir_lib.config_differences(
+      upgraded, workdir_lib.config_to_dict(new)) == [
+          "supcon.temperature: 0.5 -> 0.1"]
 
 
 def test_remote_tfds_data_dir_is_left_to_tfds():
@@ -316,7 +342,8 @@ def test_eval_workdir_checks(tmp_path):
     ("--config.model.deptth=18",
      "jaxclr: error: unknown config field 'deptth' in "
      "--config.model.deptth=18; Did you mean \"depth\""),
-    ("--config.temperature=abc", "jaxclr: error: flag --config.temperature="),
+    ("--config.simclr.temperature=abc",
+     "jaxclr: error: flag --config.simclr.temperature="),
 ])
 def test_cli_reports_one_line_and_exit_2(override, expected, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu",

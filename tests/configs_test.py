@@ -10,7 +10,8 @@ import re
 import pytest
 
 import config_validation_test  # Its config-editing helpers (tests/ is on the path).
-from jaxclr import config_lib, optim, workdir as workdir_lib
+from jaxclr import config as config_lib, losses, methods
+from jaxclr.training import optim, workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -18,7 +19,9 @@ CONFIG_FILES = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 PLACEHOLDER_VALUES = {"steps": "50", "batch": "128", "every": "5",
                       "depth": "50", "width": "2.0", "epochs": "50",
                       "per_class": "5", "fraction": "0.1", "sk": "0.0625",
-                      "temperature": "0.5", "labelled": "1"}
+                      "temperature": "0.5", "labelled": "1",
+                      # Every registered method and loss.
+                      "method": methods.names(), "loss": losses.names()}
 DUMMY_WORKDIR = "dummy/pretraining/workdir"  # Not read by validate.
 
 
@@ -58,7 +61,8 @@ def documented_arguments(path) -> dict[str, list[str | None]]:
         assert name in PLACEHOLDER_VALUES, (
             f"{path}: argument {item!r}: add an example value for it to "
             "PLACEHOLDER_VALUES")
-        args[name] = [PLACEHOLDER_VALUES[name]]
+        value = PLACEHOLDER_VALUES[name]
+        args[name] = [value] if isinstance(value, str) else list(value)
       else:
         args[name] = values.split("|")
   return args
@@ -248,7 +252,8 @@ def test_cifar10_follows_the_official_readme(arg, weight_decay, head_layers):
   c = _load("cifar10", arg)
   assert (c.weight_decay, c.model.num_proj_layers) == (weight_decay,
                                                        head_layers)
-  assert (c.temperature, c.batch_size, c.augment.color_jitter_strength,
+  assert (c.simclr.temperature, c.batch_size,
+          c.augment.color_jitter_strength,
           c.augment.use_blur) == (0.5, 512, 0.5, False)
 
 
@@ -266,12 +271,13 @@ def test_method_recipes(name, method, optimizer, lr, temperature, proj, pred):
           c.batch_size, c.model.depth, c.num_epochs) == (
               method, optimizer, lr, 1e-5, 256, 18, 1000)
   assert (c.model.proj_hidden_dim, c.model.proj_out_dim) == proj
+  section = c[method]
   if temperature is not None:
-    assert c.temperature == temperature
+    assert section.temperature == temperature
   if pred is not None:
-    assert c.predictor_hidden_dim == pred
+    assert section.predictor_hidden_dim == pred
   if method == "nnclr":
-    assert c.nnclr_queue_size == 65536
+    assert section.queue_size == 65536
 
 
 @pytest.mark.parametrize("arg,epochs,head_layers,weight_decay,sk_ratio", [
@@ -307,7 +313,7 @@ def test_random_init_is_configs_default_model(name):
 def test_schemas_share_field_definitions():
   """The shared fields have the same names in every schema; pretraining
   keeps base_config's fields and defaults."""
-  schemas = {job: config_lib.schema(job) for job in config_lib.JOBS}
+  schemas = {job: config_lib.job_schema(job) for job in config_lib.JOBS}
   for job, c in schemas.items():
     assert c.job == job
   shared = ("seed", "dataset", "data_dir", "train_split", "eval_split",
@@ -476,7 +482,7 @@ BAD_EVAL_CONFIGS = [
           ("mesh", _set(mesh_axis_type="manual"),
            ["mesh_axis_type='manual'", "'explicit', 'auto'"]),
       ]],
-    # Linear evaluation (was jaxclr/evaluation/job.py:validate).
+    # Linear evaluation (was jaxclr/jobs/linear_eval.py:validate).
     ("protocol", "linear_eval", _set(protocol="slow"),
      ["protocol='slow'", "('fast', 'paper', 'knn')"]),
     ("feature_layer", "linear_eval", _set(feature_layer=-1),
@@ -492,7 +498,7 @@ BAD_EVAL_CONFIGS = [
      ["labels_per_class=(1, 0): each must be >= 1"]),
     ("label_draws", "linear_eval", _set(num_label_draws=0),
      ["num_label_draws=0 must be >= 1"]),
-    # Fine-tuning (was jaxclr/evaluation/finetune.py:validate, subset_options
+    # Fine-tuning (was jaxclr/jobs/finetune.py:validate, subset_options
     # and the random-init half of check_selector).
     ("two_subsets", "finetune", _set(label_fraction=0.1),
      ["set exactly one label subset, got 2 (label_fraction=0.1, "

@@ -7,10 +7,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from jaxclr import cpu_runtime  # noqa: E402
+from jaxclr import cpu  # noqa: E402
 
 # As the jobs do, before the CPU backend starts (faster steps on XLA:CPU).
-cpu_runtime.prepare()
+cpu.prepare()
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 

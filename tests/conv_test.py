@@ -1,4 +1,4 @@
-"""The patch-matmul kernel gradient (jaxclr/models/conv.py) against an
+"""The patch-matmul kernel gradient (jaxclr/cpu/patch_conv.py) against an
 independent float64 formula, XLA's own gradient, and across device layouts.
 The formula and the ResNet gradient comparison also serve
 onednn_conv_test.py."""
@@ -10,9 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclr import config_schema, config_lib, workdir
+import functools
+
+from jaxclr import config as config_lib, cpu
+from jaxclr.config import schema as config_schema
+from jaxclr.cpu import patch_conv
 from jaxclr.models import conv
 from jaxclr.models.simclr import build_encoder
+from jaxclr.training import workdir
 
 
 def centred_padding(k):
@@ -54,13 +59,14 @@ def test_kernel_grad_equals_the_formula_and_xla(k, stride, size, cin, cout):
   pad = centred_padding(k)
 
   def loss(x, w, kernel_grad, dy):
-    return jnp.sum(conv.conv2d(x, w, stride, pad, kernel_grad=kernel_grad)
+    return jnp.sum(cpu.conv2d(x, w, stride, pad, library="xla",
+                              kernel_grad=kernel_grad)
                    * dy)
 
-  y = conv.conv2d(x, w, stride, pad, kernel_grad="xla")
+  y = cpu.conv2d(x, w, stride, pad, library="xla", kernel_grad="xla")
   dy = rng.standard_normal(y.shape).astype(np.float32)
   np.testing.assert_array_equal(
-      conv.conv2d(x, w, stride, pad, kernel_grad="patches"), y)
+      cpu.conv2d(x, w, stride, pad, library="xla", kernel_grad="patches"), y)
   gx_p, gw_p = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(
       x, w, "patches", dy)
   gx_x, gw_x = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2)(
@@ -79,36 +85,39 @@ def test_kernel_grad_keeps_the_kernel_dtype_and_sums_in_float32():
   w = jnp.asarray(rng.standard_normal((3, 3, 3, 2)), jnp.bfloat16)
   dy = jnp.asarray(rng.standard_normal((4, 6, 6, 2)), jnp.bfloat16)
   pad = centred_padding(3)
-  dw = conv.kernel_grad_from_patches(x, dy, w.shape, 1, pad)
+  dw = patch_conv.kernel_grad_from_patches(x, dy, w.shape, 1, pad)
   assert dw.dtype == jnp.float32
   expected = numpy_conv_and_grads(np.asarray(x, np.float32),
                                   np.asarray(w, np.float32),
                                   np.asarray(dy, np.float32), 1, pad)[2]
   np.testing.assert_allclose(dw, expected, rtol=0,
                              atol=1e-5 * np.abs(expected).max())
-  gw = jax.grad(lambda w_: jnp.sum(conv.conv2d(
-      x, w_, 1, pad, kernel_grad="patches").astype(jnp.float32)))(w)
+  gw = jax.grad(lambda w_: jnp.sum(cpu.conv2d(
+      x, w_, 1, pad, library="xla",
+      kernel_grad="patches").astype(jnp.float32)))(w)
   assert gw.dtype == jnp.bfloat16
 
 
 def test_auto_is_patches_on_a_one_device_cpu_job_only():
-  assert conv.resolve_kernel_grad("auto", "cpu", 1) == "patches"
-  assert conv.resolve_kernel_grad("auto", "cpu", 8) == "xla"
-  assert conv.resolve_kernel_grad("auto", "gpu", 1) == "xla"
-  assert conv.resolve_kernel_grad("auto", "tpu", 1) == "xla"
-  assert conv.resolve_kernel_grad("xla", "cpu", 1) == "xla"
-  assert conv.resolve_kernel_grad("patches", "gpu", 1) == "patches"
+  resolve = cpu.resolve_kernel_grad
+  assert resolve("auto", backend="cpu", num_devices=1) == "patches"
+  assert cpu.resolve_kernel_grad("auto", backend="cpu", num_devices=8) == "xla"
+  assert cpu.resolve_kernel_grad("auto", backend="gpu", num_devices=1) == "xla"
+  assert cpu.resolve_kernel_grad("auto", backend="tpu", num_devices=1) == "xla"
+  assert cpu.resolve_kernel_grad("xla", backend="cpu", num_devices=1) == "xla"
+  assert resolve("patches", backend="gpu", num_devices=1) == "patches"
   with pytest.raises(config_lib.ConfigError,
                      match="'im2col'; valid: auto, xla, patches"):
-    conv.resolve_kernel_grad("im2col", "cpu", 1)
+    cpu.resolve_kernel_grad("im2col", backend="cpu", num_devices=1)
   # Its per-tap all-reduces inside a loop can deadlock XLA:CPU's devices.
   with pytest.raises(config_lib.ConfigError,
                      match="'patches' runs on one device.*has 8"):
-    conv.resolve_kernel_grad("patches", "cpu", 8)
-  assert conv.KERNEL_GRADS == config_schema.CONV_KERNEL_GRADS
+    cpu.resolve_kernel_grad("patches", backend="cpu", num_devices=8)
+  assert cpu.KERNEL_GRADS == config_schema.CONV_KERNEL_GRADS
   # This test process has 8 (simulated) devices: 'auto' builds XLA's form.
+  assert cpu.job_convolution(config_lib.pretrain_config().model) is None
   assert build_encoder(config_lib.pretrain_config().model,
-                       image_size=32).conv_kernel_grad == "xla"
+                       image_size=32).conv is conv.conv2d
 
 
 def test_config_refuses_an_unknown_kernel_grad():
@@ -120,17 +129,20 @@ def test_config_refuses_an_unknown_kernel_grad():
     config_lib.validate(config, job="pretrain")
 
 
-def resnet_grads_and_outputs(depth, sk_ratio, **encoder_fields):
+def resnet_grads_and_outputs(depth, sk_ratio, library="xla",
+                             kernel_grad="xla"):
   """The gradient of sum(tanh(features)) w.r.t. the parameters, and the
-  features, of a 1/8-width ResNet on 4 fixed images; encoder_fields set
-  how it runs (conv_kernel_grad, conv_library) whatever build_encoder would
-  resolve in this 8-device process: the encoder runs on one device here."""
+  features, of a 1/8-width ResNet on 4 fixed images, its convolutions on
+  the CPU paths given (jaxclr/cpu: conv2d), whatever `auto` would resolve
+  in this 8-device process: the encoder runs on one device here."""
   model_config = config_lib.pretrain_config().model
   model_config.update(depth=depth, width_multiplier=0.125, sk_ratio=sk_ratio)
   x = jnp.asarray(np.random.default_rng(2).uniform(size=(4, 32, 32, 3)),
                   jnp.float32)
-  encoder = build_encoder(model_config, image_size=32 if depth == 18
-                          else 64).clone(**encoder_fields)
+  encoder = build_encoder(
+      model_config, image_size=32 if depth == 18 else 64,
+      conv=functools.partial(cpu.conv2d, library=library,
+                             kernel_grad=kernel_grad))
   variables = encoder.init(jax.random.key(0), x, train=True)
 
   def loss(params):
@@ -157,9 +169,9 @@ def test_resnet_gradients_agree_between_the_two_forms(depth, sk_ratio):
   """Same variables, same forward, gradients equal to float32 round-off,
   for every conv kind the ResNets have (stems, strided, 1x1, SK)."""
   grads_x, out_x = resnet_grads_and_outputs(depth, sk_ratio,
-                                            conv_kernel_grad="xla")
+                                            kernel_grad="xla")
   grads_p, out_p = resnet_grads_and_outputs(depth, sk_ratio,
-                                            conv_kernel_grad="patches")
+                                            kernel_grad="patches")
   np.testing.assert_array_equal(out_x, out_p)
   assert_grads_close(grads_p, grads_x, 1e-5)
 

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclr import config_lib, convert
-from jaxclr.evaluation import distill, encoder as encoder_lib
+from jaxclr import config as config_lib
+from jaxclr.evaluation import encoder as encoder_lib
+from jaxclr.jobs import convert, distill
 from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
 
@@ -150,7 +151,7 @@ def test_converted_workdir_restores_the_same_encoder(name, width, image_size,
   np.testing.assert_allclose(got["z"], want["z"], rtol=1e-5, atol=1e-5)
   assert float(jnp.std(got["h"])) > 0
   # jaxclr.export reads the converted workdir too.
-  from jaxclr import export  # pylint: disable=g-import-not-at-top
+  from jaxclr.jobs import export  # pylint: disable=g-import-not-at-top
   manifest = export.export_encoder(out, str(tmp_path / "enc.npz"))
   assert manifest["model"]["sk_ratio"] == arch["sk_ratio"]
   np.testing.assert_allclose(export.load_encoder(str(tmp_path / "enc.npz"))(x),

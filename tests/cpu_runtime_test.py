@@ -1,4 +1,4 @@
-"""jaxclr/cpu_runtime.py: where the Eigen-convolution flag is added, that a
+"""jaxclr/cpu/runtime.py: where the Eigen-convolution flag is added, that a
 user's own choice wins, and that the flag does what it is for in the jaxlib
 installed (convolutions leave YNNPACK; their values stay the same)."""
 
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from jaxclr import cpu_runtime
+from jaxclr.cpu import runtime as cpu_runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEASURED = "0.10.2"
@@ -67,7 +67,7 @@ def test_bad_mode_is_refused():
 _CHILD = """
 import sys
 import numpy as np
-from jaxclr import cpu_runtime
+from jaxclr.cpu import runtime as cpu_runtime
 applied = cpu_runtime.use_eigen_convolutions_if_cpu()
 import jax
 from jax import lax

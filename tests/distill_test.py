@@ -15,9 +15,11 @@ import pytest
 
 import eval_finetune_test as ft  # Its fixtures and config helpers.
 from eval_finetune_test import finetuned, pretrained  # noqa: F401 (fixtures)
-from jaxclr import config_lib, metrics, pretrain, workdir as workdir_lib
-from jaxclr.evaluation import distill, encoder as encoder_lib
+from jaxclr import config as config_lib
+from jaxclr.evaluation import encoder as encoder_lib
+from jaxclr.jobs import distill, pretrain
 from jaxclr.parallel import sharding
+from jaxclr.training import metrics, workdir as workdir_lib
 
 STEPS, BATCH = 4, 8
 

@@ -14,9 +14,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxclr import cli, config_lib, metrics, pretrain, workdir as workdir_lib
-from jaxclr.evaluation import finetune
+from jaxclr import cli, config as config_lib
+from jaxclr.jobs import finetune, pretrain
 from jaxclr.parallel import sharding
+from jaxclr.training import metrics, workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES, PER_CLASS, BATCH = 4, 4, 8

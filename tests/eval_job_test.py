@@ -11,11 +11,12 @@ import orbax.checkpoint as ocp
 import pytest
 
 import jaxclr
-from jaxclr import config_lib, export, pretrain, workdir as workdir_lib
-from jaxclr.evaluation import encoder as encoder_lib
-from jaxclr.evaluation import finetune, job, linear
+from jaxclr import config as config_lib, cpu
+from jaxclr.evaluation import encoder as encoder_lib, linear
+from jaxclr.jobs import export, finetune, linear_eval as job, pretrain
 from jaxclr.models import simclr
 from jaxclr.parallel import sharding
+from jaxclr.training import workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -195,14 +196,14 @@ def test_one_device_kernel_grad_of_the_run_is_not_inherited(pretrained,
   want = encoder_lib.restore_encoder(pretrained, mesh).variables
   jax.tree.map(np.testing.assert_array_equal,
                jax.device_get(enc.variables), jax.device_get(want))
+  # The eval job chooses its convolution from its own config (jaxclr/cpu).
   with pytest.raises(config_lib.ConfigError,
                      match=r"conv_kernel_grad='patches' runs on one device"):
-    encoder_lib.restore_encoder(run, mesh,
-                                eval_model={"conv_kernel_grad": "patches"})
+    cpu.job_convolution({"conv_kernel_grad": "patches"})
   with pytest.raises(config_lib.ConfigError,
-                     match=r"conv_library='onednn' runs on one device"):
-    encoder_lib.restore_encoder(run, mesh,
-                                eval_model={"conv_library": "onednn"})
+                     match=r"conv_library='onednn' cannot run here: it runs "
+                     "on one device"):
+    cpu.job_convolution({"conv_library": "onednn"})
 
 
 def test_not_a_workdir_and_random_init_errors(tmp_path):

@@ -7,10 +7,10 @@ import os
 
 import numpy as np
 
-from jaxclr import config_lib, pretrain
+from jaxclr import config as config_lib
 from jaxclr.data import input_pipeline
-from jaxclr.evaluation import encoder as encoder_lib
-from jaxclr.evaluation import knn
+from jaxclr.evaluation import encoder as encoder_lib, knn
+from jaxclr.jobs import pretrain
 from jaxclr.parallel import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""jaxclr/host_memory.py: where the CPU allocator settings apply, and that
+"""jaxclr/cpu/host_memory.py: where the CPU allocator settings apply, and that
 they remove the page faults they are for (in most calls)."""
 
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from jaxclr import host_memory
+from jaxclr.cpu import host_memory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,7 +48,7 @@ for _ in range(9):
 
 _CHILD = """
 import resource, sys
-from jaxclr import host_memory
+from jaxclr.cpu import host_memory
 applied = host_memory.keep_freed_memory_if_cpu({"JAXCLR_HOST_MALLOC": sys.argv[1]})
 """ + _MEASURE_FAULTS + """print(applied, sorted(faults)[4], min(faults))
 """
@@ -147,7 +147,7 @@ def test_transparent_huge_pages_setting(tmp_path, setting, available):
 _RESTARTING_CHILD = """
 import os, resource, sys
 print("pid", os.getpid(), flush=True)
-from jaxclr import cpu_runtime
+from jaxclr.cpu import runtime as cpu_runtime
 settings = cpu_runtime.prepare(restart=True)
 """ + _MEASURE_FAULTS + """
 print("pid", os.getpid(), settings["huge_pages"], settings["tuned_malloc"],

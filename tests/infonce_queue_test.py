@@ -5,7 +5,7 @@ batches' view-2 projections, the same on any layout, exact on resume."""
 import jax
 import numpy as np
 
-from jaxclr import train
+from jaxclr.methods import simclr
 from jaxclr.parallel import sharding
 
 import methods_util
@@ -13,7 +13,7 @@ import train_test
 
 
 def tiny_queue_config(**arg):
-  return methods_util.tiny_config(loss="infonce", infonce_queue_size=32,
+  return methods_util.tiny_config(simclr__loss="infonce", simclr__queue_size=32,
                                   **arg)
 
 
@@ -36,7 +36,7 @@ def test_queue_holds_the_last_global_batches_view_2_projections():
   for state, batch, z in methods_util.steps_with_projections(
       config, sharding.make_mesh("explicit"), 3):
     if batch is None:
-      assert isinstance(state, train.QueueTrainState)
+      assert isinstance(state, simclr.QueueTrainState)
       assert not np.any(state.queue)  # Empty: all zero rows.
       continue
     keys.append(z[:, 1])
@@ -65,5 +65,5 @@ def test_queue_step_is_layout_invariant(monkeypatch):
 def test_resume_is_bitwise_with_the_queue(tmp_path):
   state, _ = methods_util.assert_resume_is_bitwise(
       tiny_queue_config(steps=4, every=2), tmp_path)
-  assert isinstance(state, train.QueueTrainState)
+  assert isinstance(state, simclr.QueueTrainState)
   assert np.all(np.any(state.queue != 0, axis=-1))  # Full after 4 steps.

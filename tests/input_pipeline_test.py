@@ -7,9 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jaxclr import config_lib
-from jaxclr.data import input_pipeline as ip
-from jaxclr.data import sources
+from jaxclr import config as config_lib
+from jaxclr.data import input_pipeline as ip, sources
 
 
 def _config(dataset="digits", image_size=32, batch_size=16, **aug):

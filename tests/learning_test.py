@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from jaxclr import config_lib, pretrain
-from jaxclr.evaluation import job
+from jaxclr import config as config_lib
+from jaxclr.jobs import linear_eval as job, pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, BATCH = 60, 128

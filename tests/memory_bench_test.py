@@ -11,8 +11,10 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import memory  # noqa: E402
-from jaxclr import config_lib, optim, pretrain  # noqa: E402
+from jaxclr import config as config_lib  # noqa: E402
+from jaxclr.jobs import pretrain
 from jaxclr.parallel import sharding  # noqa: E402
+from jaxclr.training import optim
 
 import train_test  # noqa: E402
 

@@ -6,9 +6,11 @@ import shutil
 import jax
 import numpy as np
 
-from jaxclr import config_lib, optim, pretrain
+from jaxclr import config as config_lib
 from jaxclr.data import input_pipeline
+from jaxclr.jobs import pretrain
 from jaxclr.parallel import sharding
+from jaxclr.training import optim
 
 import pretrain_test
 import train_test

@@ -1,5 +1,5 @@
 """SupCon, triplet, N-pair and InfoNCE against NumPy float64 loops, global
-and sharded over 8 devices (jaxclr.metric_losses, jaxclr.objectives)."""
+and sharded over 8 devices (jaxclr/losses and its registry)."""
 
 import functools
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxclr import config_validate, losses, metric_losses, objectives
+from jaxclr import losses
 from jaxclr.parallel import sharding
 
 N, D = 16, 8  # Images, embedding size: 2 per device on the 8-device mesh.
@@ -132,31 +132,29 @@ def mesh():
 @functools.lru_cache(maxsize=None)
 def global_and_sharded(name):
   """Jitted value_and_grad (w.r.t. z) of the global and the sharded loss."""
-  loss = objectives.LOSSES[name]
-  options = {"temperature": TAU, "hidden_norm": True, "margin": MARGIN}
-  options = {k: options[k] for k in loss.options if k in options}
+  loss = losses.get(name)
+  options = {**losses.option_defaults(), "temperature": TAU,
+             "hidden_norm": True, "margin": MARGIN}
+  read = {k: options[k] for k in loss.options}
 
   def global_loss(z, labels):
-    return loss.fn(z[:, 0], z[:, 1], labels, axis_name=None, **options)
+    return loss.fn(z[:, 0], z[:, 1], labels, axis_name=None, **read)
 
   def sharded_loss(z, labels):
-    return objectives.sharded_contrastive_loss(
-        name, z, labels, mesh=mesh(), temperature=TAU, margin=MARGIN)
+    return losses.sharded(name, z, labels, mesh=mesh(), options=options)
 
   return (jax.jit(jax.value_and_grad(global_loss, has_aux=True)),
           jax.jit(jax.value_and_grad(sharded_loss, has_aux=True)))
 
 
-def test_registry_matches_the_names_config_validation_knows():
-  assert tuple(objectives.LOSSES) == config_validate.LOSS_NAMES
-  assert config_validate.CLASS_LABEL_LOSSES == tuple(
-      k for k, v in objectives.LOSSES.items() if v.class_labels)
+def test_every_registered_loss_has_a_reference_here():
+  assert set(REFERENCES) | {"nt_xent"} == set(losses.names())
 
 
 @pytest.mark.parametrize("name,with_labels", [
     (name, with_labels) for name in sorted(REFERENCES)
     for with_labels in (False, True)
-    if objectives.LOSSES[name].class_labels or not with_labels])
+    if losses.get(name).class_labels or not with_labels])
 def test_loss_matches_reference_globally_and_sharded(name, with_labels):
   z, labels = embeddings()
   labels = labels if with_labels else None
@@ -187,7 +185,7 @@ def test_supcon_with_one_label_per_image_is_half_nt_xent():
   z, _ = embeddings(seed=1)
   z1, z2 = jnp.asarray(z[:, 0]), jnp.asarray(z[:, 1])
   nt_xent = losses.nt_xent(z1, z2, temperature=TAU)
-  supcon_fn = jax.jit(functools.partial(metric_losses.supcon_with_metrics,
+  supcon_fn = jax.jit(functools.partial(losses.supcon_with_metrics,
                                         temperature=TAU))
   for labels in (None, jnp.arange(N, dtype=jnp.int32)):
     supcon, _ = supcon_fn(z1, z2, labels)
@@ -196,7 +194,7 @@ def test_supcon_with_one_label_per_image_is_half_nt_xent():
 
 
 def mined_on(num_devices, mining, z, labels):
-  fn = functools.partial(metric_losses.mined_triplets, mining=mining)
+  fn = functools.partial(losses.mined_triplets, mining=mining)
   if num_devices == 1:
     return jax.device_get(jax.jit(fn)(z[:, 0], z[:, 1], labels))
   fn = functools.partial(fn, axis_name="data")
@@ -243,7 +241,7 @@ def test_semi_hard_falls_back_to_the_farthest_negative():
   z1 = np.array([[1, 0], [0.9, 0.1], [0.6, 0.8]], np.float32)
   z2 = np.array([[-1, 0.1], [0.8, 0.3], [0.5, 0.8]], np.float32)
   neg_col = jax.device_get(jax.jit(functools.partial(
-      metric_losses.mined_triplets, mining="semi_hard"))(z1, z2))
+      losses.mined_triplets, mining="semi_hard"))(z1, z2))
   v = views(np.stack([z1, z2], 1))
   d = [sq_dist(v[0], v[j]) for j in range(6)]
   negatives = [1, 2, 4, 5]
@@ -254,7 +252,7 @@ def test_semi_hard_falls_back_to_the_farthest_negative():
 
 def test_npair_l2_regulariser():
   z, _ = embeddings(seed=4)
-  loss, _ = metric_losses.npair_with_metrics(z[:, 0], z[:, 1], l2_reg=0.01)
+  loss, _ = losses.npair_with_metrics(z[:, 0], z[:, 1], l2_reg=0.01)
   np.testing.assert_allclose(loss, ref_npair(z, l2_reg=0.01), rtol=2e-5)
 
 
@@ -264,10 +262,11 @@ def test_infonce_queue_adds_negatives_globally_and_sharded():
   queue[-1] = 0.0  # An unfilled slot is left out.
   expected = ref_infonce(z, TAU, queue)
   assert expected > ref_infonce(z, TAU) + 1e-3
-  loss_g, _ = metric_losses.infonce_with_metrics(
+  loss_g, _ = losses.infonce_with_metrics(
       z[:, 0], z[:, 1], temperature=TAU, queue=jnp.asarray(queue))
-  loss_s, _ = jax.jit(lambda a, q: objectives.sharded_contrastive_loss(
-      "infonce", a, mesh=mesh(), temperature=TAU, queue=q))(
+  options = {**losses.option_defaults(), "temperature": TAU}
+  loss_s, _ = jax.jit(lambda a, q: losses.sharded(
+      "infonce", a, mesh=mesh(), options=options, queue=q))(
           jax.device_put(z, sharding.batch_sharded(mesh())),
           jax.device_put(queue, sharding.replicated(mesh())))
   np.testing.assert_allclose(loss_g, expected, rtol=2e-5)
@@ -277,20 +276,20 @@ def test_infonce_queue_adds_negatives_globally_and_sharded():
 def test_update_queue_is_fifo_in_batch_order():
   queue = jnp.zeros((5, 1))
   for step in range(3):  # Batches of 2: keys 0, 1 | 2, 3 | 4, 5.
-    queue = metric_losses.update_queue(
+    queue = losses.update_queue(
         queue, jnp.array([[2.0 * step], [2.0 * step + 1]]))
   np.testing.assert_array_equal(queue[:, 0], [1, 2, 3, 4, 5])
-  big = metric_losses.update_queue(queue, jnp.arange(7.0)[:, None])
+  big = losses.update_queue(queue, jnp.arange(7.0)[:, None])
   np.testing.assert_array_equal(big[:, 0], [2, 3, 4, 5, 6])
   empty = jnp.zeros((0, 1))
-  assert metric_losses.update_queue(empty, jnp.ones((2, 1))).shape == (0, 1)
+  assert losses.update_queue(empty, jnp.ones((2, 1))).shape == (0, 1)
   # No gradient reaches the keys through the queue.
-  grad = jax.grad(lambda k: jnp.sum(metric_losses.update_queue(queue, k)))(
+  grad = jax.grad(lambda k: jnp.sum(losses.update_queue(queue, k)))(
       jnp.ones((2, 1)))
   np.testing.assert_array_equal(grad, 0.0)
 
 
 def test_unknown_loss_name_is_refused():
   with pytest.raises(ValueError, match="loss='simclr' is unknown; valid"):
-    objectives.sharded_contrastive_loss("simclr", jnp.zeros((8, 2, 4)),
-                                        mesh=mesh())
+    losses.sharded("simclr", jnp.zeros((8, 2, 4)), mesh=mesh(),
+                   options=losses.option_defaults())

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclr import config_lib
+from jaxclr import config as config_lib
 from jaxclr.models import resnet
 from jaxclr.models.simclr import build_model
 

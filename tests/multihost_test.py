@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxclr.config_lib import ConfigError
+from jaxclr.config import ConfigError
 from jaxclr.parallel import distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -261,9 +261,10 @@ def test_byol_and_nnclr_on_two_processes_match_one(method):
   """BYOL's EMA target and NNCLR's support set (written from the global
   batch) are part of the state compared: the same on 2 processes as on one
   process with the same 8 devices."""
-  extra = [f"--config.method={method}", "--config.predictor_hidden_dim=16"]
+  extra = [f"--config.method={method}",
+           f"--config.{method}.predictor_hidden_dim=16"]
   if method == "nnclr":
-    extra.append("--config.nnclr_queue_size=32")
+    extra.append("--config.nnclr.queue_size=32")
   runs = run_layouts("synthetic", *extra, single=(("1x8", 8),))
   _, dirs = next(runs)
   try:
@@ -527,7 +528,7 @@ exec sleep 300
                           "127.0.0.1:") and "--num_processes=2 --process_id=0"
              " --config c.py --workdir w d" in l for l in lines), lines
   # local.sh replaces the device count in the caller's XLA_FLAGS and keeps
-  # the rest (here the suite's own, e.g. jaxclr/cpu_runtime.py's flag).
+  # the rest (here the suite's own, e.g. jaxclr/cpu/runtime.py's flag).
   xla = [l.split("xla:", 1)[1].split() for l in lines if l.startswith("[1] xla:")]
   assert xla and xla[0][-1] == "--xla_force_host_platform_device_count=3", lines
   assert not any(f.startswith("--xla_force_host_platform_device_count=")

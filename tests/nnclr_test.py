@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxclr import nnclr
+from jaxclr.methods import nnclr
 from jaxclr.parallel import sharding
 
 import byol_test
@@ -19,8 +19,9 @@ TEMPERATURE = 0.2
 
 def tiny_nnclr_config(**arg):
   # 3 batches of 16: the FIFO wraps around after 3 steps.
-  return methods_util.tiny_config(method="nnclr", predictor_hidden_dim=32,
-                                  nnclr_queue_size=48, **arg)
+  return methods_util.tiny_config(method="nnclr",
+                                  nnclr__predictor_hidden_dim=32,
+                                  nnclr__queue_size=48, **arg)
 
 
 def unit(x):
@@ -130,7 +131,7 @@ def test_support_set_after_k_steps_is_the_last_global_batches_in_order():
       assert np.all(state.support_labels == -1)
       continue
     written.append(unit(z[:, 0]))
-    offset = nnclr.write_offset(len(written) - 1, config.nnclr_queue_size,
+    offset = nnclr.write_offset(len(written) - 1, config.nnclr.queue_size,
                                 config.batch_size)
     np.testing.assert_array_equal(
         state.support_labels[offset:offset + config.batch_size],

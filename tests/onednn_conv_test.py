@@ -1,4 +1,4 @@
-"""The oneDNN convolution (jaxclr/models/onednn_conv.py): values and both
+"""The oneDNN convolution (jaxclr/cpu/onednn_conv.py): values and both
 gradients against independent float64 formulas, determinism, which
 convolutions it takes, how model.conv_library resolves, and a ResNet's
 gradients against XLA's convolutions."""
@@ -14,9 +14,12 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-from jaxclr import config_lib, config_schema, workdir
-from jaxclr.models import conv, onednn_conv
+from jaxclr import config as config_lib, cpu
+from jaxclr.config import schema as config_schema
+from jaxclr.cpu import onednn_conv
+from jaxclr.models import conv
 from jaxclr.models.simclr import build_encoder
+from jaxclr.training import workdir
 
 import conv_test
 import multihost_test
@@ -29,7 +32,7 @@ pytestmark = pytest.mark.skipif(
 
 def _value_and_grads(library, x, w, dy, stride, pad):
   def loss(x, w):
-    y = conv.conv2d(x, w, stride, pad, library=library)
+    y = cpu.conv2d(x, w, stride, pad, library=library, kernel_grad="xla")
     return jnp.sum(y * dy), y
   (_, y), (dx, dw) = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(
       x, w)
@@ -82,8 +85,9 @@ def test_takes_float32_convolutions_only():
                               ((1, 1, 3, 4), jnp.bfloat16, False)]:
     w = jnp.ones(shape, dtype)
     pad = tuple(((k - 1) // 2, k - 1 - (k - 1) // 2) for k in shape[:2])
-    fn = lambda x, w, pad=pad: jax.grad(lambda w_: jnp.sum(conv.conv2d(
-        x.astype(w_.dtype), w_, 1, pad, library="onednn").astype(
+    fn = lambda x, w, pad=pad: jax.grad(lambda w_: jnp.sum(cpu.conv2d(
+        x.astype(w_.dtype), w_, 1, pad, library="onednn",
+        kernel_grad="xla").astype(
             jnp.float32)))(w)
     assert _calls_back(fn, x, w) == taken, (shape, dtype)
     assert onednn_conv.applies(dtype) == taken
@@ -108,7 +112,8 @@ def test_an_unused_gradient_is_not_computed():
   x = jnp.ones((2, 6, 6, 3), jnp.float32)
   w = jnp.ones((3, 3, 3, 4), jnp.float32)
   pad = conv_test.centred_padding(3)
-  loss = lambda x, w: jnp.sum(conv.conv2d(x, w, 1, pad, library="onednn"))
+  loss = lambda x, w: jnp.sum(cpu.conv2d(x, w, 1, pad, library="onednn",
+                                         kernel_grad="xla"))
   for argnums, kept, dropped in [(1, "kernel_grad", "input_grad"),
                                  (0, "input_grad", "kernel_grad")]:
     hlo = jax.jit(jax.grad(loss, argnums)).lower(x, w).compile().as_text()
@@ -129,8 +134,9 @@ def test_keeps_the_batch_sharding_of_an_explicit_mesh():
 
   @jax.jit
   def step(x, w):
-    y, vjp = jax.vjp(lambda x, w: conv.conv2d(
-        x, w, 2, conv_test.centred_padding(3), library="onednn"), x, w)
+    y, vjp = jax.vjp(lambda x, w: cpu.conv2d(
+        x, w, 2, conv_test.centred_padding(3), library="onednn",
+        kernel_grad="xla"), x, w)
     return (y,) + vjp(y)
 
   y, dx, dw = step(x, w)
@@ -146,31 +152,33 @@ def test_keeps_the_batch_sharding_of_an_explicit_mesh():
 
 
 def test_auto_is_onednn_on_a_one_device_cpu_job_only(monkeypatch):
-  assert conv.resolve_library("auto", "cpu", 1) == "onednn"
-  assert conv.resolve_library("auto", "cpu", 8) == "xla"
-  assert conv.resolve_library("auto", "gpu", 1) == "xla"
-  assert conv.resolve_library("auto", "tpu", 1) == "xla"
-  assert conv.resolve_library("xla", "cpu", 1) == "xla"
-  assert conv.resolve_library("onednn", "cpu", 1) == "onednn"
+  assert cpu.resolve_library("auto", backend="cpu", num_devices=1) == "onednn"
+  assert cpu.resolve_library("auto", backend="cpu", num_devices=8) == "xla"
+  assert cpu.resolve_library("auto", backend="gpu", num_devices=1) == "xla"
+  assert cpu.resolve_library("auto", backend="tpu", num_devices=1) == "xla"
+  assert cpu.resolve_library("xla", backend="cpu", num_devices=1) == "xla"
+  assert cpu.resolve_library("onednn", backend="cpu", num_devices=1) == "onednn"
   with pytest.raises(config_lib.ConfigError,
                      match="'mkl'; valid: auto, xla, onednn"):
-    conv.resolve_library("mkl", "cpu", 1)
+    cpu.resolve_library("mkl", backend="cpu", num_devices=1)
   with pytest.raises(config_lib.ConfigError,
-                     match="'onednn' runs on one device.*has 8"):
-    conv.resolve_library("onednn", "cpu", 8)
+                     match="'onednn' cannot run here: it runs on one "
+                     "device.*has 8"):
+    cpu.resolve_library("onednn", backend="cpu", num_devices=8)
   with pytest.raises(config_lib.ConfigError,
-                     match="'onednn' runs on the CPU backend.*'gpu'"):
-    conv.resolve_library("onednn", "gpu", 1)
-  assert conv.LIBRARIES == config_schema.CONV_LIBRARIES
+                     match="'onednn' cannot run here: it runs on the CPU "
+                     "backend.*'gpu'"):
+    cpu.resolve_library("onednn", backend="gpu", num_devices=1)
+  assert cpu.LIBRARIES == config_schema.CONV_LIBRARIES
   # This test process has 8 (simulated) devices: 'auto' builds XLA's convs.
   assert build_encoder(config_lib.pretrain_config().model,
-                       image_size=32).conv_library == "xla"
+                       image_size=32).conv is conv.conv2d
   # A user who turned TensorFlow's oneDNN off gets XLA's, or a clear error.
   monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
-  assert conv.resolve_library("auto", "cpu", 1) == "xla"
+  assert cpu.resolve_library("auto", backend="cpu", num_devices=1) == "xla"
   with pytest.raises(config_lib.ConfigError,
                      match="cannot run here: TF_ENABLE_ONEDNN_OPTS"):
-    conv.resolve_library("onednn", "cpu", 1)
+    cpu.resolve_library("onednn", backend="cpu", num_devices=1)
 
 
 def test_config_refuses_an_unknown_library_and_resumes_with_it_flipped():
@@ -192,9 +200,9 @@ def test_resnet_values_and_gradients_agree_with_xla(depth, sk_ratio):
   float32 round-off, for every conv kind the ResNets have (stems, strided,
   1x1 projections and bottlenecks, SK)."""
   grads_x, out_x = conv_test.resnet_grads_and_outputs(depth, sk_ratio,
-                                                      conv_library="xla")
+                                                      library="xla")
   grads_o, out_o = conv_test.resnet_grads_and_outputs(depth, sk_ratio,
-                                                      conv_library="onednn")
+                                                      library="onednn")
   np.testing.assert_allclose(out_o, out_x, rtol=0,
                              atol=1e-5 * np.abs(out_x).max())
   conv_test.assert_grads_close(grads_o, grads_x, 1e-5)

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclr import config_lib, optim
+from jaxclr import config as config_lib
+from jaxclr.training import optim
 
 
 def simclr_lars_reference(params, grads_per_step, lrs, *, wd, eeta, momentum,

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxclr import optim
 from jaxclr.parallel import sharding
+from jaxclr.training import optim
 
 import methods_util
 

@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxclr import checkpoint, config_lib, optim, pretrain, workdir as workdir_lib
+from jaxclr import config as config_lib
 from jaxclr.data import input_pipeline
+from jaxclr.jobs import pretrain
 from jaxclr.parallel import sharding
+from jaxclr.training import checkpoint, optim, workdir as workdir_lib
 
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs",
@@ -161,6 +163,7 @@ def test_relative_workdir(straight_run, tmp_path, monkeypatch):
 def test_config_mismatch_is_refused_and_lists_fields(straight_run):
   workdir, _ = straight_run
   with pytest.raises(workdir_lib.WorkdirError,
-                     match=r"model.depth: 18 -> 34[\s\S]*temperature"):
-    pretrain.run(tiny_config(temperature=0.5, model=dict(
-        tiny_config().model.to_dict(), depth=34)), workdir)
+                     match=r"model.depth: 18 -> 34[\s\S]*simclr.temperature"):
+    pretrain.run(tiny_config(simclr=dict(
+        tiny_config().simclr.to_dict(), temperature=0.5), model=dict(
+            tiny_config().model.to_dict(), depth=34)), workdir)

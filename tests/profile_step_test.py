@@ -7,7 +7,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import profile_step  # noqa: E402
-from jaxclr import config_lib  # noqa: E402
+from jaxclr import config as config_lib  # noqa: E402
 
 import train_test  # noqa: E402
 

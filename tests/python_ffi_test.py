@@ -1,11 +1,11 @@
-"""jaxclr/python_ffi.py: XLA FFI targets with Python handlers, on the CPU."""
+"""jaxclr/cpu/python_ffi.py: XLA FFI targets with Python handlers (CPU)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxclr import python_ffi
+from jaxclr.cpu import python_ffi
 
 _SEEN = {}
 

@@ -22,8 +22,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxclr import checkpoint, cli, metrics, optim, pretrain, workdir as workdir_lib
+from jaxclr import cli
 from jaxclr.data import input_pipeline
+from jaxclr.jobs import pretrain
+from jaxclr.training import checkpoint, metrics, optim, workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(

@@ -11,16 +11,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclr import config_lib, errors, report_compare
-from jaxclr import workdir as workdir_lib
+from jaxclr import config as config_lib, errors
+from jaxclr.report import compare as report_compare
+from jaxclr.training import workdir as workdir_lib
 
 
 def fake_run(root, name, *, loss, few1, few1_std=None, **fields):
   pre = os.path.join(root, name)
   c = config_lib.pretrain_config()
   c.dataset = "digits"
-  for k, v in fields.items():
-    c[k] = v
+  for k, v in fields.items():  # simclr__temperature: c.simclr.temperature.
+    *parents, leaf = k.split("__")
+    node = c
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = v
   workdir_lib.prepare(pre, c, is_primary=True)
   os.makedirs(os.path.join(pre, workdir_lib.CHECKPOINT_DIR, "10"))
   with open(os.path.join(pre, "metrics.jsonl"), "w") as f:
@@ -39,10 +44,10 @@ def fake_run(root, name, *, loss, few1, few1_std=None, **fields):
 
 def test_one_differing_field_sorted_numerically(tmp_path):
   runs = {t: fake_run(str(tmp_path), f"t{t}", loss=10 - t, few1=0.5 + t / 10,
-                      temperature=t) for t in (1.0, 0.1, 0.5)}
+                      simclr__temperature=t) for t in (1.0, 0.1, 0.5)}
   evals = [runs[t][1] for t in (1.0, 0.1, 0.5)]
   c = report_compare.comparison(evals, "few_label_top1/1")
-  assert c["fields"] == ["temperature"] and c["numeric"]
+  assert c["fields"] == ["simclr.temperature"] and c["numeric"]
   assert c["x"] == [0.1, 0.5, 1.0]
   np.testing.assert_allclose(c["y"], [0.51, 0.55, 0.6])
   assert c["paths"] == [runs[t][1] for t in (0.1, 0.5, 1.0)]
@@ -60,13 +65,16 @@ def test_one_differing_field_sorted_numerically(tmp_path):
 
 
 def test_several_fields_are_one_category_each(tmp_path):
-  a = fake_run(str(tmp_path), "a", loss=5, few1=0.6, loss_labels="class",
+  a = fake_run(str(tmp_path), "a", loss=5, few1=0.6, supcon__temperature=0.5,
                method="supcon")[1]
   b = fake_run(str(tmp_path), "b", loss=6, few1=0.5, batch_size=512)[1]
   c = report_compare.comparison([a, b], "few_label_top1/5")
-  assert c["fields"] == ["batch_size", "loss_labels", "method"]
+  # Each run's own method section only: supcon.* against simclr.*.
+  assert c["fields"][:2] == ["batch_size", "method"]
+  assert "supcon.temperature" in c["fields"]
+  assert "simclr.temperature" in c["fields"]
   assert not c["numeric"]
-  assert c["x"][0] == "batch_size=4096, loss_labels=class, method=supcon"
+  assert c["x"][0].startswith("batch_size=4096, method=supcon")
   np.testing.assert_allclose(c["y"], [0.65, 0.55])
 
 
@@ -83,9 +91,9 @@ def test_x_field_picks_the_axis_when_fields_differ_together(tmp_path):
   np.testing.assert_allclose(c["std"], [0.0064, 0.0256, 0.0512])
   assert report_compare.comparison(runs, "top1", "batch_size")["std"] is None
   with pytest.raises(errors.WorkdirError,
-                     match=r"--x_field 'temperature' does not differ.*"
+                     match=r"--x_field 'simclr.temperature' does not differ.*"
                      r"\['batch_size', 'num_train_steps'\]"):
-    report_compare.comparison(runs, "top1", "temperature")
+    report_compare.comparison(runs, "top1", "simclr.temperature")
   out = str(tmp_path / "cmp")
   report_compare.write_comparison(runs, "few_label_top1/1", out, "batch_size")
   with Image.open(os.path.join(out, report_compare.FIGURE)) as im:
@@ -95,7 +103,8 @@ def test_x_field_picks_the_axis_when_fields_differ_together(tmp_path):
 def test_user_errors(tmp_path):
   a = fake_run(str(tmp_path), "a", loss=5, few1=0.6)[1]
   b = fake_run(str(tmp_path), "b", loss=5, few1=0.6)[1]
-  c = fake_run(str(tmp_path), "c", loss=5, few1=0.6, temperature=0.2)[1]
+  c = fake_run(str(tmp_path), "c", loss=5, few1=0.6,
+               simclr__temperature=0.2)[1]
   with pytest.raises(errors.WorkdirError, match="needs 2 or more runs"):
     report_compare.comparison([a], "top1")
   with pytest.raises(errors.WorkdirError, match="identical configs"):

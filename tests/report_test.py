@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxclr import config_lib, errors, pretrain, report
+from jaxclr import config as config_lib, errors
 from jaxclr.evaluation import encoder as encoder_lib
+from jaxclr.jobs import pretrain
 from jaxclr.parallel import sharding
+from jaxclr.report import page as report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

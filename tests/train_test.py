@@ -1,5 +1,6 @@
 """One full train step is the same on any device layout; loss memory scales."""
 
+import dataclasses
 import functools
 import os
 
@@ -7,10 +8,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxclr import config_lib, losses, optim, pretrain
+from jaxclr import config as config_lib, losses
 from jaxclr.data import input_pipeline
+from jaxclr.jobs import pretrain
 from jaxclr.parallel import sharding
-from jax.sharding import PartitionSpec as P
+from jaxclr.training import optim, update
 
 NUM_STEPS = 2
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs",
@@ -105,22 +107,19 @@ def test_device_colour_step_equals_host_colour_step():
                                rtol=METRIC_RTOL, err_msg=key)
 
 
-def local_negatives_nt_xent(z1, z2, *, mesh, temperature, hidden_norm=True,
-                            data_axis="data"):
+def local_negatives_nt_xent(z1, z2, labels, *, axis_name, **options):
   """The classic bug: each device contrasts only its own rows."""
-  def per_shard(a, b):
-    loss, metrics = losses.nt_xent_with_metrics(
-        a, b, temperature=temperature, hidden_norm=hidden_norm)
-    return jax.lax.pmean(loss, data_axis), jax.lax.pmean(metrics, data_axis)
-  return jax.shard_map(per_shard, mesh=mesh,
-                       in_specs=(P(data_axis), P(data_axis)),
-                       out_specs=(P(), P()))(z1, z2)
+  del labels
+  loss, metrics = losses.nt_xent_with_metrics(z1, z2, axis_name=None,
+                                              **options)
+  return jax.lax.pmean(loss, axis_name), jax.lax.pmean(metrics, axis_name)
 
 
 def test_tolerance_catches_local_negatives(monkeypatch):
   ref_state, _ = one_device_result()
-  monkeypatch.setattr(losses, "sharded_nt_xent_with_metrics",
-                      local_negatives_nt_xent)
+  buggy = dataclasses.replace(losses.get("nt_xent"),
+                              fn=local_negatives_nt_xent)
+  monkeypatch.setitem(losses._REGISTRY, "nt_xent", buggy)  # pylint: disable=protected-access
   state, _ = run_steps(tiny_config(), sharding.make_mesh("explicit"))
   diff = relative_difference(flat_concat(state.params),
                              flat_concat(ref_state.params))
@@ -148,13 +147,14 @@ def test_step_changes_parameters_and_batch_stats():
 def loss_temp_bytes(num_devices, global_batch=1024, dim=128):
   mesh = sharding.make_mesh("explicit", jax.devices()[:num_devices])
   batch = sharding.batch_sharded(mesh)
-  shape = jax.ShapeDtypeStruct((global_batch, dim), np.float32, sharding=batch)
+  shape = jax.ShapeDtypeStruct((global_batch, 2, dim), np.float32,
+                               sharding=batch)
 
-  def loss(z1, z2):
-    return losses.sharded_nt_xent_with_metrics(z1, z2, mesh=mesh,
-                                               temperature=0.1)[0]
+  def loss(z):
+    return losses.sharded("nt_xent", z, mesh=mesh,
+                          options={"temperature": 0.1, "hidden_norm": True})[0]
 
-  compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(shape, shape).compile()
+  compiled = jax.jit(jax.value_and_grad(loss)).lower(shape).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 
@@ -168,13 +168,12 @@ def test_loss_memory_per_device_falls_with_device_count():
 
 
 def test_uint8_views_become_the_float_views_they_round():
-  from jaxclr import train
   q = np.arange(256, dtype=np.uint8).reshape(1, 2, 8, 16, 1)
-  got = np.asarray(train.images_as_float(jax.numpy.asarray(q)))
+  got = np.asarray(update.images_as_float(jax.numpy.asarray(q)))
   assert got.dtype == np.float32
   # XLA divides by a constant as a multiply by its reciprocal: 1 ulp.
   np.testing.assert_array_max_ulp(got, q.astype(np.float32) / np.float32(255),
                                   maxulp=1)
   assert got.min() == 0.0 and got.max() == 1.0
   f = np.linspace(0, 1, 7, dtype=np.float32)
-  np.testing.assert_array_equal(np.asarray(train.images_as_float(f)), f)
+  np.testing.assert_array_equal(np.asarray(update.images_as_float(f)), f)

@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import trends  # noqa: E402
-from jaxclr import config_lib  # noqa: E402
+from jaxclr import config as config_lib  # noqa: E402
 from jaxclr.data import input_pipeline  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -37,9 +37,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from jaxclr import errors
-from jaxclr.data import augment
-from jaxclr.data import sources
-from jaxclr.data import spec as spec_lib
+from jaxclr.data import augment, sources, spec as spec_lib
 
 DataError = errors.DataError
 MAX_EVAL_ARRAY_BYTES = 4 * 2**30

@@ -18,9 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from jaxclr import errors
-from jaxclr.data import spec as spec_lib
-from jaxclr.data import splits as splits_lib
-from jaxclr.data import synthetic
+from jaxclr.data import spec as spec_lib, splits as splits_lib, synthetic
 
 DataError = errors.DataError
 

@@ -20,9 +20,10 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxclr import checkpoint, config_lib, errors, workdir as workdir_lib
+from jaxclr import config as config_lib, errors
 from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
+from jaxclr.training import checkpoint, workdir as workdir_lib
 
 # Model fields an evaluation config may pin; they must match the checkpoint.
 ARCH_FIELDS = ("depth", "width_multiplier", "cifar_stem", "sk_ratio",
@@ -33,8 +34,7 @@ VARIABLE_PARTS = ("encoder", "projection_head")
 # Model fields that say how the writing job ran on its own devices, not what
 # it built: a job that reads the run takes its own value (default 'auto'),
 # so a one-device run's conv_kernel_grad='patches' or conv_library='onednn'
-# does not stop an evaluation on 8 devices (jaxclr/models/conv.py: one
-# device only).
+# does not stop an evaluation on 8 devices (jaxclr/cpu: one device only).
 PER_JOB_FIELDS = ("conv_kernel_grad", "conv_library")
 
 
@@ -114,12 +114,11 @@ def restore_variables(ckpt_dir: str, step: int, abstract: dict, *,
 
 
 def restore_encoder(workdir: str, mesh, step: int | None = None,
-                    eval_model: dict | None = None) -> FrozenEncoder:
-  """The encoder + projection head of `workdir`'s newest (or `step`) checkpoint."""
+                    eval_model: dict | None = None,
+                    conv=None) -> FrozenEncoder:
+  """The encoder + projection head of `workdir`'s newest (or `step`)
+  checkpoint; conv: the convolution to build it with (None: XLA's)."""
   config = pretraining_config(workdir)
-  for k in PER_JOB_FIELDS:
-    if eval_model and eval_model.get(k) is not None:
-      config.model[k] = eval_model[k]
   model_dict = workdir_lib.config_to_dict(config.model)
   check_architecture(eval_model, model_dict, workdir)
   ckpt_dir = os.path.join(os.path.abspath(workdir), workdir_lib.CHECKPOINT_DIR)
@@ -134,7 +133,7 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
   elif step not in steps:
     raise workdir_lib.WorkdirError(
         f"checkpoint_step={step} is not in {ckpt_dir}; available: {steps}")
-  model = build_model(config, num_classes=0)
+  model = build_model(config, num_classes=0, conv=conv)
   abstract = _abstract_variables(model, config.image_size, mesh)
   item = {"params": {k: abstract["params"][k] for k in VARIABLE_PARTS},
           "batch_stats": {k: abstract["batch_stats"][k]
@@ -148,16 +147,17 @@ def restore_encoder(workdir: str, mesh, step: int | None = None,
                        checkpoint_step=step, source=os.path.abspath(workdir))
 
 
-def random_encoder(eval_config, mesh) -> FrozenEncoder:
+def random_encoder(eval_config, mesh, conv=None) -> FrozenEncoder:
   """A randomly initialised encoder of the eval config's architecture
-  (config_lib.validate has checked that it is set)."""
+  (config_lib.validate has checked that it is set); conv as
+  restore_encoder's."""
   config = config_lib.base_config()
   config.model.update({k: v for k, v in eval_config.model.items()
                        if v is not None})
   config.image_size = eval_config.image_size
   config.dataset = "synthetic"  # Validate the architecture fields only.
   config_lib.validate(config)
-  model = build_model(config, num_classes=0)
+  model = build_model(config, num_classes=0, conv=conv)
   init = jax.jit(lambda rng: model.init(
       rng, jnp.zeros((2, config.image_size, config.image_size, 3)),
       train=True), out_shardings=sharding.replicated(mesh))

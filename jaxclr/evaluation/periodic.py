@@ -15,8 +15,7 @@ import jax
 from absl import logging
 
 from jaxclr.data import input_pipeline
-from jaxclr.evaluation import encoder as encoder_lib
-from jaxclr.evaluation import knn
+from jaxclr.evaluation import encoder as encoder_lib, knn
 
 MAX_CACHED_BYTES = 2**30  # Keep preprocessed eval images in memory below this.
 

@@ -57,10 +57,8 @@ class FixedPaddingConv(nn.Module):
   kernel_size: int
   strides: int = 1
   dtype: Any = jnp.float32
-  # 'xla' or 'patches' (resolved; jaxclr/models/conv.py says why).
-  kernel_grad: str = "xla"
-  # 'xla' or 'onednn' (resolved; jaxclr/models/onednn_conv.py says why).
-  library: str = "xla"
+  # conv(x, kernel, strides, padding): XLA's, or one a job passed in.
+  conv: Callable = conv_lib.conv2d
 
   @nn.compact
   def __call__(self, x):
@@ -68,10 +66,8 @@ class FixedPaddingConv(nn.Module):
     kernel = self.param("kernel", conv_kernel_init,
                         (k, k, x.shape[-1], self.features), jnp.float32)
     pad = ((k - 1) // 2, k - 1 - (k - 1) // 2)
-    return conv_lib.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-                           self.strides, (pad, pad),
-                           kernel_grad=self.kernel_grad,
-                           library=self.library)
+    return self.conv(x.astype(self.dtype), kernel.astype(self.dtype),
+                     self.strides, (pad, pad))
 
 
 def avg_pool_shortcut(x, strides: int):
@@ -220,13 +216,9 @@ class ResNet(nn.Module):
   # keeping them (flax nn.remat): same parameters and values, less memory
   # where the compiler honours it (benchmarks/RESULTS.md, memory sections).
   remat: bool = False
-  # How convolutions get their kernel gradient: 'xla' or 'patches' (the CPU
-  # switch, jaxclr/models/conv.py; build_encoder resolves model.conv_kernel_grad).
-  conv_kernel_grad: str = "xla"
-  # Which kernels run the convolutions larger than 1x1: 'xla' or 'onednn'
-  # (the CPU switch, jaxclr/models/onednn_conv.py; build_encoder resolves
-  # model.conv_library).
-  conv_library: str = "xla"
+  # The convolution, passed in once by the job that builds the model:
+  # XLA's (models/conv.py) unless a CPU path applies (jaxclr/cpu).
+  conv: Callable = conv_lib.conv2d
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -235,8 +227,7 @@ class ResNet(nn.Module):
                        f"{sorted(BLOCKS_PER_GROUP)}")
     norm = make_batch_norm(train, self.bn_momentum, self.bn_epsilon, self.dtype)
     conv_layer = functools.partial(FixedPaddingConv, dtype=self.dtype,
-                                   kernel_grad=self.conv_kernel_grad,
-                                   library=self.conv_library)
+                                   conv=self.conv)
     block_cls = BasicBlock if self.depth < 50 else BottleneckBlock
     if self.remat:
       block_cls = nn.remat(block_cls)

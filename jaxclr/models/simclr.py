@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxclr.models import conv as conv_lib
 from jaxclr.models.heads import LinearHead, ProjectionHead
-from jaxclr.models.conv import resolve_kernel_grad, resolve_library
 from jaxclr.models.resnet import ResNet
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -47,7 +47,10 @@ def uses_cifar_stem(model_config, image_size: int) -> bool:
   return bool(model_config.cifar_stem)
 
 
-def build_encoder(model_config, image_size: int) -> ResNet:
+def build_encoder(model_config, image_size: int,
+                  conv: conv_lib.ConvFn | None = None) -> ResNet:
+  """The ResNet of `model_config`; conv: the convolution to build it with
+  (None: XLA's), decided by the job (jaxclr/cpu: job_convolution)."""
   return ResNet(depth=model_config.depth,
                 width_multiplier=model_config.width_multiplier,
                 cifar_stem=uses_cifar_stem(model_config, image_size),
@@ -58,18 +61,15 @@ def build_encoder(model_config, image_size: int) -> ResNet:
                 sk_ratio=model_config.get("sk_ratio") or 0.0,
                 se_ratio=model_config.get("se_ratio") or 0.0,
                 remat=bool(model_config.get("remat") or False),
-                conv_kernel_grad=resolve_kernel_grad(
-                    model_config.get("conv_kernel_grad") or "auto"),
-                conv_library=resolve_library(
-                    model_config.get("conv_library") or "auto"),
+                conv=conv or conv_lib.conv2d,
                 name="encoder")
 
 
-def build_model(config, num_classes: int,
-                predictor_hidden_dim: int = 0) -> SimCLRModel:
+def build_model(config, num_classes: int, predictor_hidden_dim: int = 0,
+                conv: conv_lib.ConvFn | None = None) -> SimCLRModel:
   """The pretraining network for `config`; num_classes > 0 adds the probe,
   predictor_hidden_dim > 0 the predictor (a 2-layer MLP to proj_out_dim
-  with no BN on its output, as BYOL's)."""
+  with no BN on its output, as BYOL's); conv as build_encoder's."""
   m = config.model
   dtype: Any = COMPUTE_DTYPES[m.compute_dtype]
   # .get: configs written before the field keep the input's width.
@@ -83,6 +83,6 @@ def build_model(config, num_classes: int,
         num_layers=2, out_dim=m.proj_out_dim, hidden_dim=predictor_hidden_dim,
         output_bn=False, bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
         dtype=dtype, name="predictor")
-  return SimCLRModel(encoder=build_encoder(m, config.image_size),
+  return SimCLRModel(encoder=build_encoder(m, config.image_size, conv),
                      projection_head=head,
                      num_classes=num_classes, predictor=predictor)

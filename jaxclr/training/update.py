@@ -1,0 +1,114 @@
+"""The update every pretraining method's step is built on (methods/):
+views -> the network with global BatchNorm -> the method's objective (+ the
+online probe) -> gradients -> the optimizer, over global arrays on the
+1-D 'data' mesh.
+
+BatchNorm statistics span the whole global batch (both views) because the
+arrays are global; a method's loss that compares examples runs in shard_map
+(jaxclr/losses) and is differentiated from outside, which gives the exact
+global gradient with no extra averaging.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxclr.training import optim, state as state_lib
+from jaxclr.training.state import TrainState
+
+
+def init_train_state(rng, *, model: nn.Module, optimizer: optim.Optimizer,
+                     image_size: int) -> TrainState:
+  """The state every method starts from: the network's params and BatchNorm
+  statistics, and the optimizer's state. Pure: jit it with out_shardings so
+  the state is born where it lives."""
+  dummy = jnp.zeros((2, image_size, image_size, 3), jnp.float32)
+  variables = model.init(rng, dummy, train=True)
+  return state_lib.create(variables["params"], variables["batch_stats"],
+                          optimizer)
+
+
+def flatten_views(images):
+  """[B, 2, H, W, C] -> [2B, H, W, C], rows ordered (image, view).
+
+  Merging the (sharded) batch axis with the view axis keeps every device's
+  rows on that device, so no data moves.
+  """
+  return images.reshape((-1,) + images.shape[2:])
+
+
+def probe_loss_and_accuracy(logits, labels):
+  """Cross-entropy and accuracy of the online probe over both views.
+
+  logits: [B, 2, C]; labels: [B] (-1 = unlabelled, ignored).
+  """
+  valid = (labels >= 0).astype(jnp.float32)[:, None]  # [B, 1]
+  safe_labels = jnp.maximum(labels, 0)[:, None]  # [B, 1]
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.broadcast_to(safe_labels, logits.shape[:2]))
+  denom = jnp.maximum(2.0 * jnp.sum(valid), 1.0)
+  correct = (jnp.argmax(logits, -1) == safe_labels).astype(jnp.float32)
+  return jnp.sum(ce * valid) / denom, jnp.sum(correct * valid) / denom
+
+
+def images_as_float(images):
+  """float32 in [0, 1] from float views or uint8 ones (transfer_dtype='uint8')."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 255.0
+  return images.astype(jnp.float32)
+
+
+def model_update(state: TrainState, batch, *, model: nn.Module,
+                 optimizer: optim.Optimizer, weight_decay: float,
+                 objective: Callable, augment_fn: Callable | None = None):
+  """The update every pretraining method's step is: views -> model ->
+  objective (+ the online probe) -> gradients -> optimizer. Pure.
+
+  objective(views, inputs) -> (loss, metrics, aux): views holds the model's
+  per-view outputs as [B, 2, D] (z; p with a predictor), inputs the
+  flattened images [2B, H, W, 3] (for a second network, e.g. BYOL's target);
+  aux is returned as is (gradients stopped), e.g. a method's new state.
+  Returns (new state, metrics, aux).
+  """
+  images = images_as_float(batch["images"])
+  if augment_fn is not None:
+    images = augment_fn(images, batch["color_params"])
+  num_images = images.shape[0]
+  inputs = flatten_views(images)  # [2B, H, W, 3]
+
+  def loss_fn(params):
+    out, new_vars = model.apply(
+        {"params": params, "batch_stats": state.batch_stats}, inputs,
+        train=True, mutable=["batch_stats"])
+    views = {k: out[k].reshape((num_images, 2, -1)) for k in ("z", "p")
+             if k in out}
+    loss_value, metrics, aux = objective(views, inputs)
+    total = loss_value
+    if "logits" in out:
+      logits = out["logits"].reshape((num_images, 2, -1))
+      probe_loss, probe_acc = probe_loss_and_accuracy(logits, batch["labels"])
+      total = total + probe_loss + optim.probe_l2_penalty(params, weight_decay)
+      metrics = {**metrics, "probe_loss": probe_loss, "probe_acc": probe_acc}
+    return total, (loss_value, metrics, new_vars["batch_stats"],
+                   jax.lax.stop_gradient(aux))
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (total, (loss_value, metrics, batch_stats, aux)), grads = grad_fn(
+      state.params)
+  new_state, update_metrics = state_lib.apply_gradients(
+      state, grads, batch_stats, optimizer)
+  return new_state, {**metrics, **update_metrics, "loss": loss_value,
+                     "total_loss": total}, aux
+
+
+def jit_step(step, *, state_sharding, batch_sharding, replicated_sharding):
+  """jit of a pretraining step(state, batch) -> (state, metrics), with its
+  shardings and the state buffers donated (every method's step)."""
+  return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, replicated_sharding),
+                 donate_argnums=0)
