@@ -22,11 +22,18 @@ Arguments:
   batch=B      global batch size (default 4096)
   epochs=E     training epochs (default 100; 800 with v2)
   sk=R         selective-kernel ratio (default 0; 0.0625 = SimCLRv2's SK1)
+  method=simclr
+               the method (default simclr); another method's ImageNet
+               recipe is `imagenet_recipe(c)` of its own configs/NAME.py,
+               applied over SimCLR's (the paper's values, cited there)
   v2           the SimCLRv2 changes above
   tiny         the same recipe and code paths (device colour + blur, uint8
                transfer, bf16 compute, ImageNet stem) at CPU size: R-18
                x1/8 on 32 px synthetic images, B=16, 2 steps (tests)
 """
+
+import importlib.util
+import os
 
 from jaxclr import config as config_lib
 
@@ -34,7 +41,8 @@ from jaxclr import config as config_lib
 def get_config(arg=None):
   # epochs=0: the recipe's own, 100 (v1) or 800 (v2).
   arg = config_lib.parse_arg(arg, depth=50, width=1.0, batch=4096,
-                             epochs=0, sk=0.0, v2=False, tiny=False)
+                             epochs=0, sk=0.0, v2=False, tiny=False,
+                             method="simclr")
   epochs = arg.epochs or (800 if arg.v2 else 100)
   c = config_lib.pretrain_config()
   c.dataset = "imagenet2012"
@@ -68,6 +76,9 @@ def get_config(arg=None):
     c.warmup_epochs = 0.05 * epochs
   c.log_every_steps = 100
   c.checkpoint_every_steps = 1000
+  if arg.method != "simclr":
+    c.method = arg.method
+    _method_recipe(arg.method).imagenet_recipe(c)
   if arg.tiny:
     c.dataset, c.image_size, c.batch_size = "synthetic", 32, 16
     c.synthetic.num_examples, c.synthetic.num_classes = 64, 4
@@ -76,3 +87,19 @@ def get_config(arg=None):
     c.num_train_steps, c.warmup_epochs = 2, 0.0
     c.log_every_steps, c.checkpoint_every_steps = 1, 2
   return c
+
+
+def _method_recipe(method: str):
+  """configs/<method>.py, whose imagenet_recipe(c) sets that method's
+  published ImageNet values on SimCLR's ImageNet config."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      f"{method}.py")
+  module = None
+  if os.path.exists(path):
+    spec = importlib.util.spec_from_file_location(f"recipe_{method}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+  if module is None or not hasattr(module, "imagenet_recipe"):
+    raise ValueError(f"method={method!r} has no ImageNet recipe "
+                     f"(configs/{method}.py: imagenet_recipe(c))")
+  return module
