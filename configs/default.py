@@ -10,11 +10,9 @@ evaluation. ResNet-18 with the CIFAR stem and width multiplier 0.25 (16 base
 channels), 2-layer projection head, B=256, 300 steps (~57 epochs), LARS
 lr 0.5 x B/256 with 5 warmup epochs, tau=0.5, colour strength 0.5, no blur
 (as SimCLR's CIFAR recipe).
-Cost on a 2-core CPU, 1 device: 276 s wall on an idle machine (2026-12-01:
-~35 s start-up and compilation, then 1.1-1.3 steps/s), 10-20 min when other
-jobs share it (2026-11-23: 0.3-0.5 steps/s).
-Result: see the README's Evaluation section (linear probe, few-label probes
-and kNN against a random-init encoder).
+Cost and result: a few minutes on a 2-core CPU; the README's quick start
+gives the latest wall time and its linear evaluation, the digits table one
+row per method (history: benchmarks/RESULTS.md, "Quick start").
 Arguments (configs/default.py:steps=50,batch=128 for a quicker look):
   steps=N      training steps (default 300)
   batch=B      global batch size (default 256)

@@ -19,7 +19,7 @@ config.json. Three protocols, each named by what it follows:
           57.9 / 68.4% top-1.
   digits  the default off ImageNet: v1's optimiser (SGD-Nesterov, 0.05 x
           B/256) from v2's head layer 1, which measured best on digits
-          (10 labels/class, 2026-11-23 encoder: 84.2% vs v1 80.0%, v2 78.0%).
+          (docs/evaluation.md, "What fine-tuning reaches on digits").
 Arguments:
   protocol=digits|v1|v2  the recipe above (default: digits; v1 with 1pct /
                       10pct)

@@ -145,7 +145,8 @@ def gaussian_blur(x, sigma, radius: int):
   """Separable Gaussian blur of [H, W, 3] with zero 'SAME' padding (as SimCLR).
 
   Each pass is a matmul with a banded matrix instead of TF's depthwise conv:
-  the same sums, ~20x faster on CPU (29 ms -> ~1.5 ms per 224 px view).
+  the same sums, an order of magnitude faster on CPU (benchmarks/RESULTS.md,
+  "Input pipeline").
   """
   k = tf.range(-radius, radius + 1, dtype=tf.float32)
   w = tf.exp(-k**2 / (2.0 * sigma**2))
