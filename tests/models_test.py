@@ -92,6 +92,30 @@ def test_projection_head_structure(layers):
   assert out["z"].shape == (4, 12) and out["logits"].shape == (4, 5)
 
 
+@pytest.mark.parametrize("output_norm", ["bn", "bn_no_affine", "none"])
+def test_projection_head_output_norm(output_norm):
+  """'bn': the last BN learns a scale (SimCLR); 'bn_no_affine': it learns
+  nothing and z is standardised over the batch (SimSiam); 'none': z is the
+  last Dense's output (Barlow Twins, VICReg)."""
+  config = tiny_config(num_proj_layers=2, proj_out_dim=12,
+                       proj_output_norm=output_norm)
+  model, variables, _ = init(config)
+  head = variables["params"]["projection_head"]
+  stats = variables["batch_stats"]["projection_head"]
+  x = jax.random.uniform(jax.random.key(1), (32, 16, 16, 3))
+  out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  dense = out["proj"][0] @ head["dense1"]["kernel"]  # The last Dense's output.
+  if output_norm == "none":
+    assert "bn1" not in head and "bn1" not in stats
+    np.testing.assert_allclose(out["z"], dense, rtol=1e-5, atol=1e-7)
+    return
+  assert set(head.get("bn1", {})) == ({"scale"} if output_norm == "bn"
+                                      else set())
+  assert set(stats["bn1"]) == {"mean", "var"}
+  want = (dense - dense.mean(0)) / np.sqrt(dense.var(0) + 1e-5)
+  np.testing.assert_allclose(out["z"], want, rtol=1e-4, atol=1e-5)
+
+
 def test_probe_does_not_backpropagate_into_the_encoder():
   model, variables, x = init(tiny_config(), num_classes=3)
 
