@@ -79,7 +79,7 @@ def test_loss_equals_the_authors_formula_globally_and_on_8_devices():
   for loss, metrics in (
       jax.jit(global_loss)(z1, z2),
       jax.jit(functools.partial(sharded_loss, mesh=mesh))(
-          layout_util.put_sharded(z1, mesh), layout_util.put_sharded(z2, mesh))):
+          *(layout_util.put_sharded(z, mesh) for z in (z1, z2)))):
     np.testing.assert_allclose(loss, want[0], rtol=1e-5)
     for key, value in zip(("vicreg_invariance", "vicreg_variance",
                            "vicreg_covariance"), want[1:]):
