@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxclr import config as config_lib
-from jaxclr.models import resnet
+from jaxclr.config import schema as config_schema
+from jaxclr.models import heads, resnet
 from jaxclr.models.simclr import build_model
 
 
@@ -97,6 +98,8 @@ def test_projection_head_output_norm(output_norm):
   """'bn': the last BN learns a scale (SimCLR); 'bn_no_affine': it learns
   nothing and z is standardised over the batch (SimSiam); 'none': z is the
   last Dense's output (Barlow Twins, VICReg)."""
+  # The values validation accepts are the ones the head builds.
+  assert heads.OUTPUT_NORMS == config_schema.PROJ_OUTPUT_NORMS
   config = tiny_config(num_proj_layers=2, proj_out_dim=12,
                        proj_output_norm=output_norm)
   model, variables, _ = init(config)
