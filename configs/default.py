@@ -22,13 +22,22 @@ Arguments (configs/default.py:steps=50,batch=128 for a quicker look):
                by label; the digits have labels), BYOL (no negatives:
                predictor 512 wide, target EMA tau 0.99 -> 1) or NNCLR
                (nearest-neighbour positives from a support set of the last
-               4 global batches, predictor 512 wide)
+               4 global batches, predictor 512 wide), Barlow Twins or
+               VICReg (their published weights; the projector ends on its
+               Dense, no BN) or SimSiam (predictor 512 wide, the projector
+               ends in BN without scale)
   loss=NAME    method=simclr's loss, a registered one (default nt_xent;
                nt_xent|supcon|triplet_batch_hard|triplet_semi_hard|npair|
-               infonce; docs/losses.md)
+               infonce|barlow_twins|vicreg; docs/losses.md)
 """
 
 from jaxclr import config as config_lib
+
+# What ends the projector, per method, as its reference has it (default:
+# SimCLR's BN): the last Dense where the loss reads z's scale, BN without
+# scale or offset for SimSiam (docs/losses.md).
+PROJ_OUTPUT_NORM = {"barlow_twins": "none", "vicreg": "none",
+                    "simsiam": "bn_no_affine"}
 
 
 def get_config(arg=None):
@@ -46,6 +55,7 @@ def get_config(arg=None):
   c.model.cifar_stem = True
   c.model.num_proj_layers = 2
   c.model.proj_out_dim = 64
+  c.model.proj_output_norm = PROJ_OUTPUT_NORM.get(arg.method, "bn")
   # SimCLR's small-batch advice (simclr#166): higher lr, short warmup.
   c.learning_rate = 0.5
   c.learning_rate_scaling = "linear"

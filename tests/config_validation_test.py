@@ -154,6 +154,14 @@ BAD_CONFIGS = [
      ["byol.predictor_hidden_dim=0"]),
     ("proj_hidden_dim_negative", _set("model.proj_hidden_dim", -1),
      ["model.proj_hidden_dim=-1 must be >= 0"]),
+    ("proj_output_norm", _set("model.proj_output_norm", "layer_norm"),
+     ["model.proj_output_norm='layer_norm'", "valid: bn, bn_no_affine, none"]),
+    ("method_barlow_lambda", _many(method="barlow_twins",
+                                   barlow_twins__barlow_lambda=-1.0),
+     ["barlow_twins.barlow_lambda=-1.0 must be >= 0"]),
+    ("simclr_vicreg_weight", _many(simclr__loss="vicreg",
+                                   simclr__covariance_weight=-1.0),
+     ["simclr.covariance_weight=-1.0 must be >= 0"]),
     ("method_unknown", _set("method", "moco"),
      ["method='moco' is unknown", "valid: simclr, supcon, byol, nnclr"]),
     ("nnclr_temperature", _many(method="nnclr", nnclr__temperature=0.0),
@@ -270,6 +278,7 @@ def test_method_sections_are_checked_on_resume():
   for name in ("method", "simclr", "supcon", "byol", "nnclr", "optimizer"):
     del old[name]
   del old["model"]["proj_hidden_dim"]
+  del old["model"]["proj_output_norm"]
   assert workdir_lib.config_differences(
       old, workdir_lib.config_to_dict(tiny_config())) == []
 

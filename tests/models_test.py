@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxclr import config as config_lib
-from jaxclr.models import resnet
+from jaxclr.config import schema as config_schema
+from jaxclr.models import heads, resnet
 from jaxclr.models.simclr import build_model
 
 
@@ -90,6 +91,32 @@ def test_projection_head_structure(layers):
   assert out["h"].shape == (4, h_dim)
   assert [p.shape for p in out["proj"]] == [(4, h_dim)] * (layers - 1) + [(4, 12)]
   assert out["z"].shape == (4, 12) and out["logits"].shape == (4, 5)
+
+
+@pytest.mark.parametrize("output_norm", ["bn", "bn_no_affine", "none"])
+def test_projection_head_output_norm(output_norm):
+  """'bn': the last BN learns a scale (SimCLR); 'bn_no_affine': it learns
+  nothing and z is standardised over the batch (SimSiam); 'none': z is the
+  last Dense's output (Barlow Twins, VICReg)."""
+  # The values validation accepts are the ones the head builds.
+  assert heads.OUTPUT_NORMS == config_schema.PROJ_OUTPUT_NORMS
+  config = tiny_config(num_proj_layers=2, proj_out_dim=12,
+                       proj_output_norm=output_norm)
+  model, variables, _ = init(config)
+  head = variables["params"]["projection_head"]
+  stats = variables["batch_stats"]["projection_head"]
+  x = jax.random.uniform(jax.random.key(1), (32, 16, 16, 3))
+  out, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  dense = out["proj"][0] @ head["dense1"]["kernel"]  # The last Dense's output.
+  if output_norm == "none":
+    assert "bn1" not in head and "bn1" not in stats
+    np.testing.assert_allclose(out["z"], dense, rtol=1e-5, atol=1e-7)
+    return
+  assert set(head.get("bn1", {})) == ({"scale"} if output_norm == "bn"
+                                      else set())
+  assert set(stats["bn1"]) == {"mean", "var"}
+  want = (dense - dense.mean(0)) / np.sqrt(dense.var(0) + 1e-5)
+  np.testing.assert_allclose(out["z"], want, rtol=1e-4, atol=1e-5)
 
 
 def test_probe_does_not_backpropagate_into_the_encoder():

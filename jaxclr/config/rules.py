@@ -214,6 +214,10 @@ def _check_model(config):
     _check(m.proj_hidden_dim >= 0,
            f"model.proj_hidden_dim={m.proj_hidden_dim!r} must be >= 0 "
            "(0 = the encoder's output width)")
+  if m.get("proj_output_norm") is not None:
+    _check(m.proj_output_norm in config_schema.PROJ_OUTPUT_NORMS,
+           f"model.proj_output_norm={m.proj_output_norm!r}; valid: "
+           f"{', '.join(config_schema.PROJ_OUTPUT_NORMS)}")
   if m.compute_dtype is not None:
     _check(m.compute_dtype in COMPUTE_DTYPES,
            f"model.compute_dtype={m.compute_dtype!r}; valid: {COMPUTE_DTYPES}")

@@ -21,6 +21,8 @@ JOBS = ("pretrain", "linear_eval", "finetune", "distill")
 CONV_KERNEL_GRADS = ("auto", "xla", "patches")
 # model.conv_library's values (jaxclr/cpu resolves them).
 CONV_LIBRARIES = ("auto", "xla", "onednn")
+# model.proj_output_norm's values (jaxclr/models/heads.py: OUTPUT_NORMS).
+PROJ_OUTPUT_NORMS = ("bn", "bn_no_affine", "none")
 
 # (name, type, pretraining default): the architecture fields. Pretraining
 # sets them; an evaluation job reads them from the checkpoint's config.json
@@ -38,6 +40,9 @@ MODEL_FIELDS = (
     # Width of the head's hidden layers; 0 = the encoder's output width
     # (SimCLR). BYOL / NNCLR recipes use 4096 / 2048.
     ("proj_hidden_dim", int, 0),
+    # What ends the head (jaxclr/models/heads.py OUTPUT_NORMS): 'bn'
+    # (SimCLR), 'bn_no_affine' (SimSiam) or 'none' (Barlow Twins, VICReg).
+    ("proj_output_norm", str, "bn"),
     ("bn_momentum", float, 0.9),
     ("bn_epsilon", float, 1e-5),
     ("compute_dtype", str, "float32"),  # 'bfloat16': bf16 compute, float32 params.

@@ -28,7 +28,7 @@ from jaxclr.training import checkpoint, workdir as workdir_lib
 # Model fields an evaluation config may pin; they must match the checkpoint.
 ARCH_FIELDS = ("depth", "width_multiplier", "cifar_stem", "sk_ratio",
                "se_ratio", "num_proj_layers", "proj_out_dim", "proj_hidden_dim",
-               "bn_momentum",
+               "proj_output_norm", "bn_momentum",
                "bn_epsilon", "compute_dtype")
 VARIABLE_PARTS = ("encoder", "projection_head")
 # Model fields that say how the writing job ran on its own devices, not what

@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 import jax
 from jax.sharding import PartitionSpec as P
 
-from jaxclr.losses import infonce, npair, supcon, triplet
+from jaxclr.losses import barlow_twins, infonce, npair, supcon, triplet, vicreg
 # The public functions, read as losses.nt_xent_with_metrics etc.
 from jaxclr.losses.common import (  # pylint: disable=unused-import
     contrast_metrics, gather_rows, l2_normalize, LARGE_NUM, matmul_t)
@@ -89,6 +89,15 @@ _BUILTIN = (
          {"temperature": 0.1, "hidden_norm": True}, class_labels=False,
          summary="one-directional InfoNCE, optionally with a queue of past "
          "keys", queue=True),
+    Loss("barlow_twins", barlow_twins.barlow_twins_with_metrics,
+         {"barlow_lambda": 0.0051, "barlow_scale": 1.0}, class_labels=False,
+         summary="Barlow Twins: cross-correlation of the views, each "
+         "standardised over the global batch, pushed to the identity"),
+    Loss("vicreg", vicreg.vicreg_with_metrics,
+         {"invariance_weight": 25.0, "variance_weight": 25.0,
+          "covariance_weight": 1.0}, class_labels=False,
+         summary="VICReg: invariance, plus variance and covariance over the "
+         "global batch"),
 )
 _REGISTRY: dict[str, Loss] = {loss.name: loss for loss in _BUILTIN}
 

@@ -101,10 +101,15 @@ class SimCLR(base.Method):
            f"loss={name!r} pairs the two views of an image only (valid: "
            + ", ".join(n for n in losses.names() if losses.get(n).class_labels)
            + ")")
-    for option in ("temperature", "margin"):
+    for option in ("temperature", "margin", "barlow_scale"):
       if option in opts:
         _check(opts[option] > 0,
                f"{section}.{option}={opts[option]!r} must be > 0")
+    for option in ("barlow_lambda", "invariance_weight", "variance_weight",
+                   "covariance_weight"):
+      if option in opts:
+        _check(opts[option] >= 0,
+               f"{section}.{option}={opts[option]!r} must be >= 0")
     queue = opts.get("queue_size", 0)
     _check(isinstance(queue, int) and queue >= 0,
            f"{section}.queue_size={queue!r} must be an int >= 0 (0 = no "

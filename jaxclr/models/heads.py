@@ -12,6 +12,13 @@ from jaxclr.models.resnet import make_batch_norm
 # Both heads use N(0, 0.01) kernels, as the official code does.
 head_kernel_init = nn.initializers.normal(stddev=0.01)
 
+# What ends the projection head (model.proj_output_norm): 'bn', BN with a
+# learned scale and no offset (SimCLR); 'bn_no_affine', BN with neither
+# (PyTorch's BatchNorm1d(affine=False): SimSiam's projector); 'none', the
+# last Dense's output as it is (Barlow Twins, VICReg, whose losses read the
+# scale of z; BYOL's predictor).
+OUTPUT_NORMS = ("bn", "bn_no_affine", "none")
+
 
 class ProjectionHead(nn.Module):
   """[Dense(no bias) -> BN -> ReLU] x (L-1) -> Dense(out, no bias) -> BN(no beta).
@@ -20,12 +27,13 @@ class ProjectionHead(nn.Module):
   output, [out_0, ..., out_{L-1}], so fine-tuning can pick an intermediate
   layer (SimCLRv2's ft_proj_selector); the last one is z. hidden_dim 0 keeps
   the input's width (SimCLR); BYOL's projector and predictor are 4096 wide.
-  output_bn=False ends on the plain Dense (BYOL's predictor).
+  output_norm (OUTPUT_NORMS) is the last BN's kind, or 'none' to end on the
+  plain Dense (BYOL's predictor).
   """
   num_layers: int = 3
   out_dim: int = 128
   hidden_dim: int = 0
-  output_bn: bool = True
+  output_norm: str = "bn"
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
@@ -46,8 +54,12 @@ class ProjectionHead(nn.Module):
     x = nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
                  param_dtype=jnp.float32, kernel_init=head_kernel_init,
                  name=f"dense{last}")(x)
-    if self.output_bn:
-      x = norm(use_bias=False, name=f"bn{last}")(x)
+    if self.output_norm not in OUTPUT_NORMS:
+      raise ValueError(f"output_norm={self.output_norm!r}; valid: "
+                       f"{OUTPUT_NORMS}")
+    if self.output_norm != "none":
+      x = norm(use_bias=False, use_scale=self.output_norm == "bn",
+               name=f"bn{last}")(x)
     outputs.append(x)
     return outputs
 

@@ -75,13 +75,14 @@ def build_model(config, num_classes: int, predictor_hidden_dim: int = 0,
   # .get: configs written before the field keep the input's width.
   head = ProjectionHead(num_layers=m.num_proj_layers, out_dim=m.proj_out_dim,
                         hidden_dim=m.get("proj_hidden_dim") or 0,
+                        output_norm=m.get("proj_output_norm") or "bn",
                         bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
                         dtype=dtype, name="projection_head")
   predictor = None
   if predictor_hidden_dim > 0:
     predictor = ProjectionHead(
         num_layers=2, out_dim=m.proj_out_dim, hidden_dim=predictor_hidden_dim,
-        output_bn=False, bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
+        output_norm="none", bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
         dtype=dtype, name="predictor")
   return SimCLRModel(encoder=build_encoder(m, config.image_size, conv),
                      projection_head=head,
