@@ -23,6 +23,7 @@ calls to this door, and jaxclr runs on XLA alone.
 from __future__ import annotations
 
 import functools
+import sys
 
 from absl import logging
 
@@ -39,9 +40,16 @@ def prepare(environ=None, restart: bool = False) -> dict:
 
 
 def log_settings(settings: dict) -> None:
-  """One INFO line per start-up setting that `prepare` applied."""
+  """One INFO line per start-up setting that `prepare` applied, and one
+  saying why none of the CPU paths apply on an untested jaxlib or
+  TensorFlow."""
   from jaxclr.cpu import (  # pylint: disable=g-import-not-at-top
       host_memory, runtime)
+  if settings.get("untested"):
+    logging.info("CPU backend: XLA's own convolutions, none of "
+                 "jaxclr/cpu's: %s (jaxclr/cpu/versions.py; "
+                 "pip install -e '.[cpu]' installs those)",
+                 settings["untested"])
   if settings["huge_pages"]:
     logging.info("CPU backend: malloc maps large buffers with huge pages "
                  "(jaxclr/cpu/host_memory.py; %s=tuned|default changes it)",
@@ -159,11 +167,50 @@ def _log_choice(library, kernel_grad, *, backend, num_devices,
                  "matmuls (jaxclr/cpu/patch_conv.py; "
                  "--config.model.conv_kernel_grad=xla turns it off)")
   else:
-    why = versions.untested("jaxlib", "tensorflow")
-    if why is None and compute_dtype != "float32":
-      why = f"compute_dtype={compute_dtype!r} (the CPU paths are float32)"
+    # An untested version is said once, at the job's start (log_settings).
+    why = None
+    if compute_dtype != "float32" and versions.untested(
+        "jaxlib", "tensorflow") is None:
+      why = f"compute_dtype={compute_dtype!r}; 'auto' takes the CPU paths " \
+            "for float32"
     logging.info("CPU backend: XLA's convolutions%s",
                  f" ({why})" if why else "")
+
+
+# The switch that turns off the oneDNN custom calls, for the one-line error.
+_ONEDNN_OFF = "--config.model.conv_library=xla"
+
+
+def describe_failure(error: BaseException) -> str | None:
+  """One line for a failure of jaxclr/cpu's custom calls (the oneDNN
+  convolutions): a Python FFI handler that raised inside the step, or an
+  FFI runtime that python_ffi's structs do not fit. It names the switch
+  that turns the path off. None for any other error, or where no custom
+  call of ours was ever built in this process."""
+  onednn_conv = sys.modules.get("jaxclr.cpu.onednn_conv")
+  if onednn_conv is None:
+    return None
+  python_ffi = onednn_conv.python_ffi
+  target = onednn_conv.FFI_TARGET
+  seen = set()
+  while error is not None and id(error) not in seen:  # It and its causes.
+    seen.add(id(error))
+    text = str(error)
+    if isinstance(error, python_ffi.FfiVersionError) and target in text:
+      return (f"jaxclr's oneDNN convolutions cannot run on this jaxlib: "
+              f"{_one_line(text)}; {_ONEDNN_OFF} turns them off")
+    at = text.find(target + ": ")
+    if at >= 0:  # The handler's "<target>: <type>: <message>"; first line.
+      return (f"a oneDNN convolution failed inside the step "
+              f"(jaxclr/cpu/onednn_conv.py): "
+              f"{_one_line(text[at:].splitlines()[0])}; {_ONEDNN_OFF} "
+              "turns that path off")
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _one_line(text: str) -> str:
+  return " ".join(text.split())
 
 
 def conv2d(x, kernel, strides: int, padding, *, library: str,

@@ -100,7 +100,8 @@ def _like(y, x):
       y, NamedSharding(mesh, jax.typeof(x).sharding.spec))
 
 
-_FFI_TARGET = "jaxclr_onednn_conv2d"
+# The custom calls' target (jaxclr/cpu: describe_failure looks for it).
+FFI_TARGET = "jaxclr_onednn_conv2d"
 # TensorFlow reads a buffer in place when it is this aligned (its CPU
 # allocator's alignment); XLA's buffers are.
 _TF_ALIGNMENT = 64
@@ -159,9 +160,9 @@ def _call(op: str, result_shape, operands, stride: int, mode: str):
   # registers nothing. Imported while tracing, so the first step does not
   # import TensorFlow on one of XLA's threads.
   importlib.import_module("tensorflow")
-  python_ffi.register(_FFI_TARGET, _run_conv)
+  python_ffi.register(FFI_TARGET, _run_conv)
   return jax.ffi.ffi_call(
-      _FFI_TARGET, jax.ShapeDtypeStruct(result_shape, jnp.float32))(
+      FFI_TARGET, jax.ShapeDtypeStruct(result_shape, jnp.float32))(
           *operands, op=op, stride=np.int64(stride), padding=mode)
 
 
