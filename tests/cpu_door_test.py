@@ -145,10 +145,11 @@ def test_an_untested_version_runs_xla_and_says_why_once(monkeypatch, caplog,
   said = [line for line in lines if UNTESTED_LINE in line]
   assert len(said) == 1, lines
   assert f"{package} {version or 'not installed'} {UNTESTED_LINE}" in said[0]
-  assert "XLA's own convolutions" in said[0]
   if package == "jaxlib":
+    assert "XLA's own convolutions, none of jaxclr/cpu's" in said[0]
     assert conv is None  # XLA's, forward and gradients.
   else:  # jaxlib tested: the per-tap gradient (no custom call) stays.
+    assert "XLA's convolutions, not TensorFlow's oneDNN kernels" in said[0]
     assert conv.keywords == {"library": "xla", "kernel_grad": "patches"}
   with pytest.raises(config_lib.ConfigError,
                      match=f"'onednn' cannot run here: {package}"):

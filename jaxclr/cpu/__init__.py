@@ -13,9 +13,10 @@ Three things, each measured to pay on the 2-core development CPU
 * `describe_failure(error)`: a custom call that failed inside the step, as
   one line that names the switch to turn it off.
 
-All of it applies only on the jaxlib and TensorFlow versions it was tested
-with (versions.py, also pinned by pyproject.toml's `cpu` extra); on any
-other version the jobs run XLA's plain path and say so in one INFO line.
+The convolution paths and the XLA flag apply only on the jaxlib and
+TensorFlow versions they were tested with (versions.py, also pinned by
+pyproject.toml's `cpu` extra); on any other version the jobs run XLA's
+plain convolutions and say so in one INFO line.
 Nothing outside this folder imports its modules: remove the folder and the
 calls to this door, and jaxclr runs on XLA alone.
 """
@@ -46,10 +47,13 @@ def log_settings(settings: dict) -> None:
   from jaxclr.cpu import (  # pylint: disable=g-import-not-at-top
       host_memory, runtime)
   if settings.get("untested"):
-    logging.info("CPU backend: XLA's own convolutions, none of "
-                 "jaxclr/cpu's: %s (jaxclr/cpu/versions.py; "
-                 "pip install -e '.[cpu]' installs those)",
-                 settings["untested"])
+    # An untested jaxlib turns every convolution path and the flag off; an
+    # untested TensorFlow only the oneDNN path.
+    off = ("XLA's own convolutions, none of jaxclr/cpu's"
+           if versions.untested("jaxlib") else
+           "XLA's convolutions, not TensorFlow's oneDNN kernels")
+    logging.info("CPU backend: %s: %s (jaxclr/cpu/versions.py; pip install "
+                 "-e '.[cpu]' installs those)", off, settings["untested"])
   if settings["huge_pages"]:
     logging.info("CPU backend: malloc maps large buffers with huge pages "
                  "(jaxclr/cpu/host_memory.py; %s=tuned|default changes it)",
