@@ -148,7 +148,7 @@ def user_errors_exit():
     line = cpu.describe_failure(e)
     if line is None:
       raise
-    logging.info("the CPU path's failure", exc_info=True)
+    logging.info("jaxclr/cpu custom call failure", exc_info=True)
     logging.flush()
     print("jaxclr: error: " + line, file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)

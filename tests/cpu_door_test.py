@@ -104,6 +104,15 @@ def test_bad_mode_is_refused():
     cpu_runtime.use_eigen_convolutions_if_cpu(_env(JAXCLR_CPU_CONV="fast"))
 
 
+def test_the_doors_view_of_the_start_up_switches():
+  assert cpu.environment_switches({"JAXCLR_CPU_CONV": "ynnpack"}) == {
+      "JAXCLR_CPU_CONV": "ynnpack", "JAXCLR_HOST_MALLOC": "auto"}
+  # This process (tests/conftest.py) prepared as the jobs do.
+  assert cpu.eigen_convolutions() == cpu_runtime.eigen_convolutions(
+      os.environ["XLA_FLAGS"]) == (cpu_runtime.EIGEN_CONVOLUTIONS in
+                                   os.environ["XLA_FLAGS"])
+
+
 def _one_device_cpu_job(dtype="float32"):
   model = config_lib.pretrain_config().model
   model.compute_dtype = dtype

@@ -33,6 +33,10 @@ from jaxclr.config.schema import (
     CONV_KERNEL_GRADS as KERNEL_GRADS, CONV_LIBRARIES as LIBRARIES)
 from jaxclr.cpu import versions
 
+# The switch that turns the oneDNN custom calls off, for the lines that
+# name it.
+_ONEDNN_OFF = "--config.model.conv_library=xla"
+
 
 def prepare(environ=None, restart: bool = False) -> dict:
   """The XLA:CPU start-up settings (runtime.prepare); see its docstring."""
@@ -66,6 +70,24 @@ def log_settings(settings: dict) -> None:
     logging.info("CPU backend: convolutions on XLA's Eigen kernels, not "
                  "YNNPACK (jaxclr/cpu/runtime.py; %s=ynnpack turns it off)",
                  runtime.CONV_ENV)
+
+
+def environment_switches(environ=None) -> dict:
+  """The environment variables that switch the start-up settings
+  (JAXCLR_CPU_CONV, JAXCLR_HOST_MALLOC) and their values, 'auto' unset:
+  for benchmark records."""
+  import os  # pylint: disable=g-import-not-at-top
+  from jaxclr.cpu import (  # pylint: disable=g-import-not-at-top
+      host_memory, runtime)
+  environ = os.environ if environ is None else environ
+  return {env: environ.get(env, "auto")
+          for env in (runtime.CONV_ENV, host_memory.ENV)}
+
+
+def eigen_convolutions() -> bool:
+  """Whether this process's XLA_FLAGS keep convolutions out of YNNPACK."""
+  from jaxclr.cpu import runtime  # pylint: disable=g-import-not-at-top
+  return runtime.eigen_convolutions()
 
 
 def _job_layout(backend, num_devices):
@@ -164,8 +186,8 @@ def _log_choice(library, kernel_grad, *, backend, num_devices,
     return
   if library == "onednn":
     logging.info("CPU backend: float32 convolutions on TensorFlow's oneDNN "
-                 "kernels (jaxclr/cpu/onednn_conv.py; "
-                 "--config.model.conv_library=xla turns it off)")
+                 "kernels (jaxclr/cpu/onednn_conv.py; %s turns it off)",
+                 _ONEDNN_OFF)
   elif kernel_grad == "patches":
     logging.info("CPU backend: convolution kernel gradients as per-tap "
                  "matmuls (jaxclr/cpu/patch_conv.py; "
@@ -175,14 +197,10 @@ def _log_choice(library, kernel_grad, *, backend, num_devices,
     why = None
     if compute_dtype != "float32" and versions.untested(
         "jaxlib", "tensorflow") is None:
-      why = f"compute_dtype={compute_dtype!r}; 'auto' takes the CPU paths " \
-            "for float32"
+      why = (f"compute_dtype={compute_dtype!r}; 'auto' takes the CPU "
+             "paths for float32")
     logging.info("CPU backend: XLA's convolutions%s",
                  f" ({why})" if why else "")
-
-
-# The switch that turns off the oneDNN custom calls, for the one-line error.
-_ONEDNN_OFF = "--config.model.conv_library=xla"
 
 
 def describe_failure(error: BaseException) -> str | None:
