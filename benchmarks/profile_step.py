@@ -183,12 +183,11 @@ def profile(config, steps: int) -> dict:
     if name in categories:
       by_category[categories[name]] += us / steps / 1e3
   total = sum(by_category.values())
-  from jaxclr.cpu import (  # pylint: disable=g-import-not-at-top
-      runtime as cpu_runtime)
+  from jaxclr import cpu  # pylint: disable=g-import-not-at-top
   return {**measure.run_record(), "config": measure.describe(config),
           "step_wall_ms": wall * 1e3, "op_ms_per_step": by_category,
           "op_total_ms": total,
-          "eigen_convolutions": cpu_runtime.eigen_convolutions(),
+          "eigen_convolutions": cpu.eigen_convolutions(),
           "untraced_ms": max(0.0, wall * 1e3 - total),
           "share": {k: v / total for k, v in by_category.items()}}
 

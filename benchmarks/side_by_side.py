@@ -36,8 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def jaxclr_images_per_sec(args) -> dict:
   # Not at the top: the TensorFlow worker process must not import jax.
-  from jaxclr.cpu import (  # pylint: disable=g-import-not-at-top
-      host_memory, runtime as cpu_runtime)
+  from jaxclr import cpu  # pylint: disable=g-import-not-at-top
   from jaxclr.training import metrics
   with tempfile.TemporaryDirectory() as tmp:
     workdir = os.path.join(tmp, "run")
@@ -60,10 +59,9 @@ def jaxclr_images_per_sec(args) -> dict:
   return {"images_per_sec": statistics.median(rates), "min": min(rates),
           "max": max(rates), "steps": len(rates), "wall_s": wall,
           "command": " ".join(cmd),
-          # jaxclr/cpu/runtime.py: the job's convolution library and host
-          # allocator settings.
-          **{env: os.environ.get(env, "auto")
-             for env in (cpu_runtime.CONV_ENV, host_memory.ENV)}}
+          # jaxclr/cpu: the job's convolution library and host allocator
+          # settings.
+          **cpu.environment_switches()}
 
 
 def _keras_worker(args) -> dict:

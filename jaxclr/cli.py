@@ -130,8 +130,10 @@ def user_errors_exit():
   """Turns user errors into one line on stderr and an exit status.
 
   Every jaxclr.errors.JaxclrError carries its status (2 user error, 3
-  diverged, 4 preempted, 5 distributed runtime); anything else is a bug and
-  keeps its traceback.
+  diverged, 4 preempted, 5 distributed runtime). A failure of jaxclr's CPU
+  custom calls is a user error too: its line names the switch that turns
+  that path off (jaxclr/cpu: describe_failure), its traceback goes to the
+  INFO log. Anything else is a bug and keeps its traceback.
   """
   try:
     yield
@@ -141,6 +143,15 @@ def user_errors_exit():
     prefix = "jaxclr: " if status == EXIT_PREEMPTED else "jaxclr: error: "
     print(prefix + _one_line(e), file=sys.stderr, flush=True)
     sys.exit(status)
+  except Exception as e:  # pylint: disable=broad-except
+    from jaxclr import cpu  # pylint: disable=g-import-not-at-top
+    line = cpu.describe_failure(e)
+    if line is None:
+      raise
+    logging.info("jaxclr/cpu custom call failure", exc_info=True)
+    logging.flush()
+    print("jaxclr: error: " + line, file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
 
 
 def define_job_flags(config_help: str, workdir_help: str):

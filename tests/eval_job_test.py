@@ -311,3 +311,24 @@ def test_export_round_trip(pretrained, tmp_path):
   want = np.asarray(jax.jit(lambda v, x: net.apply(v, x, train=False))(v, images))
   np.testing.assert_array_equal(got, want)
   assert got.shape == (6, 64) and np.std(got) > 0
+
+
+def test_load_encoder_has_no_custom_call_unless_asked(pretrained, tmp_path):
+  """An exported encoder runs on XLA's convolutions: no custom call in the
+  compiled program of the returned function called on images (this CPU
+  process included). conv_library='onednn' asks for jaxclr/cpu's path:
+  the control, whose custom calls are there, equal to float32 round-off."""
+  path = str(tmp_path / "enc.npz")
+  export.export_encoder(pretrained, path)
+  images = np.random.default_rng(0).uniform(size=(4, 8, 8, 3)).astype(
+      np.float32)
+  compiled = lambda embed: jax.jit(embed).lower(images).compile().as_text()
+  embed = jaxclr.load_encoder(path)
+  assert "custom-call" not in compiled(embed)
+  onednn = jaxclr.load_encoder(path, conv_library="onednn")
+  assert 'custom_call_target="jaxclr_onednn_conv2d"' in compiled(onednn)
+  want = np.asarray(embed(images))
+  np.testing.assert_allclose(onednn(images), want, rtol=0,
+                             atol=1e-5 * np.abs(want).max())
+  with pytest.raises(config_lib.ConfigError, match="'mkl'; valid: auto"):
+    jaxclr.load_encoder(path, conv_library="mkl")

@@ -13,9 +13,10 @@ Three things, each measured to pay on the 2-core development CPU
 * `describe_failure(error)`: a custom call that failed inside the step, as
   one line that names the switch to turn it off.
 
-All of it applies only on the jaxlib and TensorFlow versions it was tested
-with (versions.py, also pinned by pyproject.toml's `cpu` extra); on any
-other version the jobs run XLA's plain path and say so in one INFO line.
+The convolution paths and the XLA flag apply only on the jaxlib and
+TensorFlow versions they were tested with (versions.py, also pinned by
+pyproject.toml's `cpu` extra); on any other version the jobs run XLA's
+plain convolutions and say so in one INFO line.
 Nothing outside this folder imports its modules: remove the folder and the
 calls to this door, and jaxclr runs on XLA alone.
 """
@@ -23,6 +24,7 @@ calls to this door, and jaxclr runs on XLA alone.
 from __future__ import annotations
 
 import functools
+import sys
 
 from absl import logging
 
@@ -30,6 +32,10 @@ from jaxclr import errors
 from jaxclr.config.schema import (
     CONV_KERNEL_GRADS as KERNEL_GRADS, CONV_LIBRARIES as LIBRARIES)
 from jaxclr.cpu import versions
+
+# The switch that turns the oneDNN custom calls off, for the lines that
+# name it.
+_ONEDNN_OFF = "--config.model.conv_library=xla"
 
 
 def prepare(environ=None, restart: bool = False) -> dict:
@@ -39,9 +45,19 @@ def prepare(environ=None, restart: bool = False) -> dict:
 
 
 def log_settings(settings: dict) -> None:
-  """One INFO line per start-up setting that `prepare` applied."""
+  """One INFO line per start-up setting that `prepare` applied, and one
+  saying why none of the CPU paths apply on an untested jaxlib or
+  TensorFlow."""
   from jaxclr.cpu import (  # pylint: disable=g-import-not-at-top
       host_memory, runtime)
+  if settings.get("untested"):
+    # An untested jaxlib turns every convolution path and the flag off; an
+    # untested TensorFlow only the oneDNN path.
+    off = ("XLA's own convolutions, none of jaxclr/cpu's"
+           if versions.untested("jaxlib") else
+           "XLA's convolutions, not TensorFlow's oneDNN kernels")
+    logging.info("CPU backend: %s: %s (jaxclr/cpu/versions.py; pip install "
+                 "-e '.[cpu]' installs those)", off, settings["untested"])
   if settings["huge_pages"]:
     logging.info("CPU backend: malloc maps large buffers with huge pages "
                  "(jaxclr/cpu/host_memory.py; %s=tuned|default changes it)",
@@ -54,6 +70,24 @@ def log_settings(settings: dict) -> None:
     logging.info("CPU backend: convolutions on XLA's Eigen kernels, not "
                  "YNNPACK (jaxclr/cpu/runtime.py; %s=ynnpack turns it off)",
                  runtime.CONV_ENV)
+
+
+def environment_switches(environ=None) -> dict:
+  """The environment variables that switch the start-up settings
+  (JAXCLR_CPU_CONV, JAXCLR_HOST_MALLOC) and their values, 'auto' unset:
+  for benchmark records."""
+  import os  # pylint: disable=g-import-not-at-top
+  from jaxclr.cpu import (  # pylint: disable=g-import-not-at-top
+      host_memory, runtime)
+  environ = os.environ if environ is None else environ
+  return {env: environ.get(env, "auto")
+          for env in (runtime.CONV_ENV, host_memory.ENV)}
+
+
+def eigen_convolutions() -> bool:
+  """Whether this process's XLA_FLAGS keep convolutions out of YNNPACK."""
+  from jaxclr.cpu import runtime  # pylint: disable=g-import-not-at-top
+  return runtime.eigen_convolutions()
 
 
 def _job_layout(backend, num_devices):
@@ -152,18 +186,53 @@ def _log_choice(library, kernel_grad, *, backend, num_devices,
     return
   if library == "onednn":
     logging.info("CPU backend: float32 convolutions on TensorFlow's oneDNN "
-                 "kernels (jaxclr/cpu/onednn_conv.py; "
-                 "--config.model.conv_library=xla turns it off)")
+                 "kernels (jaxclr/cpu/onednn_conv.py; %s turns it off)",
+                 _ONEDNN_OFF)
   elif kernel_grad == "patches":
     logging.info("CPU backend: convolution kernel gradients as per-tap "
                  "matmuls (jaxclr/cpu/patch_conv.py; "
                  "--config.model.conv_kernel_grad=xla turns it off)")
   else:
-    why = versions.untested("jaxlib", "tensorflow")
-    if why is None and compute_dtype != "float32":
-      why = f"compute_dtype={compute_dtype!r} (the CPU paths are float32)"
+    # An untested version is said once, at the job's start (log_settings).
+    why = None
+    if compute_dtype != "float32" and versions.untested(
+        "jaxlib", "tensorflow") is None:
+      why = (f"compute_dtype={compute_dtype!r}; 'auto' takes the CPU "
+             "paths for float32")
     logging.info("CPU backend: XLA's convolutions%s",
                  f" ({why})" if why else "")
+
+
+def describe_failure(error: BaseException) -> str | None:
+  """One line for a failure of jaxclr/cpu's custom calls (the oneDNN
+  convolutions): a Python FFI handler that raised inside the step, or an
+  FFI runtime that python_ffi's structs do not fit. It names the switch
+  that turns the path off. None for any other error, or where no custom
+  call of ours was ever built in this process."""
+  onednn_conv = sys.modules.get("jaxclr.cpu.onednn_conv")
+  if onednn_conv is None:
+    return None
+  python_ffi = onednn_conv.python_ffi
+  target = onednn_conv.FFI_TARGET
+  seen = set()
+  while error is not None and id(error) not in seen:  # It and its causes.
+    seen.add(id(error))
+    text = str(error)
+    if isinstance(error, python_ffi.FfiVersionError) and target in text:
+      return (f"jaxclr's oneDNN convolutions cannot run on this jaxlib: "
+              f"{_one_line(text)}; {_ONEDNN_OFF} turns them off")
+    at = text.find(target + ": ")
+    if at >= 0:  # The handler's "<target>: <type>: <message>"; first line.
+      return (f"a oneDNN convolution failed inside the step "
+              f"(jaxclr/cpu/onednn_conv.py): "
+              f"{_one_line(text[at:].splitlines()[0])}; {_ONEDNN_OFF} "
+              "turns that path off")
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _one_line(text: str) -> str:
+  return " ".join(text.split())
 
 
 def conv2d(x, kernel, strides: int, padding, *, library: str,

@@ -4,7 +4,7 @@ called from the jitted step as XLA custom calls: the CPU switch
 
 Why this exists: on the 2-core CPU a 3x3, 64-channel R-18 layer's forward
 and both gradients took 1.15 s on XLA:CPU (the kernel gradient as the step
-computes it, jaxclr/models/conv.py) and 0.57 s on oneDNN, the library
+computes it, jaxclr/cpu/patch_conv.py) and 0.57 s on oneDNN, the library
 TensorFlow's CPU convolutions use, calls included; the R-18 / B=256 job
 ran faster end to end (benchmarks/RESULTS.md, "CPU speed, 2026-12-05
 (oneDNN)" and "(late)"). jaxlib ships no oneDNN convolution, and
@@ -21,9 +21,12 @@ EXPLICIT padding leaves oneDNN for a slower kernel). Values equal XLA's
 convolution to float32 round-off (tests/onednn_conv_test.py); each call is
 deterministic, which exact resumption needs.
 
-Where it applies (conv.py decides): the CPU backend, one device in all (a
-custom call sees whole arrays, and on a multi-device mesh would gather them to
-one device), float32. 1x1 kernels included: through pure_callback's copies
+Where it applies (jaxclr/cpu/__init__.py: resolve_library decides): the
+CPU backend, one device in all (a custom call sees whole arrays, and on a
+multi-device mesh would gather them to one device), float32, x86-64, and
+the jaxlib and TensorFlow versions of jaxclr/cpu/versions.py. A failure
+inside the call ends a job in one line naming the switch
+(jaxclr/cpu/__init__.py: describe_failure). 1x1 kernels included: through pure_callback's copies
 they were slower than XLA's single matmuls (R-50 step 20.2 s against
 15.6), in place they are faster (R-50 / 224 px / B=32 step 2.25-2.66
 against 1.90-2.12 images/s).
@@ -100,7 +103,8 @@ def _like(y, x):
       y, NamedSharding(mesh, jax.typeof(x).sharding.spec))
 
 
-_FFI_TARGET = "jaxclr_onednn_conv2d"
+# The custom calls' target (jaxclr/cpu: describe_failure looks for it).
+FFI_TARGET = "jaxclr_onednn_conv2d"
 # TensorFlow reads a buffer in place when it is this aligned (its CPU
 # allocator's alignment); XLA's buffers are.
 _TF_ALIGNMENT = 64
@@ -159,9 +163,9 @@ def _call(op: str, result_shape, operands, stride: int, mode: str):
   # registers nothing. Imported while tracing, so the first step does not
   # import TensorFlow on one of XLA's threads.
   importlib.import_module("tensorflow")
-  python_ffi.register(_FFI_TARGET, _run_conv)
+  python_ffi.register(FFI_TARGET, _run_conv)
   return jax.ffi.ffi_call(
-      _FFI_TARGET, jax.ShapeDtypeStruct(result_shape, jnp.float32))(
+      FFI_TARGET, jax.ShapeDtypeStruct(result_shape, jnp.float32))(
           *operands, op=op, stride=np.int64(stride), padding=mode)
 
 

@@ -18,7 +18,8 @@ in a loop, so only one window copy is alive at a time (+13% temporary memory
 on that step; unrolled, all nine were, and the extra memory cost more time
 in page faults than the matmuls saved). On GPU and TPU the native gradient
 is fast and needs no copies, so 'auto' picks 'patches' on the CPU backend
-only, and there only for a one-device job (resolve_kernel_grad says why).
+only, and there only for a one-device float32 job on a tested jaxlib
+(jaxclr/cpu/__init__.py: resolve_kernel_grad says why).
 
 Both forms compute the same sum in a different order: they agree to float32
 round-off (tests/conv_test.py), and each is deterministic.

@@ -14,17 +14,24 @@ against 381 ms (`python -m benchmarks.conv_layers --n 512`;
 benchmarks/RESULTS.md, "CPU speed, 2026-12-05 (late)").
 jax registers FFI targets from a function pointer (`jax.ffi.pycapsule`)
 and offers no way to write one in Python, so this module builds the
-pointer with ctypes over the FFI's C ABI (xla/ffi/api/c_api.h in jaxlib's
-headers): a versioned ABI whose structs only grow at their end within a
-major version, and only fields present since its first 0.x release are
-read here.
+pointer with ctypes over the FFI's C ABI: the structs below mirror
+xla/ffi/api/c_api.h as jaxlib 0.10.2 ships it (jaxlib/include/xla/ffi/
+api/c_api.h in its wheel), which declares XLA_FFI_API_MAJOR 0 and
+XLA_FFI_API_MINOR 3: STRUCTS_VERSION. A versioned ABI whose structs only
+grow at their end within a major version: XLA takes a handler that answers
+its metadata query with a version from its oldest supported one up to its
+own (openxla/xla, xla/ffi/ffi_registry.cc: IsSupportedApiVersion), so the
+handler answers with STRUCTS_VERSION -- the version it was written against
+and checked on, not the runtime's -- and refuses a runtime of another major
+version, or an older minor one, with FfiVersionError at registration.
 
 A handler is `fn(inputs, outputs, attrs)`: NumPy views of the operands'
 and results' buffers (the operands are XLA's, valid for the call only: do
 not keep references to them, and do not write to them), and the call's
 attributes as a dict of Python scalars. It must fill every output. An
-exception becomes the custom call's error (and is logged with its
-traceback), so the jitted function raises instead of returning garbage.
+exception becomes the custom call's error, "<target>: <type>: <message>"
+(its traceback goes to the INFO log), so the jitted function raises
+instead of returning garbage.
 The handler runs on one of XLA's threads and takes the GIL.
 
 The target is named in the compiled program, not addressed, so JAX's
@@ -35,10 +42,10 @@ process once the same target is registered there.
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import numpy as np
 
@@ -48,9 +55,12 @@ Handler = Callable[[list, list, dict], None]
 _EXTENSION_METADATA = 1
 _STAGE_EXECUTE = 3
 _ERROR_INVALID_ARGUMENT = 3
+_ERROR_FAILED_PRECONDITION = 9
 _ERROR_INTERNAL = 13
 _ATTR_SCALAR, _ATTR_STRING = 3, 4
-_SUPPORTED_ABI_MAJOR = 0
+# (XLA_FFI_API_MAJOR, XLA_FFI_API_MINOR) of the c_api.h the structs below
+# were written against and tested on: jaxlib 0.10.2's (module docstring).
+STRUCTS_VERSION = (0, 3)
 
 # XLA_FFI_DataType -> NumPy dtype (the ones a handler here may see).
 _DTYPES = {1: np.dtype(bool), 2: np.dtype(np.int8), 3: np.dtype(np.int16),
@@ -153,6 +163,10 @@ _HandlerPointer = ctypes.CFUNCTYPE(ctypes.c_void_p,
                                    ctypes.POINTER(_CallFrame))
 
 
+class FfiVersionError(RuntimeError):
+  """XLA's FFI runtime is not one the structs here were written for."""
+
+
 class _FfiError(Exception):
   def __init__(self, message: str, code: int = _ERROR_INVALID_ARGUMENT):
     super().__init__(message)
@@ -207,22 +221,43 @@ def _error(api, message: str, code: int):
   return api.contents.error_create(ctypes.byref(args))
 
 
+def refusal(runtime_version: tuple[int, int]) -> str | None:
+  """Why the handlers here cannot run on an FFI runtime of this (major,
+  minor) version, or None: another major version may have moved any field;
+  an older minor one may lack fields the structs here have."""
+  major, minor = runtime_version
+  want_major, want_minor = STRUCTS_VERSION
+  if major == want_major and minor >= want_minor:
+    return None
+  return (f"XLA's FFI API is version {major}.{minor}; jaxclr's Python FFI "
+          f"handlers (jaxclr/cpu/python_ffi.py) are written against "
+          f"{want_major}.{want_minor} and run on {want_major}.{want_minor} "
+          f"to {want_major}.x")
+
+
+def _runtime_version(call_frame: _CallFrame) -> tuple[int, int] | None:
+  """The (major, minor) version of the runtime calling, None where it
+  passes no API (older XLA's metadata query did not)."""
+  if not call_frame.api:
+    return None
+  version = call_frame.api.contents.api_version
+  return version.major_version, version.minor_version
+
+
 def _metadata(call_frame: _CallFrame):
-  """Answers XLA's registration-time query for the handler's ABI version
-  and traits: the runtime's own version, since only fields every 0.x
-  version has are read here."""
-  runtime = call_frame.api.contents.api_version
-  if runtime.major_version != _SUPPORTED_ABI_MAJOR:
-    return _error(call_frame.api,
-                  f"XLA's FFI ABI is version {runtime.major_version}."
-                  f"{runtime.minor_version}; jaxclr's Python handlers speak "
-                  f"{_SUPPORTED_ABI_MAJOR}.x", _ERROR_INTERNAL)
+  """Answers XLA's registration-time query for the handler's FFI version
+  and traits: STRUCTS_VERSION, the version the structs were written
+  against (XLA refuses it if it no longer supports it), after refusing a
+  runtime they do not fit."""
+  runtime = _runtime_version(call_frame)
+  why = None if runtime is None else refusal(runtime)
+  if why is not None:
+    return _error(call_frame.api, why, _ERROR_FAILED_PRECONDITION)
   extension = ctypes.cast(call_frame.extension_start,
                           ctypes.POINTER(_MetadataExtension)).contents
   metadata = extension.metadata.contents
-  metadata.api_version = _ApiVersion(
-      ctypes.sizeof(_ApiVersion), None, runtime.major_version,
-      runtime.minor_version)
+  metadata.api_version = _ApiVersion(ctypes.sizeof(_ApiVersion), None,
+                                     *STRUCTS_VERSION)
   metadata.traits = 0
   return None
 
@@ -244,8 +279,12 @@ def _handler_pointer(name: str, fn: Handler):
       return _error(call_frame.api, f"{name}: {e}", e.code)
     except BaseException as e:  # pylint: disable=broad-except
       # Returned to XLA as the call's error: jax raises it where the
-      # result is waited for. The traceback exists only here.
-      logging.exception("FFI target %s failed", name)
+      # result is waited for, and the job's edge reports it in one line
+      # (jaxclr/cpu/__init__.py: describe_failure). The traceback exists
+      # only here: to the log, at INFO.
+      logging.info("FFI target %s failed", name, exc_info=True)
+      if not call_frame.api:  # Nothing to report the error through.
+        return None
       return _error(call_frame.api, f"{name}: {type(e).__name__}: {e}",
                     _ERROR_INTERNAL)
   return _HandlerPointer(handle)
@@ -259,13 +298,24 @@ _REGISTERED: dict[str, tuple[Handler, Any]] = {}
 def register(name: str, fn: Handler) -> None:
   """Registers `fn` as the CPU FFI target `name`. Registering the same
   function under the same name again does nothing; another function under
-  a registered name is refused."""
+  a registered name is refused (ValueError), and so is an FFI runtime the
+  structs here do not fit (FfiVersionError)."""
   if name in _REGISTERED:
     if _REGISTERED[name][0] is not fn:
       raise ValueError(f"FFI target {name!r} is already registered to "
                        f"{_REGISTERED[name][0]!r}")
     return
   pointer = _handler_pointer(name, fn)
-  jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(pointer),
-                              platform="cpu")
+  # With the CPU backend started, XLA queries the handler's version now and
+  # a refusal raises here; registered before, the query runs when the
+  # backend starts, and a refusal there fails the backend itself.
+  jax.devices("cpu")
+  try:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(pointer),
+                                platform="cpu")
+  except jax.errors.JaxRuntimeError as e:
+    if "FFI API" not in str(e) and "API version" not in str(e):
+      raise
+    raise FfiVersionError(f"FFI target {name!r} not registered: "
+                          f"{' '.join(str(e).split())}") from e
   _REGISTERED[name] = (fn, pointer)

@@ -18,40 +18,30 @@ convolutions out of YNNPACK and leaves its matmuls, reductions and
 element-wise fusions where they are (taking reductions out too was slower).
 
 The flag is experimental: XLA aborts on a flag it does not know, and a later
-YNNPACK may be the faster one, so it is added only for the jaxlib versions
-it was measured on (MEASURED_JAXLIB). A user's own
---xla_cpu_experimental_ynn_fusion_type in XLA_FLAGS wins.
+YNNPACK may be the faster one, so it is added only on the jaxlib versions
+the CPU paths were tested with (jaxclr/cpu/versions.py); on any other the
+job logs why in one INFO line (jaxclr/cpu/__init__.py: log_settings). A
+user's own --xla_cpu_experimental_ynn_fusion_type in XLA_FLAGS wins.
 JAXCLR_CPU_CONV=ynnpack keeps jaxlib's default; =eigen adds the flag on any
 jaxlib version (and fails there if XLA does not know it).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 
-from jaxclr.cpu import host_memory
+from jaxclr.cpu import host_memory, versions
 
 CONV_ENV = "JAXCLR_CPU_CONV"
 CONV_MODES = ("auto", "eigen", "ynnpack")
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 EIGEN_CONVOLUTIONS = YNN_FLAG + "=-individual_convolution"
-# jaxlib versions (prefixes) on which YNNPACK's convolutions were measured
-# slower than Eigen's (benchmarks/RESULTS.md).
-MEASURED_JAXLIB = ("0.10.",)
 
 
-def _jaxlib_version() -> str:
-  try:
-    return importlib.metadata.version("jaxlib")
-  except importlib.metadata.PackageNotFoundError:
-    return ""
-
-
-def use_eigen_convolutions_if_cpu(environ=None,
-                                  jaxlib_version: str | None = None) -> bool:
-  """Adds EIGEN_CONVOLUTIONS to environ's XLA_FLAGS where it applies;
-  returns whether XLA_FLAGS now keeps convolutions out of YNNPACK."""
+def use_eigen_convolutions_if_cpu(environ=None) -> bool:
+  """Adds EIGEN_CONVOLUTIONS to environ's XLA_FLAGS where it applies (the
+  CPU backend, a tested jaxlib, not turned off); returns whether XLA_FLAGS
+  now keeps convolutions out of YNNPACK."""
   environ = os.environ if environ is None else environ
   mode = environ.get(CONV_ENV, "auto")
   if mode not in CONV_MODES:
@@ -61,8 +51,7 @@ def use_eigen_convolutions_if_cpu(environ=None,
     return eigen_convolutions(xla_flags)
   if mode == "ynnpack" or not host_memory.backend_will_be_cpu(environ):
     return False
-  version = _jaxlib_version() if jaxlib_version is None else jaxlib_version
-  if mode == "auto" and not version.startswith(MEASURED_JAXLIB):
+  if mode == "auto" and versions.untested("jaxlib"):
     return False
   environ["XLA_FLAGS"] = (xla_flags + " " + EIGEN_CONVOLUTIONS).strip()
   return True
@@ -82,9 +71,13 @@ def prepare(environ=None, restart: bool = False) -> dict:
   """Both settings; call before anything starts jax's backend. restart:
   this is a job's entry point, which may re-execute itself for the huge-
   page allocator (host_memory.restart_with_huge_pages_if_cpu). Returns
-  which applied."""
+  which applied, and `untested`: on the CPU backend, why the installed
+  jaxlib or TensorFlow keeps jaxclr's CPU paths off (None: it does not)."""
   if restart:
     host_memory.restart_with_huge_pages_if_cpu(environ)
+  on_cpu = host_memory.backend_will_be_cpu(environ)
   return {"huge_pages": host_memory.huge_pages_in_effect(environ),
           "tuned_malloc": host_memory.keep_freed_memory_if_cpu(environ),
-          "eigen_convolutions": use_eigen_convolutions_if_cpu(environ)}
+          "eigen_convolutions": use_eigen_convolutions_if_cpu(environ),
+          "untested": (versions.untested("jaxlib", "tensorflow")
+                       if on_cpu else None)}

@@ -28,11 +28,11 @@ def installed(package: str) -> str | None:
   return None
 
 
-def untested(*packages: str, found=installed) -> str | None:
+def untested(*packages: str) -> str | None:
   """None when every package's installed version is a tested one, else a
   phrase saying which is not (for the one-line message)."""
   for package in packages:
-    version = found(package)
+    version = installed(package)  # Looked up here, so tests can fake it.
     if version not in TESTED[package]:
       return (f"{package} {version or 'not installed'} is not a version the "
               f"CPU paths were tested on ({', '.join(TESTED[package])})")

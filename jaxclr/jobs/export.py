@@ -6,8 +6,9 @@ The file holds the encoder's params and BatchNorm statistics as arrays named
 'params/<path>' and 'batch_stats/<path>', and '__manifest__': a JSON document
 (as uint8 bytes) with the architecture (depth, width_multiplier, cifar_stem,
 sk_ratio, se_ratio, image_size, compute_dtype, BN settings, feature_dim),
-the checkpoint step and the source workdir. `jaxclr.load_encoder(path)` rebuilds the ResNet from the
-manifest and returns images [N, H, W, 3] float in [0, 1] -> embeddings h
+the checkpoint step and the source workdir. `jaxclr.load_encoder(path)`
+rebuilds the ResNet from the manifest, on XLA's convolutions unless asked
+otherwise, and returns images [N, H, W, 3] float in [0, 1] -> embeddings h
 [N, feature_dim] (inference mode: BatchNorm moving statistics).
 """
 
@@ -88,8 +89,28 @@ def read_manifest(path: str) -> dict:
     return json.loads(f[MANIFEST_KEY].tobytes().decode())
 
 
-def load_encoder(path: str):
-  """images [N, H, W, 3] float in [0, 1] -> h [N, feature_dim] (jitted)."""
+def _convolution(conv_library: str, manifest: dict):
+  """None (XLA's) unless the caller asked for a CPU path; the function
+  load_encoder returns computes on one device."""
+  if conv_library == "xla":
+    return None
+  from jaxclr import cpu  # pylint: disable=g-import-not-at-top
+  return cpu.job_convolution(
+      {"conv_library": conv_library, "conv_kernel_grad": "xla",
+       "compute_dtype": manifest["model"].get("compute_dtype")},
+      num_devices=1, log=False)
+
+
+def load_encoder(path: str, *, conv_library: str = "xla"):
+  """images [N, H, W, 3] float in [0, 1] -> h [N, feature_dim] (jitted; it
+  computes on one device, jax's default).
+
+  Its convolutions are XLA's, whatever the platform, so it runs inside a
+  caller's own jit with no custom call. To ask for jaxclr's CPU path
+  (TensorFlow's oneDNN kernels as XLA custom calls, float32 exports only;
+  jaxclr/cpu, docs/performance.md): conv_library='auto' takes it where a
+  one-device CPU job would, 'onednn' insists (a ConfigError where it
+  cannot run)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
@@ -104,7 +125,8 @@ def load_encoder(path: str):
   tree = _unflatten(flat)
   variables = {"params": tree["params"], "batch_stats": tree["batch_stats"]}
   net = simclr.build_encoder(ml_collections.ConfigDict(manifest["model"]),
-                             manifest["image_size"])
+                             manifest["image_size"],
+                             conv=_convolution(conv_library, manifest))
   apply = jax.jit(lambda v, x: net.apply(v, x.astype(jnp.float32),
                                          train=False).astype(jnp.float32))
 
