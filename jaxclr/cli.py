@@ -102,11 +102,17 @@ def define_distributed_flags():
 
 
 class _QuietLibraries(logging_lib.Filter):
-  """Keeps Orbax's and TensorStore's per-save INFO lines off the console."""
+  """Keeps Orbax's and TensorStore's per-save INFO lines off the console,
+  and their tracebacks of a failed save (jaxclr reports that failure in one
+  line, errors.SaveError): their warnings and errors stay, as one line."""
 
   def filter(self, record):
-    return (record.levelno >= logging_lib.WARNING or
-            not any(f"/{lib}/" in record.pathname for lib in _CHATTY))
+    if not any(f"/{lib}/" in record.pathname for lib in _CHATTY):
+      return True
+    if record.levelno < logging_lib.WARNING:
+      return False
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 _CHATTY = ("orbax", "tensorstore", "clu")
