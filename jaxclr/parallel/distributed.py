@@ -236,6 +236,21 @@ def barrier(name: str, timeout_s: int) -> None:
       name, timeout_in_ms=int(timeout_s * 1000))
 
 
+def share_from_primary(key: str, value: str | None, timeout_s: int) -> str:
+  """Process 0's `value` on every process (through the coordination
+  service's key-value store; not a device collective). Others wait up to
+  timeout_s for process 0 to publish it."""
+  if jax.process_count() == 1:
+    return value or ""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  key = f"jaxclr/{key}"
+  if jax.process_index() == 0:
+    client.key_value_set(key, value or "", allow_overwrite=True)
+    return value or ""
+  return client.blocking_key_value_get(key, int(timeout_s * 1000))
+
+
 def compile_together(jitted, *args, name: str = "jaxclr_compiled"):
   """AOT-compiles `jitted` for `args`, then waits for every process.
 
