@@ -118,12 +118,37 @@ class _QuietLibraries(logging_lib.Filter):
 _CHATTY = ("orbax", "tensorstore", "clu")
 
 
+class _QuietClosedLoopCallbacks:
+  """sys.unraisablehook that drops one known, harmless report and passes on
+  every other: after a checkpoint write fails, Orbax closes that save's
+  asyncio event loop while TensorStore's other writes are still completing,
+  and each completion's callback (loop.call_soon_threadsafe) raises
+  'Event loop is closed', which TensorStore reports as unraisable: dozens of
+  tracebacks after the one line that reports the failed save
+  (errors.SaveError)."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable):
+    error, tb = unraisable.exc_value, unraisable.exc_traceback
+    frames = []
+    while tb is not None:
+      frames.append(tb.tb_frame.f_code.co_name)
+      tb = tb.tb_next
+    if not (isinstance(error, RuntimeError) and
+            str(error) == "Event loop is closed" and
+            "call_soon_threadsafe" in frames):
+      self.previous(unraisable)
+
+
 def initialize_runtime():
   """Quiets library logs and starts jax.distributed when asked or detected.
 
   Call before anything uses jax devices.
   """
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _QuietClosedLoopCallbacks(sys.unraisablehook)
   from jaxclr.parallel import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(mode=FLAGS.distributed,
                          coordinator_address=FLAGS.coordinator_address,

@@ -26,6 +26,7 @@ at the next start.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Any
@@ -50,9 +51,25 @@ CheckpointError = errors.CheckpointError
 SaveError = errors.SaveError
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
+# The errors a write meets, in the words of the OS (os.strerror), found in
+# whatever exception carries them: TensorStore reports them inside a long
+# ValueError, Python's own I/O as an OSError.
+WRITE_ERRNOS = ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO", "EACCES",
+                "EPERM", "ENOENT")
+
+
+def _cause(error: BaseException, limit: int = 200) -> str:
+  """'<OS error words>: <type>: <first line, shortened>' of a failed write;
+  the OS's words lead because the first line of a TensorStore error is
+  mostly the path of the file it was writing."""
   text = str(error).strip()
-  return f"{type(error).__name__}: {text.splitlines()[0][:limit] if text else ''}"
+  head = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+  if len(head) > limit:
+    head = head[:limit] + "..."
+  words = [os.strerror(getattr(errno, name)) for name in WRITE_ERRNOS
+           if hasattr(errno, name)]
+  found = next((w for w in words if w in text), None)
+  return f"{found}: {head}" if found else head
 
 
 def _as_uint32(x):
@@ -305,7 +322,7 @@ class CheckpointStore:
     what = f"checkpoint {step}" if step is not None else "a checkpoint"
     return SaveError(
         f"could not save {what} in {os.fspath(self.directory)} "
-        f"({_first_line(error)}){stopped}. Committed checkpoints are "
+        f"({_cause(error)}){stopped}. Committed checkpoints are "
         f"untouched ({newest}): fix the cause (free space?) and re-run the "
         "same command to resume from the newest")
 
