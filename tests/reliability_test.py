@@ -576,3 +576,15 @@ def test_only_the_closed_loop_callbacks_of_a_failed_save_are_silenced():
                                  err_msg=None, object=None))
   assert [type(u.exc_value).__name__ for u in seen] == [
       "RuntimeError", "ZeroDivisionError"]
+
+
+def test_truncate_jsonl_drops_later_records_and_a_cut_short_line(tmp_path):
+  """A resumed run drops the records past its checkpoint, and a last line
+  that a kill (or a full disk) cut short; whole records stay as written."""
+  path = str(tmp_path / metrics.METRICS_FILE)
+  whole = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
+  with open(path, "w") as f:
+    f.writelines(whole + [whole[0][:9]])  # '{"step": ' and nothing more.
+  metrics.truncate_jsonl(path, last_step=2)
+  with open(path) as f:
+    assert f.read() == "".join(whole[:2])
