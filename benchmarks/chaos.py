@@ -223,6 +223,7 @@ def main():
     parser.error(f"--kinds={args.kinds}; valid kinds: {KINDS}")
   rng = random.Random(args.seed)
   root = args.root or tempfile.mkdtemp(prefix="jaxclr_chaos_")
+  os.makedirs(root, exist_ok=True)
   cache = os.path.join(root, "xla_cache")
   ref, chaos = os.path.join(root, "reference"), os.path.join(root, "chaos")
   ckpt_dir = os.path.join(chaos, "checkpoints")
