@@ -102,14 +102,44 @@ def define_distributed_flags():
 
 
 class _QuietLibraries(logging_lib.Filter):
-  """Keeps Orbax's and TensorStore's per-save INFO lines off the console."""
+  """Keeps Orbax's and TensorStore's per-save INFO lines off the console,
+  and their tracebacks of a failed save (jaxclr reports that failure in one
+  line, errors.SaveError): their warnings and errors stay, as one line."""
 
   def filter(self, record):
-    return (record.levelno >= logging_lib.WARNING or
-            not any(f"/{lib}/" in record.pathname for lib in _CHATTY))
+    if not any(f"/{lib}/" in record.pathname for lib in _CHATTY):
+      return True
+    if record.levelno < logging_lib.WARNING:
+      return False
+    record.exc_info, record.exc_text = None, None
+    return True
 
 
 _CHATTY = ("orbax", "tensorstore", "clu")
+
+
+class _QuietClosedLoopCallbacks:
+  """sys.unraisablehook that drops one known, harmless report and passes on
+  every other: after a checkpoint write fails, Orbax closes that save's
+  asyncio event loop while TensorStore's other writes are still completing,
+  and each completion's callback (loop.call_soon_threadsafe) raises
+  'Event loop is closed', which TensorStore reports as unraisable: dozens of
+  tracebacks after the one line that reports the failed save
+  (errors.SaveError)."""
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable):
+    error, tb = unraisable.exc_value, unraisable.exc_traceback
+    frames = []
+    while tb is not None:
+      frames.append(tb.tb_frame.f_code.co_name)
+      tb = tb.tb_next
+    if not (isinstance(error, RuntimeError) and
+            str(error) == "Event loop is closed" and
+            "call_soon_threadsafe" in frames):
+      self.previous(unraisable)
 
 
 def initialize_runtime():
@@ -118,11 +148,50 @@ def initialize_runtime():
   Call before anything uses jax devices.
   """
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _QuietClosedLoopCallbacks(sys.unraisablehook)
   from jaxclr.parallel import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(mode=FLAGS.distributed,
-                         coordinator_address=FLAGS.coordinator_address,
-                         num_processes=FLAGS.num_processes,
-                         process_id=FLAGS.process_id)
+  return distributed.initialize(**_distributed_flags())
+
+
+def _distributed_flags() -> dict:
+  return dict(mode=FLAGS.distributed,
+              coordinator_address=FLAGS.coordinator_address,
+              num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+
+
+def _supervise_if_multiprocess() -> None:
+  """In a multi-process job, this process becomes the parent of one that
+  runs the job (jaxclr/parallel/supervisor.py) and exits with its status."""
+  from jaxclr.parallel import (  # pylint: disable=g-import-not-at-top
+      distributed, supervisor)
+  if supervisor.is_child():
+    supervisor.die_with_parent()
+    return
+  with user_errors_exit():
+    plan = distributed.plan_from_flags(**_distributed_flags())
+  if plan is None:
+    return
+  sys.exit(supervisor.run([sys.executable, *sys.orig_argv[1:]],
+                          process_id=plan.process_id,
+                          num_processes=plan.num_processes,
+                          workdir=FLAGS["workdir"].value
+                          if "workdir" in FLAGS else None))
+
+
+def _await_runtime_verdict(plan, error: Exception) -> None:
+  """A device collective failed in a supervised multi-process job: most
+  likely a peer died (gloo reports a reset connection at once). JAX's runtime
+  aborts this process once its heartbeats show which peer (within the
+  heartbeat timeout), and the supervisor names it in one line; wait for that
+  rather than print a traceback. Returns if the runtime stays silent."""
+  import time  # pylint: disable=g-import-not-at-top
+  wait_s = plan.heartbeat_timeout_seconds + 15
+  first = str(error).strip().splitlines()[0][:300] if str(error) else ""
+  logging.error("A collective failed (%s: %s): another process may be lost; "
+                "waiting up to %d s for JAX's runtime to say which.",
+                type(error).__name__, first, wait_s)
+  logging.flush()
+  time.sleep(wait_s)
 
 
 @contextlib.contextmanager
@@ -181,11 +250,20 @@ def run_job(module: str, *, flags_parser=parse_flags,
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _supervise_if_multiprocess()
     cpu.log_settings(cpu_settings)
     with user_errors_exit():
-      initialize_runtime()
-      results = importlib.import_module(module).run(FLAGS.config,
-                                                    FLAGS.workdir)
+      plan = initialize_runtime()
+      try:
+        results = importlib.import_module(module).run(FLAGS.config,
+                                                      FLAGS.workdir)
+      except errors.JaxclrError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        import jax  # pylint: disable=g-import-not-at-top
+        if plan is not None and isinstance(e, jax.errors.JaxRuntimeError):
+          _await_runtime_verdict(plan, e)
+        raise
     if summary_keys:
       logging.info("results: %s", {k: results.get(k) for k in summary_keys})
 

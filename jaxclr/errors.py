@@ -14,6 +14,16 @@ EXIT_DIVERGED = 3
 # (Kubernetes, SLURM --requeue, shell retry loops) resume the run.
 EXIT_PREEMPTED = 4
 EXIT_DISTRIBUTED = 5
+# Another process of a multi-process job was lost (killed, crashed, its host
+# failed): this one stopped without saving. Restarting every process with
+# the same command resumes from the newest committed checkpoint. Given by
+# jaxclr/parallel/supervisor.py, which outlives a process that JAX's
+# distributed runtime aborts.
+EXIT_PEER_LOST = 6
+# A checkpoint could not be written (disk full, I/O error): the run stopped
+# at the step that found it; the checkpoints committed before are intact and
+# the same command resumes from the newest once the cause is fixed.
+EXIT_SAVE_FAILED = 7
 
 
 class JaxclrError(Exception):
@@ -37,6 +47,15 @@ class CheckpointError(WorkdirError):
   """No checkpoint in a workdir can be restored."""
 
 
+class WorkdirBusy(WorkdirError):
+  """Another live job holds the workdir's lock (names its host and pid)."""
+
+
+class SaveError(JaxclrError, RuntimeError):
+  """A checkpoint save failed; the earlier checkpoints are untouched."""
+  exit_status = EXIT_SAVE_FAILED
+
+
 class NonFiniteError(JaxclrError, RuntimeError):
   """The loss or gradient became NaN/Inf; nothing poisoned was saved."""
   exit_status = EXIT_DIVERGED
@@ -45,6 +64,11 @@ class NonFiniteError(JaxclrError, RuntimeError):
 class DistributedError(JaxclrError, RuntimeError):
   """The processes of a job could not form the distributed runtime."""
   exit_status = EXIT_DISTRIBUTED
+
+
+class PeerLost(JaxclrError, RuntimeError):
+  """Another process of the job was lost; this one stopped without saving."""
+  exit_status = EXIT_PEER_LOST
 
 
 class Preempted(JaxclrError):

@@ -11,21 +11,26 @@ import importlib.util
 import json
 import os
 import random
+import re
+import resource
 import shutil
+import socket
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxclr import cli
+from jaxclr import cli, errors
 from jaxclr.data import input_pipeline
 from jaxclr.jobs import pretrain
-from jaxclr.training import checkpoint, metrics, optim, workdir as workdir_lib
+from jaxclr.training import (checkpoint, metrics, optim,
+                             workdir as workdir_lib, workdir_lock)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _spec = importlib.util.spec_from_file_location(
@@ -126,6 +131,8 @@ def test_sigterm_saves_current_step_exits_4_and_rerun_resumes(reference,
   ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
   assert saved in workdir_lib.checkpoint_steps(workdir)
   assert not glob.glob(os.path.join(ckpt_dir, f"*{checkpoint.TMP_SUFFIX}"))
+  # The lock is released on the way out (here through errors.Preempted).
+  assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_FILE))
   assert int(load_checkpoint(workdir, saved)["step"]) == saved
   # Re-running the same command resumes from it and finishes.
   proc, log = start_main(workdir, tmp_path / "second.log")
@@ -139,7 +146,8 @@ def test_sigterm_saves_current_step_exits_4_and_rerun_resumes(reference,
 
 
 def test_sigkill_at_random_step_then_resume_equals_uninterrupted(reference,
-                                                                 tmp_path):
+                                                                 tmp_path,
+                                                                 caplog):
   workdir = str(tmp_path / "run")
   kill_after = random.Random(time.time_ns()).randint(4, STEPS - 2)
   proc, log = start_main(workdir, tmp_path / "killed.log")
@@ -154,7 +162,13 @@ def test_sigkill_at_random_step_then_resume_equals_uninterrupted(reference,
   # background, and the save at (k+1)E waits for it (step (k+1)E is logged
   # just before that save). So at most 2E logged steps are lost.
   assert max(logged_steps(workdir)) - last_committed <= 2 * EVERY
+  # SIGKILL left the lock; its process is gone, so the next run takes it.
+  assert workdir_lock.read(os.path.join(workdir, workdir_lock.LOCK_FILE)
+                           ).pid == proc.pid
+  caplog.set_level("WARNING")
   pretrain.run(tiny_config(), workdir)
+  assert "Took over the workdir lock" in caplog.text
+  assert f"no process {proc.pid} is running" in caplog.text
   assert_states_equal(load_checkpoint(workdir, STEPS),
                       load_checkpoint(reference, STEPS))
   # Same data order and augmentation: every step's loss matches.
@@ -329,3 +343,249 @@ def test_skip_policy_skips_only_the_bad_update(tmp_path, monkeypatch):
   logged = {r["step"]: r["learning_rate"]
             for r in metrics.read_records(workdir) if "learning_rate" in r}
   assert logged[NAN_STEP + 1] == pytest.approx(float(applied), rel=1e-6)
+
+
+# ---- a save that fails ----
+
+# Larger than metrics.jsonl, the event file and the child's log at 12 steps
+# (< 40 kB together), smaller than every array file of a checkpoint.
+FILE_SIZE_LIMIT = 256 * 1024
+
+
+@pytest.mark.skipif(not hasattr(resource, "prlimit"),
+                    reason="needs Linux prlimit")
+def test_failed_save_stops_the_run_and_the_rerun_resumes(reference, tmp_path):
+  """A real write error in the first save after the first checkpoint: once
+  step 3 is committed, the running job's file-size limit drops below a
+  checkpoint's array files, so the kernel refuses those writes (EFBIG, as a
+  full disk gives ENOSPC; Python ignores SIGXFSZ). The job stops within
+  two steps of that save, before the next one, with one line naming the
+  checkpoint directory, the cause and the intact checkpoint, status 7; the
+  rerun resumes from that checkpoint and ends bitwise where an
+  uninterrupted run does."""
+  workdir = str(tmp_path / "run")
+  ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINT_DIR)
+  proc, log = start_main(workdir, tmp_path / "failing.log")
+  wait_for_step(proc, workdir, EVERY + 1)
+  while EVERY not in workdir_lib.checkpoint_steps(workdir):
+    assert proc.poll() is None
+    time.sleep(0.02)
+  resource.prlimit(proc.pid, resource.RLIMIT_FSIZE,
+                   (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+  rc = proc.wait(timeout=300)
+  log.close()
+  out = (tmp_path / "failing.log").read_text()
+  assert rc == errors.EXIT_SAVE_FAILED, out[-3000:]
+  at = out.find("Traceback")
+  assert at < 0, out[max(0, at - 1500):at + 3000]
+  lines = [l for l in out.splitlines() if l.startswith("jaxclr")]
+  assert len(lines) == 1, lines
+  found = re.fullmatch(
+      r"jaxclr: error: could not save checkpoint (\d+) in (\S+) \((.+)\); "
+      r"stopped at step (\d+)\. Committed checkpoints are untouched \(the "
+      r"newest, (\S+), is intact\): .*", lines[0])
+  assert found, lines[0]
+  failed, where, cause, stopped, newest = found.groups()
+  failed, stopped = int(failed), int(stopped)
+  assert where == ckpt_dir and cause.startswith("File too large: "), lines[0]
+  assert failed % EVERY == 0 and EVERY < failed < STEPS
+  # As soon as the write failed: after a step (the per-step check, see the
+  # next test) or at the latest at the next save, which waits for this one.
+  assert failed <= stopped <= failed + EVERY, lines[0]
+  print(f"save {failed} failed; stopped at step {stopped}")
+  assert newest == os.path.join(ckpt_dir, str(failed - EVERY))
+  committed = workdir_lib.checkpoint_steps(workdir)
+  assert committed[-1] == failed - EVERY, committed
+  # Orbax's old checkpoints are deleted only after a commit: all still here.
+  assert committed == list(range(EVERY, failed, EVERY))[-3:], committed
+  assert max(logged_steps(workdir)) == stopped
+  proc, log = start_main(workdir, tmp_path / "rerun.log")
+  rc = proc.wait(timeout=420)
+  log.close()
+  out = (tmp_path / "rerun.log").read_text()
+  assert rc == 0, out[-3000:]
+  assert f"Resumed from {newest} " in out
+  assert "Incomplete checkpoint" in out  # The failed save's leftovers.
+  assert_states_equal(load_checkpoint(workdir, STEPS),
+                      load_checkpoint(reference, STEPS))
+  assert losses_by_step(workdir) == losses_by_step(reference)
+
+
+def test_failed_async_save_is_found_by_the_per_step_check(tmp_path):
+  """CheckpointStore.raise_if_save_failed, which the loop calls after each
+  step, raises a failed background write without another save (Orbax alone
+  raises it at the next save) and never blocks: while the write runs, and
+  after one that succeeded (the negative control), it returns."""
+  store = checkpoint.CheckpointStore(tmp_path / "ckpt", max_to_keep=3)
+  # ~1.2 MB of incompressible floats: larger than the limit below.
+  state = {"w": jax.random.normal(jax.random.key(0), (300_000,))}
+
+  def poll_until_done(at_step):
+    deadline = time.monotonic() + 120
+    while store.manager.is_saving_in_progress():
+      store.raise_if_save_failed(at_step=at_step)
+      assert time.monotonic() < deadline
+      time.sleep(0.01)
+    store.raise_if_save_failed(at_step=at_step)
+
+  store.save(1, state, {"step": 1}, force=True)
+  poll_until_done(at_step=2)  # Succeeds: no error.
+  assert sorted(os.listdir(tmp_path / "ckpt")) == ["1"]
+  soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+  resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, hard))
+  try:
+    store.save(2, state, {"step": 2}, force=True)  # Returns; writes behind.
+    with pytest.raises(errors.SaveError) as e:
+      poll_until_done(at_step=3)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+  message = str(e.value)
+  assert message.startswith(f"could not save checkpoint 2 in {tmp_path}/ckpt "
+                            "(File too large: ValueError: "), message
+  assert "; stopped at step 3. " in message
+  assert f"(the newest, {tmp_path}/ckpt/1, is intact)" in message
+  store.close()
+  assert checkpoint.CheckpointStore(tmp_path / "ckpt").all_steps() == [1]
+
+
+# ---- the workdir lock ----
+
+HOLD = ("import sys, time; from jaxclr.training import workdir_lock; "
+        "workdir_lock.acquire(sys.argv[1]); print('held', flush=True); "
+        "time.sleep(float(sys.argv[2])); {end}")
+
+
+def start_holder(workdir, end="pass", seconds=600):
+  """A process that takes the workdir's lock as a job does, then sleeps."""
+  os.makedirs(workdir, exist_ok=True)
+  proc = subprocess.Popen(
+      [sys.executable, "-c", HOLD.format(end=end), workdir, str(seconds)],
+      cwd=REPO, env=child_env(), stdout=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().strip() == "held"
+  return proc
+
+
+def lock_path(workdir):
+  return os.path.join(workdir, workdir_lock.LOCK_FILE)
+
+
+def test_second_job_on_a_workdir_in_use_is_refused(tmp_path):
+  """The command, on a workdir whose lock a live process holds: one line
+  naming that process's host and pid, status 2, before any compilation and
+  without writing into the workdir; the holder's lock is untouched."""
+  workdir = str(tmp_path / "busy")
+  holder = start_holder(workdir)
+  try:
+    before = open(lock_path(workdir)).read()
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxclr.main", "--config", CONFIG_ARG,
+         "--workdir", workdir], cwd=REPO, env=child_env(),
+        capture_output=True, text=True, timeout=300)
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("jaxclr")]
+    assert proc.returncode == errors.EXIT_USER_ERROR, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, lines
+    assert (f"is in use by another jaxclr job (host {socket.gethostname()}, "
+            f"pid {holder.pid}, running since ") in lines[0], lines[0]
+    assert f"delete {lock_path(workdir)}" in lines[0]
+    assert sorted(os.listdir(workdir)) == [workdir_lock.LOCK_FILE]
+    assert open(lock_path(workdir)).read() == before
+    print(f"refused in {time.monotonic() - t0:.1f} s")
+    # In-process too, as errors.WorkdirBusy (what the CLI printed).
+    with pytest.raises(errors.WorkdirBusy, match=f"pid {holder.pid}"):
+      workdir_lib.prepare(workdir, tiny_config(), is_primary=True)
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_lock_is_released_at_exit_also_after_an_error(tmp_path):
+  done = start_holder(str(tmp_path / "ok"), seconds=0)
+  assert done.wait(timeout=60) == 0
+  failed = start_holder(str(tmp_path / "failed"), seconds=0,
+                        end="raise SystemExit('boom')")
+  assert failed.wait(timeout=60) == 1
+  for name in ("ok", "failed"):
+    assert not os.path.exists(lock_path(str(tmp_path / name))), name
+
+
+def test_lock_left_by_a_dead_process_is_taken_over(tmp_path, caplog):
+  """SIGKILLed holder (pid gone), a reboot (another boot id), a reused pid
+  (a live pid whose process started later): each lock is taken over with a
+  warning saying why. Negative controls: a live holder, and a holder on
+  another host (its liveness is unknowable here), are refused."""
+  caplog.set_level("WARNING")
+  killed = start_holder(str(tmp_path / "killed"))
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  me = workdir_lock.this_process()
+  live = start_holder(str(tmp_path / "live"))
+  try:
+    planted = {
+        "rebooted": workdir_lock.Holder(**{**me.__dict__, "pid": live.pid,
+                                           "boot_id": "another-boot"}),
+        "reused": workdir_lock.Holder(**{**me.__dict__, "pid": live.pid,
+                                         "process_start": "1"}),
+        "elsewhere": workdir_lock.Holder(**{**me.__dict__,
+                                            "host": "other-host"}),
+    }
+    for name, holder in planted.items():
+      os.makedirs(tmp_path / name)
+      with open(lock_path(str(tmp_path / name)), "w") as f:
+        json.dump(holder.__dict__, f)
+    reasons = {"killed": f"no process {killed.pid} is running",
+               "rebooted": "its host has rebooted since",
+               "reused": f"pid {live.pid} now belongs to a later process"}
+    for name, reason in reasons.items():
+      caplog.clear()
+      lock = workdir_lock.acquire(str(tmp_path / name))
+      assert lock.holder.pid == os.getpid()
+      assert workdir_lock.read(lock_path(str(tmp_path / name))) == lock.holder
+      assert "Took over the workdir lock" in caplog.text, name
+      assert reason in caplog.text, (name, caplog.text)
+      lock.release()
+      assert not os.path.exists(lock_path(str(tmp_path / name)))
+    for name, pid in (("live", live.pid), ("elsewhere", me.pid)):
+      with pytest.raises(errors.WorkdirBusy, match=f"pid {pid}"):
+        workdir_lock.acquire(str(tmp_path / name))
+    assert workdir_lock.read(lock_path(str(tmp_path / "live"))).pid == live.pid
+  finally:
+    live.kill()
+    live.wait()
+
+
+def test_only_the_closed_loop_callbacks_of_a_failed_save_are_silenced():
+  """cli's unraisable hook drops TensorStore's 'Event loop is closed'
+  reports from loop.call_soon_threadsafe (each write finishing after a
+  failed save closed its loop), and passes every other report on."""
+  seen = []
+  hook = cli._QuietClosedLoopCallbacks(seen.append)  # pylint: disable=protected-access
+
+  def call_soon_threadsafe():
+    raise RuntimeError("Event loop is closed")
+
+  def other():
+    raise RuntimeError("Event loop is closed")
+
+  for fn in (call_soon_threadsafe, other, lambda: 1 / 0):
+    try:
+      fn()
+    except Exception as e:  # pylint: disable=broad-except
+      hook(types.SimpleNamespace(exc_type=type(e), exc_value=e,
+                                 exc_traceback=e.__traceback__,
+                                 err_msg=None, object=None))
+  assert [type(u.exc_value).__name__ for u in seen] == [
+      "RuntimeError", "ZeroDivisionError"]
+
+
+def test_truncate_jsonl_drops_later_records_and_a_cut_short_line(tmp_path):
+  """A resumed run drops the records past its checkpoint, and a last line
+  that a kill (or a full disk) cut short; whole records stay as written."""
+  path = str(tmp_path / metrics.METRICS_FILE)
+  whole = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)]
+  with open(path, "w") as f:
+    f.writelines(whole + [whole[0][:9]])  # '{"step": ' and nothing more.
+  metrics.truncate_jsonl(path, last_step=2)
+  with open(path) as f:
+    assert f.read() == "".join(whole[:2])

@@ -18,7 +18,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from jaxclr import errors
-from jaxclr.data import spec as spec_lib, splits as splits_lib, synthetic
+from jaxclr.data import (spec as spec_lib, splits as splits_lib, synthetic,
+                         validate)
 
 DataError = errors.DataError
 
@@ -79,9 +80,9 @@ def local_splits(dataset: str) -> Optional[tuple[str, ...]]:
     return tuple(found) if found else None
   if dataset.startswith("npz:") and os.path.isfile(dataset[4:]):
     try:
-      with np.load(dataset[4:]) as f:
+      with validate.open_npz(dataset[4:]) as f:
         return splits_lib.npz_split_names(f.files) or None
-    except (OSError, ValueError):
+    except DataError:  # Opening it for its split says why.
       return None
   return None
 
@@ -146,56 +147,46 @@ def digits_source(split: str) -> Source:
 # ---------------------------------------------------------------- npz
 def npz_source(path: str, split: str, holdout_fraction: float = 0.0) -> Source:
   """Arrays `images` [N,H,W,3] uint8 (+ `labels` [N]): one pile; or, per
-  split, `<split>_images` (+ `<split>_labels`), labels shared by all."""
-  if not os.path.isfile(path):
-    raise DataError(f"npz file {path!r} not found (dataset 'npz:{path}')")
-  try:
-    with np.load(path) as f:
-      found = splits_lib.npz_split_names(f.files)
-      if not found:
-        if "images" not in f:
-          raise DataError(
-              f"{path} has no 'images' array (found {sorted(f.files)}); "
-              "expected images [N,H,W,3] uint8 and optional labels [N], or "
-              "per split <split>_images and <split>_labels")
-        images = _npz_images(path, "images", f["images"])
-        labels = _npz_labels(path, "labels", f, len(images))
-        src = Source(f"npz:{path}", "array", len(images),
-                     int(labels.max(initial=-1)) + 1, labels, images=images)
-        return splits_lib.select_split(src, split, holdout_fraction)
-      splits_lib.no_holdout(f"npz:{path}", found, holdout_fraction)
-      if split not in found:
-        raise splits_lib.unknown_split(f"npz:{path}", split, found)
-      # Every split's labels, so that num_classes is the same in each.
-      num_classes = max(int(_npz_labels(path, f"{s}_labels", f, None)
-                            .max(initial=-1)) + 1 for s in found)
-      images = _npz_images(path, f"{split}_images", f[f"{split}_images"])
-      labels = _npz_labels(path, f"{split}_labels", f, len(images))
-  except DataError:
-    raise
-  except (OSError, ValueError) as e:
-    raise DataError(f"cannot read npz file {path!r}: {e}") from e
-  return Source(f"npz:{path}", "array", len(images), num_classes, labels,
+  split, `<split>_images` (+ `<split>_labels`), labels shared by all.
+  Checked as validate.py says (DataError naming the array)."""
+  name = f"npz:{path}"
+  with validate.open_npz(path) as f:
+    found = splits_lib.npz_split_names(f.files)
+    if not found:
+      if "images" not in f:
+        raise DataError(
+            f"{path} has no 'images' array (found {sorted(f.files)}); "
+            "expected images [N,H,W,3] uint8 and optional labels [N], or "
+            "per split <split>_images and <split>_labels")
+      images = validate.npz_images(path, "images",
+                                   validate.npz_array(path, f, "images"))
+      labels = _npz_labels(path, f, "labels", len(images))
+      num_classes = validate.num_classes(name, {"labels": labels})
+      src = Source(name, "array", len(images), num_classes, labels,
+                   images=images)
+      return splits_lib.select_split(src, split, holdout_fraction)
+    splits_lib.no_holdout(name, found, holdout_fraction)
+    if split not in found:
+      raise splits_lib.unknown_split(name, split, found)
+    # Every split's labels, so that num_classes is the same in each.
+    labels = {s: _npz_labels(path, f, f"{s}_labels", None) for s in found}
+    num_classes = validate.num_classes(
+        name, {f"{s}_labels": y for s, y in labels.items()})
+    images = validate.npz_images(
+        path, f"{split}_images", validate.npz_array(path, f, f"{split}_images"))
+    if f"{split}_labels" in f and len(labels[split]) != len(images):
+      raise DataError(f"{path}: {len(labels[split])} {split}_labels for "
+                      f"{len(images)} images; give one label per image")
+    split_labels = (labels[split] if f"{split}_labels" in f else
+                    np.full(len(images), -1, np.int32))
+  return Source(name, "array", len(images), num_classes, split_labels,
                 images=images)
 
 
-def _npz_images(path: str, key: str, images: np.ndarray) -> np.ndarray:
-  if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-    raise DataError(f"{path}: {key!r} must be uint8 [N, H, W, 3]; got "
-                    f"{images.dtype} {list(images.shape)}")
-  if len(images) == 0:
-    raise DataError(f"{path}: {key!r} is empty")
-  return images
-
-
-def _npz_labels(path: str, key: str, f, n: Optional[int]) -> np.ndarray:
+def _npz_labels(path: str, f, key: str, n: Optional[int]) -> np.ndarray:
   """int32 labels under `key`, -1s when absent; n: the images' count."""
-  if key not in f:
-    return np.full(n or 0, -1, np.int32)
-  labels = np.asarray(f[key]).astype(np.int32).reshape(-1)
-  if n is not None and labels.shape[0] != n:
-    raise DataError(f"{path}: {labels.shape[0]} {key} for {n} images")
-  return labels
+  raw = validate.npz_array(path, f, key) if key in f else None
+  return validate.npz_labels(path, key, raw, n)
 
 
 # ---------------------------------------------------------------- folder
@@ -222,9 +213,7 @@ def folder_source(root: str, split: str = "train",
   is one pile (`splits.select_split`: 'train', 'all', and with
   holdout_fraction 'holdout').
   """
-  if not os.path.isdir(root):
-    raise DataError(f"folder {root!r} does not exist (dataset "
-                    f"'folder:{root}')")
+  validate.folder_root(root)
   name = f"folder:{root}"
   split_dirs = splits_lib.folder_split_dirs(root)
   if split_dirs is None:
@@ -254,13 +243,11 @@ def scan_folder(root: str, name: str,
 
   Unreadable files (PIL cannot read the header) are logged with their path,
   counted, and left out of the index, so the index (and hence every batch) is
-  fixed before training starts.
+  fixed before training starts. The layout is checked (validate.py): no
+  image beside class folders, no class folder without a readable image, no
+  directory reached twice through links.
   """
-  files = []
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    dirnames.sort()
-    files += [os.path.join(dirpath, f) for f in sorted(filenames)
-              if f.endswith(IMAGE_EXTENSIONS)]
+  files = validate.walk_images(root, IMAGE_EXTENSIONS)
   if not files:
     raise DataError(f"folder {root!r} holds no image files "
                     f"({', '.join(IMAGE_EXTENSIONS[:3])} searched recursively)")
@@ -279,7 +266,8 @@ def scan_folder(root: str, name: str,
     raise DataError(f"folder {root!r}: none of its {len(files)} image files "
                     f"is readable (first: {skipped[0]})")
   rel_top = [os.path.relpath(f, root).split(os.sep) for f in good]
-  if all(len(r) > 1 for r in rel_top):
+  if validate.class_layout(root, good, skipped, labelled_elsewhere=bool(
+      classes)):
     classes = classes or tuple(sorted({r[0] for r in rel_top}))
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[r[0]] for r in rel_top], np.int32)

@@ -63,11 +63,14 @@ def checked_splits(config, spec: spec_lib.DataSpec, what: str
                    ) -> tuple[str, str]:
   """(train split, eval split) of an evaluation job's `spec`; ConfigError
   (`splits.check_held_out`) when the eval split holds the training split and
-  config.allow_eval_on_train is not set. Reads no images."""
+  config.allow_eval_on_train is not set; DataError when either cannot be
+  opened (data/validate.py). Called before the job writes its workdir."""
   train_split = sources.resolve_split(spec, None, "train")
   eval_split = sources.resolve_split(spec, None, "eval")
   splits.check_held_out(spec.dataset, train_split, eval_split,
                         allow=config.allow_eval_on_train, what=what)
+  for which in ("train", "eval"):  # Bad data stops the job here.
+    input_pipeline.open_source(spec, which)
   return train_split, eval_split
 
 

@@ -13,7 +13,7 @@ from absl import logging
 
 from jaxclr import config as config_lib, cpu, errors, methods
 
-from jaxclr.data import input_pipeline, sources, splits
+from jaxclr.data import input_pipeline, sources, splits, validate
 from jaxclr.evaluation import periodic
 from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
@@ -98,8 +98,10 @@ def augmentation_preview(batch: dict, num: int = PREVIEW_EXAMPLES
 def run(config, workdir: str) -> dict[str, float]:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
 
-  Everything the user can get wrong (config, device layout, workdir) is
-  checked before data is read or anything is compiled.
+  Everything the user can get wrong is checked before anything is compiled,
+  and before the workdir is written: the config and device layout, then the
+  data (opened, read only: data/validate.py), then the workdir (its lock and
+  config, training/workdir.py). A bad dataset leaves no trace in the workdir.
 
   Raises:
     Preempted: after saving at the current step on SIGTERM / preemption.
@@ -110,19 +112,23 @@ def run(config, workdir: str) -> dict[str, float]:
   config_lib.check_batch_sizes(config, ("batch_size",),
                                num_devices=mesh.devices.size,
                                num_processes=jax.process_count())
-  workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
-
   spec = config_lib.data_spec(config)
   train_source = input_pipeline.open_source(spec, "train")
   info = input_pipeline.dataset_info(train_source)
   config_lib.check_labels(config, info.num_classes)
-  plan = optim.training_plan(config, info.num_train_examples)
-  logging.info("jaxclr pretraining: %s", describe_run(config, plan, mesh))
+  validate.check_batch_fits(info.name, info.num_train_examples,
+                            config.batch_size)
   if config.eval_every_steps > 0 and info.num_classes > 0:  # Periodic kNN.
     splits.check_held_out(
         spec.dataset, sources.labelled_train_split(spec),
         sources.resolve_split(spec, None, "eval"),
         allow=config.allow_eval_on_train, what="the periodic kNN")
+    for which in ("labelled_train", "eval"):  # Its splits open (or say why).
+      input_pipeline.open_source(spec, which)
+  workdir_lib.prepare(workdir, config, is_primary=jax.process_index() == 0)
+
+  plan = optim.training_plan(config, info.num_train_examples)
+  logging.info("jaxclr pretraining: %s", describe_run(config, plan, mesh))
   num_classes = info.num_classes if config.linear_probe else 0
   trainer = create_trainer(config, mesh, plan, num_classes)
   evaluator = periodic.PeriodicKnnEvaluator(

@@ -23,6 +23,7 @@ task died. On the CPU backend, cross-process collectives use gloo.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Mapping
 
@@ -31,6 +32,7 @@ from absl import logging
 
 from jaxclr import errors
 from jaxclr.errors import ConfigError
+from jaxclr.parallel import supervisor
 
 MODES = ("auto", "on", "off")
 ENV_COORDINATOR = "JAXCLR_COORDINATOR_ADDRESS"
@@ -176,24 +178,36 @@ def _running_in_cloud_tpu_vm() -> bool:
     return False
 
 
+def plan_from_flags(*, mode: str = "auto",
+                    coordinator_address: str | None = None,
+                    num_processes: int | None = None,
+                    process_id: int | None = None) -> Plan | None:
+  """`plan` for this process: flags, environment, and whether this is a
+  Cloud TPU VM."""
+  return plan(mode=mode, coordinator_address=coordinator_address,
+              num_processes=num_processes, process_id=process_id,
+              cloud_tpu_vm=_running_in_cloud_tpu_vm())
+
+
 def initialize(*, mode: str = "auto", coordinator_address: str | None = None,
                num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+               process_id: int | None = None) -> Plan | None:
   """Calls jax.distributed.initialize when the job spans several processes.
 
-  Must run before anything touches jax devices. Returns True when the
-  distributed runtime was started.
+  Must run before anything touches jax devices. Returns the plan it started
+  the runtime with, or None when it did not start it. Then every process's
+  host and pid are shared (logged; written for jaxclr/parallel/supervisor.py,
+  which names a lost process by them).
 
   Raises:
     ConfigError: see `plan`.
     DistributedError: the coordinator could not be reached within the timeout
       (the message names the address, process and timeout).
   """
-  p = plan(mode=mode, coordinator_address=coordinator_address,
-           num_processes=num_processes, process_id=process_id,
-           cloud_tpu_vm=_running_in_cloud_tpu_vm())
+  p = plan_from_flags(mode=mode, coordinator_address=coordinator_address,
+                      num_processes=num_processes, process_id=process_id)
   if p is None:
-    return False
+    return None
   # Cross-process collectives on the CPU backend need an implementation (gloo
   # ships with jaxlib). Harmless on TPU/GPU, where the CPU backend is unused.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -223,7 +237,26 @@ def initialize(*, mode: str = "auto", coordinator_address: str | None = None,
   logging.info("jax.distributed: process %d of %d, %d local device(s), %d "
                "global", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
-  return True
+  peers = _exchange_identities(p.initialization_timeout)
+  shown = sorted(peers)[:8]
+  logging.info("jax.distributed: processes %s%s", ", ".join(
+      f"{k}: {peers[k]['host']} pid {peers[k]['pid']}" for k in shown),
+               ", ..." if len(peers) > len(shown) else "")
+  supervisor.write_peers(peers)
+  return p
+
+
+def _exchange_identities(timeout_s: int) -> dict[int, dict]:
+  """{process index: {'host', 'pid'}} of every process, through the
+  coordination service's key-value store (one read per process)."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  client.key_value_set(f"jaxclr/process/{jax.process_index()}",
+                       json.dumps(supervisor.identity()))
+  client.wait_at_barrier("jaxclr_identities",
+                         timeout_in_ms=int(timeout_s * 1000))
+  return {int(key.rsplit("/", 1)[-1]): json.loads(value)
+          for key, value in client.key_value_dir_get("jaxclr/process/")}
 
 
 def barrier(name: str, timeout_s: int) -> None:
@@ -234,6 +267,21 @@ def barrier(name: str, timeout_s: int) -> None:
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   jax_distributed.global_state.client.wait_at_barrier(
       name, timeout_in_ms=int(timeout_s * 1000))
+
+
+def share_from_primary(key: str, value: str | None, timeout_s: int) -> str:
+  """Process 0's `value` on every process (through the coordination
+  service's key-value store; not a device collective). Others wait up to
+  timeout_s for process 0 to publish it."""
+  if jax.process_count() == 1:
+    return value or ""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  key = f"jaxclr/{key}"
+  if jax.process_index() == 0:
+    client.key_value_set(key, value or "", allow_overwrite=True)
+    return value or ""
+  return client.blocking_key_value_get(key, int(timeout_s * 1000))
 
 
 def compile_together(jitted, *args, name: str = "jaxclr_compiled"):

@@ -14,10 +14,19 @@ bytes, which TensorStore does not. A damaged
 checkpoint newer than the newest valid one is moved aside (never deleted) and
 the valid one is used. When none can be restored (e.g. the model changed) no
 checkpoint is touched and CheckpointError names the newest one's error.
+
+A save that fails (disk full, an I/O error) raises SaveError as soon as the
+loop looks, which is after every step (`raise_if_save_failed`, which does not
+block) rather than at the next save, where Orbax would raise it: the run stops
+a step or two after the write failed, not `checkpoint_every_steps` later.
+Orbax deletes old checkpoints only after a save committed, so a failed save
+leaves every earlier checkpoint in place; its temporary directory is removed
+at the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from typing import Any
@@ -39,6 +48,28 @@ FINGERPRINT_KEY = "state_hash"
 
 
 CheckpointError = errors.CheckpointError
+SaveError = errors.SaveError
+
+
+# The errors a write meets, in the words of the OS (os.strerror), found in
+# whatever exception carries them: TensorStore reports them inside a long
+# ValueError, Python's own I/O as an OSError.
+WRITE_ERRNOS = ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EIO", "EACCES",
+                "EPERM", "ENOENT")
+
+
+def _cause(error: BaseException, limit: int = 200) -> str:
+  """'<OS error words>: <type>: <first line, shortened>' of a failed write;
+  the OS's words lead because the first line of a TensorStore error is
+  mostly the path of the file it was writing."""
+  text = str(error).strip()
+  head = f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+  if len(head) > limit:
+    head = head[:limit] + "..."
+  words = [os.strerror(getattr(errno, name)) for name in WRITE_ERRNOS
+           if hasattr(errno, name)]
+  found = next((w for w in words if w in text), None)
+  return f"{found}: {head}" if found else head
 
 
 def _as_uint32(x):
@@ -130,6 +161,7 @@ class CheckpointStore:
           create=True, cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
+    self._pending = None  # The step of the save in flight, if any.
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -234,24 +266,82 @@ class CheckpointStore:
     """Starts an (async) save; with force, saves regardless of the interval.
 
     The state's fingerprint goes into the meta item, for restore to check.
+
+    Raises:
+      SaveError: this save could not start, or the previous one failed.
     """
+    self.wait_until_finished(at_step=step)  # Orbax would wait for it anyway.
     meta = {**meta, FINGERPRINT_KEY: fingerprint(state)}
-    return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)),
-        force=force)
+    try:
+      saved = self.manager.save(
+          step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                        meta=ocp.args.JsonSave(meta)),
+          force=force)
+    except Exception as e:  # The synchronous part: directories, copies.
+      raise self._save_error(step, e, at_step=step) from e
+    if saved:
+      self._pending = step
+    return saved
+
+  def raise_if_save_failed(self, at_step: int) -> None:
+    """SaveError if the save in flight has finished and failed; returns at
+    once while it is still running (no device or disk access)."""
+    if self._pending is not None and not self.manager.is_saving_in_progress():
+      self.wait_until_finished(at_step=at_step)
+
+  def wait_until_finished(self, at_step: int | None = None) -> None:
+    """Blocks until the save in flight is committed.
+
+    Raises:
+      SaveError: it failed (naming its step, the cause, and the newest
+        checkpoint that is committed).
+    """
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # Whatever the writer raised (OSError, ValueError).
+      step, self._pending = self._pending, None
+      raise self._save_error(step, e, at_step=at_step) from e
+    self._pending = None
+
+  def _committed_steps(self) -> list[int]:
+    if "://" in os.fspath(self.directory):
+      self.manager.reload()
+      return self.all_steps()
+    return sorted(int(p.name) for p in self.directory.iterdir()
+                  if p.name.isdigit())
+
+  def _save_error(self, step, error: BaseException, *,
+                  at_step: int | None) -> SaveError:
+    try:
+      committed = self._committed_steps()
+    except OSError:
+      committed = []
+    newest = (f"the newest, {self.path(committed[-1])}, is intact"
+              if committed else "there is none yet")
+    stopped = "" if at_step is None else f"; stopped at step {at_step}"
+    what = f"checkpoint {step}" if step is not None else "a checkpoint"
+    return SaveError(
+        f"could not save {what} in {os.fspath(self.directory)} "
+        f"({_cause(error)}){stopped}. Committed checkpoints are "
+        f"untouched ({newest}): fix the cause (free space?) and re-run the "
+        "same command to resume from the newest")
 
   def reached_preemption(self, step: int) -> bool:
     return self.manager.reached_preemption(step)
 
-  def wait_until_finished(self):
-    self.manager.wait_until_finished()
-
-  def close(self):
+  def close(self, *, quiet: bool = False):
+    """Waits for the save in flight and closes; quiet: log a failure of that
+    save instead of raising it (an error is already on its way out)."""
+    try:
+      self.wait_until_finished()
+    except SaveError as e:
+      if not quiet:
+        raise
+      logging.error("%s", e)
     self.manager.close()
 
   def __enter__(self):
     return self
 
-  def __exit__(self, *exc):
-    self.close()
+  def __exit__(self, exc_type, *exc):
+    self.close(quiet=exc_type is not None)

@@ -218,6 +218,8 @@ def run(job: Job, *, workdir: str, mesh, cadence: Cadence) -> Result:
   Raises:
     errors.Preempted: after saving at the current step on SIGTERM or a
       preemption notice (the same command resumes).
+    errors.SaveError: a checkpoint could not be written (the run stops at
+      the step after the failure is known; earlier checkpoints are intact).
     errors.NonFiniteError: policy 'stop' and a non-finite gradient.
     errors.CheckpointError: checkpoints exist but none can be restored.
   """
@@ -229,12 +231,17 @@ def run(job: Job, *, workdir: str, mesh, cadence: Cadence) -> Result:
   try:
     state, start = _restore_or_init(job, store)
     if start >= job.total_steps:  # Finished before: nothing to train.
-      return Result(state, start, {})
-    return _train(job, state, start, store=store, workdir=workdir, mesh=mesh,
-                  cadence=cadence, preemption=preemption)
+      result = Result(state, start, {})
+    else:
+      result = _train(job, state, start, store=store, workdir=workdir,
+                      mesh=mesh, cadence=cadence, preemption=preemption)
+  except BaseException:
+    store.close(quiet=True)  # A failing save must not hide the error here.
+    raise
   finally:
     preemption.restore()
-    store.close()  # Waits for an in-flight save (also on errors).
+  store.close()
+  return result
 
 
 def _train(job, state, start, *, store, workdir, mesh, cadence,
@@ -264,6 +271,8 @@ def _train(job, state, start, *, store, workdir, mesh, cadence,
     for step in range(start, job.total_steps):
       state, metrics = step_fn(state, next(batches), *job.step_args)
       done = step + 1
+      # A failed asynchronous save stops the run now, not at the next save.
+      store.raise_if_save_failed(at_step=done)
       last = done == job.total_steps
       if step == start:
         logger.reset_timer(done)  # Exclude compilation from throughput.
@@ -284,11 +293,11 @@ def _train(job, state, start, *, store, workdir, mesh, cadence,
         guard.check(state, done)  # Never save past a refused update ('stop').
         store.save(done, state, {**job.meta, "step": done}, force=True)
       if preempted:
-        store.wait_until_finished()  # The async save must be committed.
+        store.wait_until_finished(at_step=done)  # Committed, or SaveError.
         logging.warning("Preempted: saved step %d to %s; re-run the same "
                         "command to resume.", done, store.path(done))
         raise errors.Preempted(done, store.path(done))
-    store.wait_until_finished()
+    store.wait_until_finished(at_step=job.total_steps)
   finally:
     logger.close()
   return Result(state, start, last_logged)

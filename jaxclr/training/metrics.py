@@ -38,14 +38,26 @@ def read_records(workdir: str) -> list[dict]:
     return [json.loads(l) for l in f if l.strip().endswith("}")]
 
 
+def _step_of(line: str) -> int | None:
+  """A record's step; None for a line cut short (a kill or a full disk
+  while it was written)."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def truncate_jsonl(path: str, last_step: int):
   """Drops records past `last_step` (written by a run that was then resumed
-  from an earlier checkpoint, so they describe updates that were redone)."""
+  from an earlier checkpoint, so they describe updates that were redone),
+  and any line that is not a whole record."""
   if not os.path.exists(path):
     return
   with open(path) as f:
     lines = f.readlines()
-  kept = [l for l in lines if l.strip() and json.loads(l)["step"] <= last_step]
+  steps = [(l, _step_of(l)) for l in lines]
+  kept = [l for l, step in steps
+          if l.endswith("\n") and step is not None and step <= last_step]
   if len(kept) != len(lines):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

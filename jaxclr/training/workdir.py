@@ -4,6 +4,7 @@ DIR/config.json       the resolved config of the run (written once)
 DIR/checkpoints/<N>/  Orbax checkpoints
 DIR/metrics.jsonl     one JSON record per logged step
 DIR/events.out.*      TensorBoard
+DIR/jaxclr.lock       the job using it (workdir_lock.py), while it runs
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ml_collections
 
 from jaxclr import config as config_lib, errors
 from jaxclr.config import legacy
+from jaxclr.training import workdir_lock
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -142,9 +144,37 @@ def _check_writable(workdir: str):
                        f"{e.strerror}") from None
 
 
+# How long the other processes wait for process 0 to take the lock: it
+# may still be opening a large dataset.
+LOCK_SHARE_TIMEOUT_S = 1800
+
+
+def _lock(workdir: str, is_primary: bool) -> None:
+  """The workdir lock, taken by process 0; every process raises its
+  refusal (the others learn it through the coordination service)."""
+  error = None
+  if is_primary:
+    try:
+      workdir_lock.acquire(workdir)
+    except WorkdirError as e:
+      error = e
+  from jaxclr.parallel import distributed  # pylint: disable=g-import-not-at-top
+  refusal = distributed.share_from_primary(
+      f"workdir_lock/{os.path.abspath(workdir)}",
+      None if error is None else str(error), LOCK_SHARE_TIMEOUT_S)
+  if error is not None:
+    raise error
+  if refusal:
+    raise errors.WorkdirBusy(refusal)
+
+
 def prepare(workdir: str, config: ml_collections.ConfigDict, *,
             is_primary: bool) -> None:
   """Creates the workdir, or checks that its existing config matches.
+
+  Process 0 takes the workdir's lock first (workdir_lock.py): a workdir in
+  use by another live job is refused (errors.WorkdirBusy) before anything
+  is written into it; one left locked by a dead job is taken over.
 
   The config.json of a run with checkpoints is never overwritten: resuming
   it with a changed config (outside RESUMABLE_CHANGES) is refused, listing
@@ -163,6 +193,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *,
     raise WorkdirError(f"Cannot create workdir {workdir!r}: {e.strerror}") from None
   if not os.path.isdir(workdir):
     raise WorkdirError(f"Workdir {workdir!r} is not a directory")
+  _lock(workdir, is_primary)
   if is_primary:
     _check_writable(workdir)
   new = config_to_dict(config)
