@@ -151,22 +151,25 @@ def machine_description(m: dict[str, Any]) -> str:
           f"{m['cpu']}, {m['nproc']} cores; {versions}")
 
 
-def compile_with_warnings(lowered):
-  """Compiles; returns (compiled, seconds, warning messages)."""
+def compile_with_warnings(lowered, compiler_options=None):
+  """Compiles (compiler_options: added to the program's own); returns
+  (compiled, seconds, warning messages)."""
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     t0 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options or None)
     seconds = time.perf_counter() - t0
   return compiled, seconds, [str(w.message) for w in caught]
 
 
-def sharded_embeddings(mesh, num_images: int, dim: int, seed: int = 0):
-  """Two [num_images, dim] float32 views sharded over the mesh's data axis."""
+def sharded_embeddings(mesh, num_images: int, dim: int, seed: int = 0,
+                       dtype: str = "float32"):
+  """Two [num_images, dim] views in `dtype` sharded over the mesh's data
+  axis."""
   rng = np.random.default_rng(seed)
   spec = sharding.batch_sharded(mesh)
-  return tuple(jax.device_put(rng.standard_normal((num_images, dim),
-                                                  np.float32), spec)
+  return tuple(jax.device_put(jnp.asarray(rng.standard_normal(
+      (num_images, dim), np.float32), DTYPES[dtype]), spec)
                for _ in range(2))
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -87,31 +86,33 @@ def saved_for_backward_bytes(model, state, per_device_images) -> dict:
           "arrays": len(residuals)}
 
 
-def step_memory(config, *, devices: int, per_device_batch: int,
-                compute_dtype: str) -> dict:
-  """Compiles config's step for abstract inputs; returns the memory record."""
+def accelerator_config(config, *, global_batch: int, compute_dtype: str):
+  """config at `global_batch` and `compute_dtype`, with the convolution
+  an accelerator runs: 'auto' would pick a CPU-only form (jaxclr/cpu) when
+  this is compiled on the CPU backend."""
+  config = config.copy_and_resolve_references()
+  config.batch_size = global_batch
+  config.model.compute_dtype = compute_dtype
+  if config.model.conv_kernel_grad == "auto":
+    config.model.conv_kernel_grad = "xla"
+  if config.model.conv_library == "auto":
+    config.model.conv_library = "xla"
+  return config
+
+
+def compile_step(config, mesh, *, compiler_options=None):
+  """config's pretraining step built as the job builds it on `mesh`,
+  compiled for abstract inputs (nothing allocated).
+
+  Returns (trainer, compiled, state, batch, compile_s, warnings): state and
+  batch are the jax.ShapeDtypeStructs it was compiled for. compiler_options
+  are added to the step's own (e.g. for quicker probe compiles).
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from jaxclr.jobs import pretrain  # pylint: disable=g-import-not-at-top
   from jaxclr.parallel import sharding  # pylint: disable=g-import-not-at-top
   from jaxclr.training import optim  # pylint: disable=g-import-not-at-top
   from benchmarks import measure  # pylint: disable=g-import-not-at-top
-
-  config = config.copy_and_resolve_references()
-  config.batch_size = devices * per_device_batch
-  config.model.compute_dtype = compute_dtype
-  if config.model.conv_kernel_grad == "auto":
-    # The figure is for the accelerator, which 'auto' gives XLA's own
-    # kernel gradient; compiled here on the CPU backend, 'auto' would pick
-    # the CPU-only form (jaxclr/cpu/patch_conv.py).
-    config.model.conv_kernel_grad = "xla"
-  if config.model.conv_library == "auto":
-    config.model.conv_library = "xla"  # Likewise: the oneDNN convs are CPU-only.
-  if len(jax.devices()) < devices:
-    raise SystemExit(f"--devices={devices} but {jax.devices()[0].platform} "
-                     f"has {len(jax.devices())}; simulate them on CPU with "
-                     "JAX_PLATFORMS=cpu")
-  mesh = sharding.make_mesh(config.mesh_axis_type, jax.devices()[:devices])
   sharding.check_batch_divides(config.batch_size, mesh)
   # The dataset's size only sets the schedule's length: no effect on memory.
   plan = optim.training_plan(config, num_examples=1_281_167)
@@ -124,10 +125,28 @@ def step_memory(config, *, devices: int, per_device_batch: int,
       jax.eval_shape(trainer.init_fn, jax.random.key(0)))
   batch = abstract_batch(config, config.batch_size,
                          sharding.batch_sharded(mesh))
-  t0 = time.time()
-  compiled, _, warnings = measure.compile_with_warnings(
-      trainer.step_fn.lower(state, batch))
-  compile_s = time.time() - t0
+  compiled, compile_s, warnings = measure.compile_with_warnings(
+      trainer.step_fn.lower(state, batch), compiler_options)
+  return trainer, compiled, state, batch, compile_s, warnings
+
+
+def step_memory(config, *, devices: int, per_device_batch: int,
+                compute_dtype: str) -> dict:
+  """Compiles config's step for abstract inputs; returns the memory record."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxclr.parallel import sharding  # pylint: disable=g-import-not-at-top
+  from benchmarks import measure  # pylint: disable=g-import-not-at-top
+
+  config = accelerator_config(config, global_batch=devices * per_device_batch,
+                              compute_dtype=compute_dtype)
+  if len(jax.devices()) < devices:
+    raise SystemExit(f"--devices={devices} but {jax.devices()[0].platform} "
+                     f"has {len(jax.devices())}; simulate them on CPU with "
+                     "JAX_PLATFORMS=cpu")
+  mesh = sharding.make_mesh(config.mesh_axis_type, jax.devices()[:devices])
+  trainer, compiled, state, batch, compile_s, warnings = compile_step(
+      config, mesh)
   mem = measure.memory(compiled)
   nbytes = lambda tree: int(sum(x.size * x.dtype.itemsize
                                 for x in jax.tree.leaves(tree)))

@@ -15,6 +15,7 @@ from jaxclr import config as config_lib, cpu, errors, methods
 
 from jaxclr.data import input_pipeline, sources, splits, validate
 from jaxclr.evaluation import periodic
+from jaxclr.models import precision
 from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
 from jaxclr.training import loop, optim, update, workdir as workdir_lib
@@ -76,7 +77,10 @@ def create_trainer(config, mesh, plan: optim.TrainingPlan,
   step_fn = update.jit_step(
       functools.partial(method.train_step, opts, setup),
       state_sharding=repl, batch_sharding=sharding.batch_sharded(mesh),
-      replicated_sharding=repl)
+      replicated_sharding=repl,
+      # bfloat16: XLA keeps every rounding the policy states, on any layout.
+      compiler_options=precision.compiler_options(
+          config.model.compute_dtype))
   return Trainer(model=model, optimizer=optimizer, init_fn=init_fn,
                  step_fn=step_fn)
 

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxclr.models import precision
+
 # Subtracted from the self-similarity logits after dividing by tau (as in the
 # reference), so exp() of them is exactly 0 in float32.
 LARGE_NUM = 1e9
@@ -36,9 +38,10 @@ def l2_normalize(x, eps: float = 1e-12):
 
 
 def matmul_t(a, b):
-  # Full fp32 precision: the logits are the objective, and on TPU the default
-  # fp32 matmul precision would round them through bf16.
-  return jnp.einsum("nd,md->nm", a, b, precision=lax.Precision.HIGHEST)
+  # Full float32 precision (precision.LOGITS_PRECISION): the logits are the
+  # objective, and on TPU the default float32 matmul precision would round
+  # them through bfloat16.
+  return jnp.einsum("nd,md->nm", a, b, precision=precision.LOGITS_PRECISION)
 
 
 def gather_rows(x, axis_name):
@@ -74,8 +77,9 @@ def contrast_metrics(logits_ab, labels):
 
 
 def embeddings(z1, z2, hidden_norm: bool):
-  """float32 views, L2-normalised when hidden_norm."""
-  z1, z2 = z1.astype(jnp.float32), z2.astype(jnp.float32)
+  """The views as a loss reads them (precision.LOSS_DTYPE, float32),
+  L2-normalised when hidden_norm."""
+  z1, z2 = precision.to_loss(z1), precision.to_loss(z2)
   if hidden_norm:
     z1, z2 = l2_normalize(z1), l2_normalize(z2)
   return z1, z2

@@ -33,10 +33,9 @@ def nt_xent_with_metrics(z1, z2, *, temperature: float, axis_name=None,
     axis_name is set) and dict(contrast_acc, contrast_top5_acc,
     contrast_entropy), all over the global batch.
   """
-  z1 = z1.astype(jnp.float32)
-  z2 = z2.astype(jnp.float32)
-  if hidden_norm:
-    z1, z2 = common.l2_normalize(z1), common.l2_normalize(z2)
+  # float32 (precision.LOSS_DTYPE) before the gather: the columns travel
+  # and the logits are computed in float32.
+  z1, z2 = common.embeddings(z1, z2, hidden_norm)
   n = z1.shape[0]
   cols1, offset = common.gather_rows(z1, axis_name)  # [N, d]
   cols2, _ = common.gather_rows(z2, axis_name)

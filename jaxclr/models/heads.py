@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxclr.models import precision
 from jaxclr.models.resnet import make_batch_norm
 
 # Both heads use N(0, 0.01) kernels, as the official code does.
@@ -28,7 +29,9 @@ class ProjectionHead(nn.Module):
   layer (SimCLRv2's ft_proj_selector); the last one is z. hidden_dim 0 keeps
   the input's width (SimCLR); BYOL's projector and predictor are 4096 wide.
   output_norm (OUTPUT_NORMS) is the last BN's kind, or 'none' to end on the
-  plain Dense (BYOL's predictor).
+  plain Dense (BYOL's predictor). In bfloat16 the Dense layers compute in
+  bfloat16 with float32 kernel gradients, and z leaves in float32
+  (models/precision.py).
   """
   num_layers: int = 3
   out_dim: int = 128
@@ -45,20 +48,22 @@ class ProjectionHead(nn.Module):
     x = h
     mid_dim = self.hidden_dim or h.shape[-1]
     for j in range(self.num_layers - 1):
-      x = nn.Dense(mid_dim, use_bias=False, dtype=self.dtype,
-                   param_dtype=jnp.float32, kernel_init=head_kernel_init,
-                   name=f"dense{j}")(x)
+      x = precision.Dense(mid_dim, use_bias=False, dtype=self.dtype,
+                          kernel_init=head_kernel_init, name=f"dense{j}")(x)
       x = nn.relu(norm(name=f"bn{j}")(x))
       outputs.append(x)
     last = self.num_layers - 1
-    x = nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
-                 param_dtype=jnp.float32, kernel_init=head_kernel_init,
-                 name=f"dense{last}")(x)
+    x = precision.Dense(self.out_dim, use_bias=False, dtype=self.dtype,
+                        kernel_init=head_kernel_init, name=f"dense{last}")(x)
     if self.output_norm not in OUTPUT_NORMS:
       raise ValueError(f"output_norm={self.output_norm!r}; valid: "
                        f"{OUTPUT_NORMS}")
-    if self.output_norm != "none":
+    if self.output_norm == "none":
+      x = x.astype(precision.FEATURE_DTYPE)
+    else:
+      # z leaves in FEATURE_DTYPE: no bfloat16 rounding of the embedding.
       x = norm(use_bias=False, use_scale=self.output_norm == "bn",
+               dtype=precision.FEATURE_DTYPE,
                name=f"bn{last}")(x)
     outputs.append(x)
     return outputs
@@ -73,5 +78,6 @@ class LinearHead(nn.Module):
   def __call__(self, x):
     init = nn.initializers.zeros if self.zero_init else head_kernel_init
     return nn.Dense(self.num_classes, kernel_init=init,
-                    param_dtype=jnp.float32, dtype=jnp.float32)(
-                        x.astype(jnp.float32))
+                    param_dtype=precision.PARAM_DTYPE,
+                    dtype=precision.FEATURE_DTYPE)(
+                        x.astype(precision.FEATURE_DTYPE))

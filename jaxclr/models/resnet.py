@@ -22,7 +22,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxclr.models import conv as conv_lib
+from jaxclr.models import conv as conv_lib, precision
 
 BLOCKS_PER_GROUP = {
     18: (2, 2, 2, 2),
@@ -40,11 +40,18 @@ conv_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in",
 
 
 def make_batch_norm(train: bool, momentum: float, epsilon: float, dtype):
+  """BatchNorm whose statistics and normalisation are computed in
+  precision.NORM_DTYPE (float32) and whose output is `dtype`."""
   # Two-pass variance: the default E[x^2]-E[x]^2 cancels on image-like
   # activations and makes the step depend on the device layout.
+  # force_float32_reductions (flax's default, stated): statistics in float32
+  # (NORM_DTYPE) whatever the input; the normalisation then runs in float32
+  # too, since the float32 mean promotes x - mean.
   return functools.partial(nn.BatchNorm, use_running_average=not train,
                            momentum=momentum, epsilon=epsilon, dtype=dtype,
-                           param_dtype=jnp.float32, use_fast_variance=False)
+                           param_dtype=precision.PARAM_DTYPE,
+                           use_fast_variance=False,
+                           force_float32_reductions=True)
 
 
 class FixedPaddingConv(nn.Module):
@@ -64,10 +71,12 @@ class FixedPaddingConv(nn.Module):
   def __call__(self, x):
     k = self.kernel_size
     kernel = self.param("kernel", conv_kernel_init,
-                        (k, k, x.shape[-1], self.features), jnp.float32)
+                        (k, k, x.shape[-1], self.features),
+                        precision.PARAM_DTYPE)
     pad = ((k - 1) // 2, k - 1 - (k - 1) // 2)
-    return self.conv(x.astype(self.dtype), kernel.astype(self.dtype),
-                     self.strides, (pad, pad))
+    # In bfloat16: bfloat16 operands, a float32 kernel gradient.
+    return precision.conv(self.conv, x, kernel, self.strides, (pad, pad),
+                          self.dtype)
 
 
 def avg_pool_shortcut(x, strides: int):
@@ -138,14 +147,32 @@ class SqueezeExcitation(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(nn.Conv, kernel_size=(1, 1), use_bias=True,
-                             kernel_init=conv_kernel_init, dtype=self.dtype,
-                             param_dtype=jnp.float32)
+    conv = functools.partial(PointwiseConv, dtype=self.dtype)
     s = jnp.mean(x, axis=(1, 2), keepdims=True)  # [B, 1, 1, C]
     s = nn.relu(conv(max(1, int(self.filters * self.se_ratio)),
                      name="reduce")(s))
     s = conv(x.shape[-1], name="expand")(s)
     return nn.sigmoid(s) * x
+
+
+class PointwiseConv(nn.Module):
+  """nn.Conv(kernel_size=(1, 1), use_bias=True) on [B, 1, 1, C] (same
+  variables: kernel [1, 1, C, F], bias [F]) as a precision.matmul, so that
+  in bfloat16 its kernel gradient is float32 like every other layer's."""
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", conv_kernel_init,
+                        (1, 1, x.shape[-1], self.features),
+                        precision.PARAM_DTYPE)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,),
+                      precision.PARAM_DTYPE)
+    y = precision.matmul(x.reshape((-1, x.shape[-1])), kernel[0, 0],
+                         self.dtype)
+    return (y + bias.astype(self.dtype)).reshape(x.shape[:-1] +
+                                                 (self.features,))
 
 
 class BasicBlock(nn.Module):
@@ -203,7 +230,8 @@ class BottleneckBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """Returns h, the globally average-pooled final features [B, C]."""
+  """Returns h, the globally average-pooled final features [B, C], in
+  precision.FEATURE_DTYPE (float32) whatever the compute dtype."""
   depth: int = 50
   width_multiplier: float = 1.0
   cifar_stem: bool = False
@@ -256,7 +284,7 @@ class ResNet(nn.Module):
                       use_projection=(b == 0), norm=norm, conv=conv_layer,
                       sk_ratio=self.sk_ratio, se_ratio=self.se_ratio,
                       name=f"group{g + 1}_block{b + 1}")(x)
-    return jnp.mean(x, axis=(1, 2))
+    return precision.global_average_pool(x)  # float32 [B, C]
 
 
 def feature_dim(depth: int, width_multiplier: float) -> int:

@@ -6,13 +6,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from jaxclr.models import conv as conv_lib
+from jaxclr.models import conv as conv_lib, precision
 from jaxclr.models.heads import LinearHead, ProjectionHead
 from jaxclr.models.resnet import ResNet
-
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class SimCLRModel(nn.Module):
@@ -31,13 +28,16 @@ class SimCLRModel(nn.Module):
   def __call__(self, images, train: bool):
     h = self.encoder(images, train=train)
     proj = self.projection_head(h, train=train)
-    out = {"h": h.astype(jnp.float32), "proj": proj,
-           "z": proj[-1].astype(jnp.float32)}
+    # h and z in FEATURE_DTYPE (float32) whatever the compute dtype
+    # (models/precision.py); the casts are no-ops for the ResNet and head.
+    out = {"h": h.astype(precision.FEATURE_DTYPE), "proj": proj,
+           "z": proj[-1].astype(precision.FEATURE_DTYPE)}
     if self.num_classes > 0:
       out["logits"] = LinearHead(self.num_classes, name="linear_head")(
           jax.lax.stop_gradient(out["h"]))
     if self.predictor is not None:
-      out["p"] = self.predictor(proj[-1], train=train)[-1].astype(jnp.float32)
+      out["p"] = self.predictor(proj[-1], train=train)[-1].astype(
+          precision.FEATURE_DTYPE)
     return out
 
 
@@ -56,7 +56,7 @@ def build_encoder(model_config, image_size: int,
                 cifar_stem=uses_cifar_stem(model_config, image_size),
                 bn_momentum=model_config.bn_momentum,
                 bn_epsilon=model_config.bn_epsilon,
-                dtype=COMPUTE_DTYPES[model_config.compute_dtype],
+                dtype=precision.compute_dtype(model_config.compute_dtype),
                 # Absent from configs and exports older than the fields.
                 sk_ratio=model_config.get("sk_ratio") or 0.0,
                 se_ratio=model_config.get("se_ratio") or 0.0,
@@ -71,7 +71,7 @@ def build_model(config, num_classes: int, predictor_hidden_dim: int = 0,
   predictor_hidden_dim > 0 the predictor (a 2-layer MLP to proj_out_dim
   with no BN on its output, as BYOL's); conv as build_encoder's."""
   m = config.model
-  dtype: Any = COMPUTE_DTYPES[m.compute_dtype]
+  dtype: Any = precision.compute_dtype(m.compute_dtype)
   # .get: configs written before the field keep the input's width.
   head = ProjectionHead(num_layers=m.num_proj_layers, out_dim=m.proj_out_dim,
                         hidden_dim=m.get("proj_hidden_dim") or 0,

@@ -106,9 +106,12 @@ def model_update(state: TrainState, batch, *, model: nn.Module,
                      "total_loss": total}, aux
 
 
-def jit_step(step, *, state_sharding, batch_sharding, replicated_sharding):
+def jit_step(step, *, state_sharding, batch_sharding, replicated_sharding,
+             compiler_options=None):
   """jit of a pretraining step(state, batch) -> (state, metrics), with its
-  shardings and the state buffers donated (every method's step)."""
+  shardings and the state buffers donated (every method's step).
+  compiler_options: XLA's, e.g. models.precision.compiler_options of the
+  compute dtype."""
   return jax.jit(step, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated_sharding),
-                 donate_argnums=0)
+                 donate_argnums=0, compiler_options=compiler_options or None)
