@@ -10,10 +10,11 @@ the docs table all read `names()` / `get()`.
 
 from __future__ import annotations
 
-from jaxclr.methods import byol, nnclr, simclr
+from jaxclr.methods import byol, mocov2, mocov3, nnclr, simclr
 from jaxclr.methods.base import Method, Setup  # pylint: disable=unused-import
 
-_BUILTIN = (simclr.SimCLR(), simclr.SupCon(), byol.BYOL(), nnclr.NNCLR())
+_BUILTIN = (simclr.SimCLR(), simclr.SupCon(), byol.BYOL(), nnclr.NNCLR(),
+            mocov2.MoCoV2(), mocov3.MoCoV3())
 _REGISTRY: dict[str, Method] = {m.name: m for m in _BUILTIN}
 
 
