@@ -19,13 +19,15 @@ Variants (as config arguments, e.g. configs/imagenet.py:epochs=1000):
 Arguments:
   depth=D      ResNet depth (default 50)
   width=W      width multiplier (default 1.0)
-  batch=B      global batch size (default 4096)
-  epochs=E     training epochs (default 100; 800 with v2)
+  batch=B      global batch size (default 4096, or the method recipe's)
+  epochs=E     training epochs (default 100; 800 with v2; or the method
+               recipe's)
   sk=R         selective-kernel ratio (default 0; 0.0625 = SimCLRv2's SK1)
-  method=simclr
+  method=simclr|byol|nnclr|supcon|mocov2|mocov3
                the method (default simclr); another method's ImageNet
                recipe is `imagenet_recipe(c)` of its own configs/NAME.py,
-               applied over SimCLR's (the paper's values, cited there)
+               applied over SimCLR's (the paper's values and the figure it
+               targets, cited there); batch= and epochs= still apply
   v2           the SimCLRv2 changes above
   tiny         the same recipe and code paths (device colour + blur, uint8
                transfer, bf16 compute, ImageNet stem) at CPU size: R-18
@@ -39,15 +41,16 @@ from jaxclr import config as config_lib
 
 
 def get_config(arg=None):
-  # epochs=0: the recipe's own, 100 (v1) or 800 (v2).
-  arg = config_lib.parse_arg(arg, depth=50, width=1.0, batch=4096,
+  # epochs=0, batch=0: the recipe's own (SimCLR: 100 (v1) or 800 (v2)
+  # epochs, B=4096; another method's: its imagenet_recipe's).
+  arg = config_lib.parse_arg(arg, depth=50, width=1.0, batch=0,
                              epochs=0, sk=0.0, v2=False, tiny=False,
                              method="simclr")
   epochs = arg.epochs or (800 if arg.v2 else 100)
   c = config_lib.pretrain_config()
   c.dataset = "imagenet2012"
   c.image_size = 224
-  c.batch_size = arg.batch
+  c.batch_size = arg.batch or 4096
   c.num_epochs = epochs
   c.model.depth = arg.depth
   c.model.width_multiplier = arg.width
@@ -79,6 +82,8 @@ def get_config(arg=None):
   if arg.method != "simclr":
     c.method = arg.method
     _method_recipe(arg.method).imagenet_recipe(c)
+    c.batch_size = arg.batch or c.batch_size
+    c.num_epochs = arg.epochs or c.num_epochs
   if arg.tiny:
     c.dataset, c.image_size, c.batch_size = "synthetic", 32, 16
     c.synthetic.num_examples, c.synthetic.num_classes = 64, 4
