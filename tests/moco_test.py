@@ -2,10 +2,15 @@
 the momentum schedules, each step's loss and queue computed independently
 from the networks it starts from, the step on 1 vs 8 devices (and its
 negative control: the method's global statistic taken per device), exact
-resume."""
+resume from a checkpoint and after SIGKILL."""
 
 import functools
 import math
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxclr import config as config_lib, losses
 from jaxclr.data import input_pipeline
+from jaxclr.jobs import pretrain
 from jaxclr.methods import byol, mocov2, mocov3, nnclr
 from jaxclr.models.simclr import build_model
 from jaxclr.parallel import sharding
@@ -23,6 +29,7 @@ from jaxclr.training import update
 
 import byol_test
 import methods_util
+import reliability_test
 import train_test
 
 TAU = 0.2
@@ -365,3 +372,49 @@ def test_resume_is_bitwise_with_the_momentum_encoder_and_queue(method,
   assert isinstance(state, byol.ByolTrainState)
   if method == "mocov2":
     assert isinstance(state, mocov2.MocoV2TrainState)
+
+
+# ---- SIGKILL in the middle of a run, then resume ----
+
+SIGKILL_OPTIONS = {
+    "mocov2": {"mocov2.queue_size": 48, "mocov2.tau_base": 0.5,
+               "mocov2.tau_final": 0.5},
+    "mocov3": {"mocov3.predictor_hidden_dim": 32, "mocov3.tau_base": 0.5,
+               "mocov3.temperature": TAU},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(SIGKILL_OPTIONS))
+def test_sigkill_then_resume_equals_the_uninterrupted_run(method, tmp_path):
+  """`python -m jaxclr.main` killed (SIGKILL) at a random step after its
+  first checkpoint, then resumed: the final state, momentum encoder and
+  queue included, equals the uninterrupted run's bit for bit, and so does
+  every step's loss (tests/reliability_test.py's SIGKILL test, for a method
+  with state)."""
+  steps, every = reliability_test.STEPS, reliability_test.EVERY
+  options = {"method": method, **SIGKILL_OPTIONS[method]}
+  config = methods_util.tiny_config(
+      steps=steps, every=every,
+      **{k.replace(".", "__"): v for k, v in options.items()})
+  reference = str(tmp_path / "reference")
+  pretrain.run(config, reference)
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, "-m", "jaxclr.main", "--config",
+         reliability_test.CONFIG_ARG, "--workdir", workdir,
+         *(f"--config.{k}={v}" for k, v in options.items())]
+  with open(tmp_path / "killed.log", "w") as log:
+    proc = subprocess.Popen(cmd, cwd=reliability_test.REPO,
+                            env=reliability_test.child_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
+    kill_after = random.Random(time.time_ns()).randint(every + 1, steps - 2)
+    reliability_test.wait_for_step(proc, workdir, kill_after)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  pretrain.run(config, workdir)
+  final = reliability_test.load_checkpoint(workdir, steps)
+  assert "target" in final and (method != "mocov2" or "queue" in final)
+  reliability_test.assert_states_equal(
+      final, reliability_test.load_checkpoint(reference, steps))
+  assert (reliability_test.losses_by_step(workdir) ==
+          reliability_test.losses_by_step(reference))
