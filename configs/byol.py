@@ -4,14 +4,17 @@ BYOL, linear top-1 92.6 after 1000 epochs).
   python -m jaxclr.main --config configs/byol.py --workdir runs/byol
 
 ResNet-18 with the CIFAR stem, B=256, 1000 epochs (195,313 steps; 10 warmup
-epochs, 1,953 steps), LARS lr 1.0 x B/256, wd 1e-5, trust coefficient
-0.02; projector Dense 4096 -> BN -> ReLU -> Dense 256 -> BN, predictor
-Dense 4096 -> BN -> ReLU -> Dense 256; target EMA tau 0.99 -> 1.0 (cosine).
-Requires the TFDS cifar10 dataset prepared in data_dir.
+epochs, 1,953 steps), LARS lr 1.0 x B/256 with solo-learn's clip_lr
+(lars_clip_lr), wd 1e-5, trust coefficient 0.02; projector Dense 4096 ->
+BN -> ReLU -> Dense 256 -> BN, predictor Dense 4096 -> BN -> ReLU -> Dense
+256; target EMA tau 0.99 -> 1.0 (cosine); BatchNorm per view. Values from
+vturrisi/solo-learn scripts/pretrain/cifar/byol.yaml. Requires the TFDS
+cifar10 dataset prepared in data_dir.
 Where this differs from the published recipe (docs/losses.md, "BYOL"):
 the projector ends in BatchNorm (SimCLR's head, which jaxclr's evaluation
 jobs read); both views get the same SimCLR CIFAR augmentation (colour
-strength 0.5, no blur), not BYOL's asymmetric blur / solarisation.
+strength 0.5, no blur), not solo-learn's asymmetric one (saturation 0.2,
+solarisation 0.2 on the second view); classic momentum.
 Arguments (e.g. configs/byol.py:epochs=200):
   batch=B      global batch size (default 256)
   epochs=E     training epochs (default 1000)
@@ -25,8 +28,28 @@ def get_config(arg=None):
   c = config_lib.cifar10_method_recipe("byol", batch=arg.batch,
                                        epochs=arg.epochs)
   c.learning_rate, c.trust_coefficient = 1.0, 0.02
+  c.lars_clip_lr = True
   c.model.num_proj_layers = 2
   c.model.proj_hidden_dim, c.model.proj_out_dim = 4096, 256
   c.byol.predictor_hidden_dim = 4096
   c.byol.tau_base = 0.99
   return c
+
+
+def imagenet_recipe(c):
+  """BYOL's ImageNet values (Grill et al. 2020; deepmind-research
+  byol/configs/byol.py at 1000 epochs): R-50, B=4096, 1000 epochs, LARS lr
+  0.2 x B/256, trust coefficient 1e-3, wd 1.5e-6, 10 warmup epochs; target
+  tau 0.996 -> 1; projector 4096 -> 256, predictor 4096; BatchNorm per
+  view; colour 0.4 / 0.4 / 0.2 / 0.1. Published: 74.3% linear top-1 (the
+  paper's Table 1). Differences: both views get the same augmentation
+  (strength 0.5: saturation 0.4; blur with probability 0.5), not BYOL's
+  asymmetric blur (1.0 / 0.1) and solarisation (0 / 0.2); the projector
+  ends in BatchNorm."""
+  c.batch_size, c.num_epochs, c.warmup_epochs = 4096, 1000, 10.0
+  c.learning_rate, c.learning_rate_scaling = 0.2, "linear"
+  c.weight_decay, c.trust_coefficient = 1.5e-6, 1e-3
+  c.model.num_proj_layers = 2
+  c.model.proj_hidden_dim, c.model.proj_out_dim = 4096, 256
+  c.byol.update(tau_base=0.996, predictor_hidden_dim=4096, per_view_bn=True)
+  c.augment.color_jitter_strength = 0.5

@@ -20,12 +20,15 @@ Arguments (configs/default.py:steps=50,batch=128 for a quicker look):
   method=NAME  a registered method (jaxclr.methods.names()):
                simclr (default), supervised contrastive (L_out, positives
                by label; the digits have labels), BYOL (no negatives:
-               predictor 512 wide, target EMA tau 0.99 -> 1) or NNCLR
+               predictor 512 wide, target EMA tau 0.99 -> 1), NNCLR
                (nearest-neighbour positives from a support set of the last
                4 global batches, predictor 512 wide), Barlow Twins or
                VICReg (their published weights; the projector ends on its
-               Dense, no BN) or SimSiam (predictor 512 wide, the projector
-               ends in BN without scale)
+               Dense, no BN), SimSiam (predictor 512 wide, the projector
+               ends in BN without scale), MoCo v2 (a queue of
+               the last 4 global batches' keys, key encoder m 0.99: 0.999
+               is for runs of 10^5 steps) or MoCo v3 (predictor 512 wide,
+               m 0.99 -> 1)
   loss=NAME    method=simclr's loss, a registered one (default nt_xent;
                nt_xent|supcon|triplet_batch_hard|triplet_semi_hard|npair|
                infonce|barlow_twins|vicreg; docs/losses.md)
@@ -68,10 +71,12 @@ def get_config(arg=None):
   # 512-wide predictor), so the methods differ in their loss only.
   c.method = arg.method
   c.simclr.loss = arg.loss
-  for section in (c.simclr, c.supcon, c.nnclr):
+  for section in (c.simclr, c.supcon, c.nnclr, c.mocov2, c.mocov3):
     section.temperature = 0.5
   c.byol.predictor_hidden_dim = c.nnclr.predictor_hidden_dim = 512
-  c.nnclr.queue_size = 4 * arg.batch
+  c.mocov3.predictor_hidden_dim = 512
+  c.nnclr.queue_size = c.mocov2.queue_size = 4 * arg.batch
+  c.mocov2.tau_base = c.mocov2.tau_final = 0.99
   c.log_every_steps = 25
   c.checkpoint_every_steps = 100
   c.eval_every_steps = -1

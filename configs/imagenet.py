@@ -23,11 +23,11 @@ Arguments:
   epochs=E     training epochs (default 100; 800 with v2; or the method
                recipe's)
   sk=R         selective-kernel ratio (default 0; 0.0625 = SimCLRv2's SK1)
-  method=simclr|barlow_twins|vicreg|simsiam
-               the method (default simclr); another method's ImageNet
-               recipe is `imagenet_recipe(c)` of its own configs/NAME.py,
-               applied over SimCLR's (the paper's values, cited there;
-               batch= and epochs= given here override the recipe's)
+  method=NAME  simclr (default), byol, nnclr, supcon, barlow_twins, vicreg,
+               simsiam, mocov2, mocov3: that method's published ImageNet
+               recipe over SimCLR's (the paper's values and the figure it
+               targets, cited with the recipe); batch= and epochs= given
+               here override the recipe's
   v2           the SimCLRv2 changes above
   tiny         the same recipe and code paths (device colour + blur, uint8
                transfer, bf16 compute, ImageNet stem) at CPU size: R-18
@@ -41,8 +41,8 @@ from jaxclr import config as config_lib
 
 
 def get_config(arg=None):
-  # batch=0, epochs=0: the recipe's own (4096; 100 for v1, 800 for v2, or
-  # the method recipe's).
+  # batch=0, epochs=0: the recipe's own (SimCLR: B=4096, 100 (v1) or 800
+  # (v2) epochs; another method's: its recipe's).
   arg = config_lib.parse_arg(arg, depth=50, width=1.0, batch=0,
                              epochs=0, sk=0.0, v2=False, tiny=False,
                              method="simclr")

@@ -141,7 +141,16 @@ BAD_CONFIGS = [
      ["unknown config field(s) eval_evry_steps"]),
     ("loss", _set("simclr.loss", "simclr"),
      ["simclr.loss='simclr' is unknown",
-      "nt_xent, supcon, triplet_batch_hard"]),
+      "nt_xent, supcon, supcon_in, triplet_batch_hard"]),
+    ("supcon_form", _many(method="supcon", supcon__form="inside"),
+     ["supcon.form='inside'; valid: 'out', 'in'"]),
+    ("npair_embedding_l2", _many(simclr__loss="npair",
+                                 simclr__embedding_l2=-0.1),
+     ["simclr.embedding_l2=-0.1 must be >= 0 (0 = no L2 term)"]),
+    ("mocov2_queue_not_multiple", _many(method="mocov2",
+                                        mocov2__queue_size=1000),
+     ["mocov2.queue_size=1000 must be a positive multiple of "
+      "batch_size=16"]),
     ("nnclr_queue_not_multiple", _many(method="nnclr", nnclr__queue_size=1000),
      ["nnclr.queue_size=1000 must be a positive multiple of batch_size=16",
       "e.g. 65536"]),
@@ -304,6 +313,39 @@ def test_a_config_from_before_the_method_sections_resumes_as_it_ran():
   assert workdir_lib.config_differences(
       upgraded, workdir_lib.config_to_dict(new)) == [
           "supcon.temperature: 0.5 -> 0.1"]
+
+
+def test_fields_added_with_a_new_default_read_as_the_run_computed():
+  """byol.per_view_bn (BatchNorm per view, new default True) and N-pair's
+  reference form (unnormalised, with an L2 term): a config.json from before
+  them reads as what that run computed, so resuming it with today's
+  defaults is refused, and with the old behaviour set it is not."""
+  new = tiny_config()
+  new.method = "byol"
+  old = workdir_lib.config_to_dict(new)
+  del old["byol"]["per_view_bn"]
+  upgraded = legacy.upgrade(old)
+  assert upgraded["byol"]["per_view_bn"] is False
+  assert workdir_lib.config_differences(
+      upgraded, workdir_lib.config_to_dict(new)) == [
+          "byol.per_view_bn: False -> True"]
+  new.byol.per_view_bn = False
+  assert workdir_lib.config_differences(
+      upgraded, workdir_lib.config_to_dict(new)) == []
+  # N-pair on unit vectors with no L2 term was InfoNCE at temperature 1.
+  npair = tiny_config()
+  npair.simclr.loss = "npair"
+  for hidden_norm, loss, temperature in ((True, "infonce", 1.0),
+                                         (False, "npair", 0.1)):
+    old = workdir_lib.config_to_dict(npair)
+    del old["simclr"]["embedding_l2"]
+    old["simclr"]["hidden_norm"] = hidden_norm
+    section = legacy.upgrade(old)["simclr"]
+    assert (section["loss"], section["temperature"],
+            section["embedding_l2"]) == (loss, temperature, 0.0)
+  # A config saved by today's jaxclr is read as it is.
+  today = workdir_lib.config_to_dict(npair)
+  assert legacy.upgrade(today) == today
 
 
 def test_remote_tfds_data_dir_is_left_to_tfds():

@@ -184,6 +184,9 @@ def _load(name, arg=None):
     # 10 warmup epochs (500,000 / 256 = 1,953.1); lr 1.0 / 0.4 x 256/256.
     ("byol", None, 50_000, 195_313, 1_953, 1.0),
     ("nnclr", None, 50_000, 195_313, 1_953, 0.4),
+    # MoCo v2+ / v3 CIFAR-10 (solo-learn's recipes): the same counts.
+    ("mocov2", None, 50_000, 195_313, 1_953, 0.3),
+    ("mocov3", None, 50_000, 195_313, 1_953, 0.3),
     # SupCon CIFAR-10 (solo-learn's recipe): the same counts; SGD lr 0.4.
     ("supcon", None, 50_000, 195_313, 1_953, 0.4),
     ("default", None, 1_347, 300, 26, 0.5),
@@ -257,19 +260,27 @@ def test_cifar10_follows_the_official_readme(arg, weight_decay, head_layers):
           c.augment.use_blur) == (0.5, 512, 0.5, False)
 
 
-# The published CIFAR-10 recipes (R-18, B=256, wd 1e-5): method,
-# optimiser, temperature (None: the method has none), projector hidden/out
-# widths, predictor width.
-@pytest.mark.parametrize("name,method,optimizer,lr,temperature,proj,pred", [
-    ("byol", "byol", "lars", 1.0, None, (4096, 256), 4096),
-    ("nnclr", "nnclr", "lars", 0.4, 0.2, (2048, 256), 4096),
-    ("supcon", "supcon", "sgd", 0.4, 0.2, (2048, 256), None),
-])
-def test_method_recipes(name, method, optimizer, lr, temperature, proj, pred):
+# The published CIFAR-10 recipes (R-18, B=256, solo-learn's
+# scripts/pretrain/cifar/*.yaml): method, optimiser, lr, weight decay,
+# lars_clip_lr, temperature (None: the method has none), projector
+# hidden/out widths, predictor width.
+@pytest.mark.parametrize(
+    "name,method,optimizer,lr,wd,clip_lr,temperature,proj,pred", [
+        ("byol", "byol", "lars", 1.0, 1e-5, True, None, (4096, 256), 4096),
+        ("nnclr", "nnclr", "lars", 0.4, 1e-5, True, 0.2, (2048, 256), 4096),
+        ("supcon", "supcon", "sgd", 0.4, 1e-5, False, 0.2, (2048, 256),
+         None),
+        ("mocov2", "mocov2", "sgd", 0.3, 1e-4, False, 0.2, (2048, 256),
+         None),
+        ("mocov3", "mocov3", "lars", 0.3, 1e-6, True, 0.2, (4096, 256),
+         4096),
+    ])
+def test_method_recipes(name, method, optimizer, lr, wd, clip_lr, temperature,
+                        proj, pred):
   c = _load(name)
   assert (c.method, c.optimizer, c.learning_rate, c.weight_decay,
-          c.batch_size, c.model.depth, c.num_epochs) == (
-              method, optimizer, lr, 1e-5, 256, 18, 1000)
+          c.lars_clip_lr, c.batch_size, c.model.depth, c.num_epochs) == (
+              method, optimizer, lr, wd, clip_lr, 256, 18, 1000)
   assert (c.model.proj_hidden_dim, c.model.proj_out_dim) == proj
   section = c[method]
   if temperature is not None:
@@ -278,6 +289,31 @@ def test_method_recipes(name, method, optimizer, lr, temperature, proj, pred):
     assert section.predictor_hidden_dim == pred
   if method == "nnclr":
     assert section.queue_size == 65536
+  if method == "mocov2":  # solo-learn's v2+: symmetric, 0.99 -> 0.999.
+    assert (section.queue_size, section.symmetric, section.tau_base,
+            section.tau_final) == (32768, True, 0.99, 0.999)
+  if method == "supcon":  # The loss and augmentation of the cited 93.82.
+    assert (section.form, c.augment.color_jitter_strength, c.augment.use_blur,
+            c.augment.blur_prob) == ("in", 1.0, True, 0.5)
+
+
+# configs/imagenet.py:method=NAME: the paper's ImageNet values (batch,
+# epochs, optimiser, lr, weight decay) of each method's imagenet_recipe.
+@pytest.mark.parametrize("method,batch,epochs,optimizer,lr,wd", [
+    ("byol", 4096, 1000, "lars", 0.2, 1.5e-6),
+    ("nnclr", 4096, 1000, "lars", 0.3, 1e-6),
+    ("supcon", 6144, 350, "lars", 0.4, 1e-3),
+    ("mocov2", 256, 800, "sgd", 0.03, 1e-4),
+    ("mocov3", 4096, 1000, "lars", 0.3, 1.5e-6),
+])
+def test_imagenet_method_presets(method, batch, epochs, optimizer, lr, wd):
+  c = _load("imagenet", f"method={method}")
+  assert (c.method, c.batch_size, c.num_epochs, c.optimizer, c.learning_rate,
+          c.weight_decay, c.learning_rate_scaling) == (
+              method, batch, epochs, optimizer, lr, wd, "linear")
+  # batch= and epochs= still choose.
+  c = _load("imagenet", f"method={method},batch=512,epochs=100")
+  assert (c.batch_size, c.num_epochs) == (512, 100)
 
 
 @pytest.mark.parametrize("arg,epochs,head_layers,weight_decay,sk_ratio", [

@@ -1,7 +1,7 @@
-"""SupCon, triplet, N-pair and InfoNCE against NumPy float64 loops, global
-and sharded over 8 devices (jaxclr/losses and its registry); Barlow Twins
-and VICReg against the NumPy transcriptions of tests/barlow_twins_test.py
-and tests/vicreg_test.py."""
+"""SupCon (both forms), triplet, N-pair and InfoNCE against NumPy float64
+loops written from the reference code, global and sharded over 8 devices
+(jaxclr/losses and its registry); Barlow Twins and VICReg against the NumPy
+transcriptions of tests/barlow_twins_test.py and tests/vicreg_test.py."""
 
 import functools
 
@@ -56,6 +56,22 @@ def ref_supcon(z, labels, tau):
   return np.mean(per_anchor)
 
 
+def ref_supcon_in(z, labels, tau):
+  """vturrisi/solo-learn solo/losses/simclr.py, simclr_loss_func with class
+  indexes (what solo/methods/supcon.py trains with): per anchor,
+  -log(pos / (pos + neg)), pos and neg the sums of exp(s/tau) over the
+  other views of its class and over the views of other classes."""
+  v, key = views(z), keys(labels, len(z))
+  per_anchor = []
+  for a in range(len(v)):
+    pos = sum(np.exp(v[a] @ v[j] / tau) for j in range(len(v))
+              if j != a and key[j] == key[a])
+    neg = sum(np.exp(v[a] @ v[j] / tau) for j in range(len(v))
+              if key[j] != key[a])
+    per_anchor.append(-np.log(pos / (pos + neg)))
+  return np.mean(per_anchor)
+
+
 def sq_dist(a, b):
   return float(np.sum((a - b) ** 2))
 
@@ -84,17 +100,21 @@ def ref_triplet(z, labels, margin, mining):
   return np.mean(hinges), triplets
 
 
-def ref_npair(z, l2_reg=0.0):
-  f, f_pos = unit(z[:, 0]), unit(z[:, 1])
+def ref_npair(z, reg_lambda=0.002):
+  """tensorflow/tensorflow tensorflow/contrib/losses/python/metric_learning/
+  metric_loss_ops.py, npairs_loss with one label per pair: the softmax
+  cross-entropy of the unnormalised similarities f_i . f_j+, plus
+  0.25 reg_lambda (mean |f|^2 + mean |f+|^2); written as Sohn's
+  log(1 + sum_{j != i} exp(f_i.f_j+ - f_i.f_i+))."""
+  f, f_pos = (np.asarray(z[:, v], np.float64) for v in (0, 1))
   per_anchor = []
   for i in range(len(z)):
     s = sum(np.exp(f[i] @ f_pos[j] - f[i] @ f_pos[i])
             for j in range(len(z)) if j != i)
     per_anchor.append(np.log1p(s))
-  raw = np.asarray(z, np.float64)
-  reg = np.mean([raw[i, 0] @ raw[i, 0] + raw[i, 1] @ raw[i, 1]
-                 for i in range(len(z))])
-  return np.mean(per_anchor) + l2_reg * reg
+  reg = 0.25 * reg_lambda * (np.mean(np.sum(f * f, -1)) +
+                             np.mean(np.sum(f_pos * f_pos, -1)))
+  return np.mean(per_anchor) + reg
 
 
 def ref_infonce(z, tau, queue=()):
@@ -120,6 +140,7 @@ def embeddings(seed=0):
 # Per registry loss: the independent reference, and whether labels are read.
 REFERENCES = {
     "supcon": lambda z, l: ref_supcon(z, l, TAU),
+    "supcon_in": lambda z, l: ref_supcon_in(z, l, TAU),
     "triplet_batch_hard": lambda z, l: ref_triplet(z, l, MARGIN, "batch_hard")[0],
     "triplet_semi_hard": lambda z, l: ref_triplet(z, l, MARGIN, "semi_hard")[0],
     "npair": lambda z, l: ref_npair(z),
@@ -265,8 +286,48 @@ def test_semi_hard_falls_back_to_the_farthest_negative():
 
 def test_npair_l2_regulariser():
   z, _ = embeddings(seed=4)
-  loss, _ = losses.npair_with_metrics(z[:, 0], z[:, 1], l2_reg=0.01)
-  np.testing.assert_allclose(loss, ref_npair(z, l2_reg=0.01), rtol=2e-5)
+  loss, _ = losses.npair_with_metrics(z[:, 0], z[:, 1], embedding_l2=0.5)
+  np.testing.assert_allclose(loss, ref_npair(z, reg_lambda=0.5), rtol=2e-5)
+  plain, _ = losses.npair_with_metrics(z[:, 0], z[:, 1], embedding_l2=0.0)
+  np.testing.assert_allclose(loss - plain, ref_npair(z, 0.5) - ref_npair(z, 0),
+                             rtol=1e-4)
+
+
+def test_npair_of_unit_vectors_is_infonce_at_temperature_1():
+  """What an N-pair run of jaxclr <= this change computed (normalised
+  embeddings, no L2 term): config/legacy.py reads such a run as
+  loss='infonce', temperature=1."""
+  z, _ = embeddings(seed=7)
+  u = unit(z).astype(np.float32)
+  npair_unit, _ = losses.npair_with_metrics(u[:, 0], u[:, 1],
+                                            embedding_l2=0.0)
+  infonce, _ = losses.infonce_with_metrics(z[:, 0], z[:, 1], temperature=1.0)
+  np.testing.assert_allclose(npair_unit, infonce, rtol=1e-6)
+  assert abs(float(npair_unit) - ref_npair(z, 0.0)) > 1e-2  # Not the raw form.
+
+
+def test_supcon_in_is_l_in_less_log_positives_and_l_out_for_pairs():
+  """Khosla et al.'s L_in has 1/|P(i)| inside the log; solo-learn's form
+  drops it: supcon_in = L_in - mean_i log|P(i)|. With one positive per
+  anchor every form is the same."""
+  z, labels = embeddings(seed=8)
+  fn = functools.partial(losses.supcon_in_with_metrics, temperature=TAU)
+  got, _ = jax.jit(fn)(z[:, 0], z[:, 1], labels)
+  v, key = views(z), keys(labels, N)
+  l_in, log_pos = [], []
+  for a in range(2 * N):
+    others = [j for j in range(2 * N) if j != a]
+    positives = [p for p in others if key[p] == key[a]]
+    denominator = sum(np.exp(v[a] @ v[j] / TAU) for j in others)
+    l_in.append(-np.log(np.mean([np.exp(v[a] @ v[p] / TAU)
+                                 for p in positives]) / denominator))
+    log_pos.append(np.log(len(positives)))
+  np.testing.assert_allclose(got, np.mean(l_in) - np.mean(log_pos), rtol=2e-5)
+  assert np.mean(log_pos) > 0.1  # Class positives: the two forms differ.
+  pairs_in, _ = jax.jit(fn)(z[:, 0], z[:, 1], None)
+  pairs_out, _ = losses.supcon_with_metrics(z[:, 0], z[:, 1], None,
+                                            temperature=TAU)
+  np.testing.assert_allclose(pairs_in, pairs_out, rtol=1e-6)
 
 
 def test_infonce_queue_adds_negatives_globally_and_sharded():

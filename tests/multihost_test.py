@@ -256,21 +256,31 @@ def assert_layouts_agree(dirs):
   return metrics
 
 
-@pytest.mark.parametrize("method", ["byol", "nnclr"])
-def test_byol_and_nnclr_on_two_processes_match_one(method):
-  """BYOL's EMA target and NNCLR's support set (written from the global
-  batch) are part of the state compared: the same on 2 processes as on one
-  process with the same 8 devices."""
-  extra = [f"--config.method={method}",
-           f"--config.{method}.predictor_hidden_dim=16"]
-  if method == "nnclr":
-    extra.append("--config.nnclr.queue_size=32")
+# Each method with state: its options for the tiny run, and the state part
+# the comparison must include.
+STATEFUL_METHODS = {
+    "byol": (["--config.byol.predictor_hidden_dim=16"], "target"),
+    "nnclr": (["--config.nnclr.predictor_hidden_dim=16",
+               "--config.nnclr.queue_size=32"], "support"),
+    "mocov2": (["--config.mocov2.queue_size=32"], "queue"),
+    "mocov3": (["--config.mocov3.predictor_hidden_dim=16"], "target"),
+}
+
+
+@pytest.mark.slow  # Two processes and an 8-device one, per method.
+@pytest.mark.parametrize("method", sorted(STATEFUL_METHODS))
+def test_methods_with_state_on_two_processes_match_one(method):
+  """BYOL's EMA target, NNCLR's support set and MoCo v2's queue (written
+  from the global batch) and MoCo's momentum encoders are part of the state
+  compared: the same on 2 processes as on one process with the same 8
+  devices."""
+  options, part = STATEFUL_METHODS[method]
+  extra = [f"--config.method={method}", *options]
   runs = run_layouts("synthetic", *extra, single=(("1x8", 8),))
   _, dirs = next(runs)
   try:
     assert_layouts_agree(dirs)
     state = load_final_state(dirs["2x4"])
-    part = "target" if method == "byol" else "support"
     assert any(k.startswith(f".{part}") or f"'{part}'" in k for k in state), (
         sorted(state)[:5])
   finally:

@@ -252,3 +252,71 @@ def test_probe_l2_penalty_counts_kernel_only():
             "encoder": {"k": jnp.ones((4, 4))}}
   np.testing.assert_allclose(optim.probe_l2_penalty(params, 0.1),
                              0.1 * 0.5 * 6 * 4.0)
+
+
+def solo_learn_lars_reference(params, grads_per_step, lr, *, wd, eta,
+                              momentum, excluded, eps=1e-8):
+  """vturrisi/solo-learn solo/utils/lars.py, LARS.step with clip_lr=True and
+  exclude_bias_n_norm=True, in NumPy (PyTorch's momentum: buf = mu buf +
+  d_p, p -= lr buf). Returns the params and, per step, the layers whose
+  rate the clip capped at lr (eta|w| / (|g| + wd|w|) >= lr)."""
+  w = {k: np.array(v, np.float64) for k, v in params.items()}
+  buf = {k: np.zeros_like(x) for k, x in w.items()}
+  capped = []
+  for grads in grads_per_step:
+    capped.append(set())
+    for k in w:
+      d_p = np.array(grads[k], np.float64)
+      w_norm, g_norm = np.linalg.norm(w[k]), np.linalg.norm(d_p)
+      if k not in excluded and w_norm != 0 and g_norm != 0:
+        lars_lr = eta * w_norm / (g_norm + w_norm * wd + eps)
+        if lars_lr / lr >= 1:
+          capped[-1].add(k)
+        lars_lr = min(lars_lr / lr, 1)
+        d_p = lars_lr * (d_p + wd * w[k])
+      buf[k] = momentum * buf[k] + d_p
+      w[k] = w[k] - lr * buf[k]
+  return w, capped
+
+
+def test_lars_clip_lr_is_solo_learns_lars():
+  """lars_clip_lr: each layer moves at min(eta|w| / (|g| + wd|w|), lr); at
+  a constant rate PyTorch's momentum and the classic one take the same
+  steps. Layers with both small and large trust ratios are in play."""
+  rng = np.random.default_rng(3)
+  params = {"big": {"kernel": 30.0 * rng.normal(size=(3, 3, 4, 8))},
+            "small": {"kernel": 0.01 * rng.normal(size=(8, 6))},
+            "bn": {"scale": rng.normal(size=(8,))},
+            "linear_head": {"Dense_0": {"kernel": rng.normal(size=(8, 10))}}}
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  lr, wd, eta = 0.3, 1e-4, 0.02
+
+  def run(clip_lr):
+    tx = optim.lars(lambda step: lr, weight_decay=wd, momentum=0.9,
+                    trust_coefficient=eta, clip_lr=clip_lr)
+    opt_state, p, grads = tx.init(params), params, []
+    for step in range(4):
+      g = jax.tree.map(
+          lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), p)
+      grads.append(g)
+      updates, opt_state = tx.update(g, opt_state, p, step)
+      p = jax.tree.map(lambda a, u: a + u, p, updates)
+    return p, grads
+
+  def flat(tree):
+    return {"/".join(str(q.key) for q in path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+  got, grads = run(clip_lr=True)
+  expected, capped = solo_learn_lars_reference(
+      flat(params), [flat(g) for g in grads], lr, wd=wd, eta=eta,
+      momentum=0.9, excluded={"bn/scale", "linear_head/Dense_0/kernel"})
+  for k, want in expected.items():
+    np.testing.assert_allclose(flat(got)[k], want, rtol=2e-5, atol=1e-7,
+                               err_msg=k)
+  # The cap acts on one kernel (its rate is lr), not on the other.
+  assert all(c == {"big/kernel"} for c in capped), capped
+  # Negative control: SimCLR's LARS (no clip) moves the layers elsewhere.
+  unclipped, _ = run(clip_lr=False)
+  assert np.abs(flat(unclipped)["big/kernel"] -
+                expected["big/kernel"]).max() > 1e-2

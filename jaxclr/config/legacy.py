@@ -1,6 +1,8 @@
-"""Saved configs from before the method sections (jaxclr <= 2739732): their
-flat objective fields, read as today's `config.<method>.*` fields, so that
-such a workdir still resumes, evaluates and reports as it was trained."""
+"""Saved configs of older jaxclr versions, read as today's fields, so that
+such a workdir still resumes, evaluates and reports as it was trained:
+the flat objective fields from before the method sections (jaxclr <=
+2739732), and fields added later whose default computes something else than
+the run did (each method says which: Method.upgrade_saved)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,23 @@ _POSITIVES = {"simclr": "instance", "supcon": "class"}
 def upgrade(raw: dict) -> dict:
   """A saved pretraining config dict in today's layout (a copy); a config
   already in it is returned unchanged."""
+  return _as_it_ran(_sections(raw))
+
+
+def _as_it_ran(raw: dict) -> dict:
+  """The trained method's section with the fields added since the run
+  started set to what the run computed (Method.upgrade_saved)."""
+  from jaxclr import methods  # pylint: disable=g-import-not-at-top
+  name = raw.get("method", "simclr")
+  section = raw.get(name)
+  if name not in methods.names() or not isinstance(section, dict):
+    return raw
+  upgraded = methods.get(name).upgrade_saved(dict(section))
+  return raw if upgraded == section else {**raw, name: upgraded}
+
+
+def _sections(raw: dict) -> dict:
+  """The flat objective fields of jaxclr <= 2739732 as method sections."""
   if not any(k in raw for k in (*_FLAT_FIELDS, "loss_labels")):
     return raw
   raw = dict(raw)

@@ -127,6 +127,9 @@ def _add_optimization(c: ml_collections.ConfigDict, *, batch_size: int,
 
 def _add_lars(c: ml_collections.ConfigDict) -> None:
   c.trust_coefficient = 1e-3  # LARS's eta.
+  # solo-learn's clip_lr: each layer moves at min(eta|w| / (|g| + wd|w|),
+  # lr) instead of lr x eta|w| / |g + wd w| (jaxclr.training.optim.lars).
+  c.lars_clip_lr = False
 
 
 def _add_loop(c: ml_collections.ConfigDict, *, log_every_steps: int,

@@ -30,7 +30,7 @@ from jaxclr.losses.npair import (  # pylint: disable=unused-import
 from jaxclr.losses.nt_xent import (  # pylint: disable=unused-import
     nt_xent, nt_xent_with_metrics)
 from jaxclr.losses.supcon import (  # pylint: disable=unused-import
-    supcon_with_metrics)
+    supcon_in_with_metrics, supcon_with_metrics)
 from jaxclr.losses.triplet import (  # pylint: disable=unused-import
     mine_batch_hard, mine_semi_hard, mined_triplets, MININGS,
     triplet_distances, triplet_with_metrics)
@@ -75,6 +75,10 @@ _BUILTIN = (
          {"temperature": 0.1, "hidden_norm": True}, class_labels=True,
          summary="supervised contrastive L_out: same-class views are "
          "positives"),
+    Loss("supcon_in", supcon.supcon_in_with_metrics,
+         {"temperature": 0.1, "hidden_norm": True}, class_labels=True,
+         summary="supervised contrastive with the positives' sum inside "
+         "the log (solo-learn's)"),
     Loss("triplet_batch_hard",
          functools.partial(triplet.triplet_with_metrics, mining="batch_hard"),
          {"margin": 0.2, "hidden_norm": True}, class_labels=True,
@@ -83,8 +87,9 @@ _BUILTIN = (
          functools.partial(triplet.triplet_with_metrics, mining="semi_hard"),
          {"margin": 0.2, "hidden_norm": True}, class_labels=True,
          summary="triplet hinge, FaceNet's semi-hard negatives"),
-    Loss("npair", npair.npair_with_metrics, {"hidden_norm": True},
-         class_labels=False, summary="multi-class N-pair (Sohn 2016)"),
+    Loss("npair", npair.npair_with_metrics, {"embedding_l2": 0.002},
+         class_labels=False, summary="multi-class N-pair (Sohn 2016) on "
+         "unnormalised embeddings, with their L2 regulariser"),
     Loss("infonce", infonce.infonce_with_metrics,
          {"temperature": 0.1, "hidden_norm": True}, class_labels=False,
          summary="one-directional InfoNCE, optionally with a queue of past "

@@ -63,6 +63,14 @@ class Method:
     (unfrozen) pretraining config, for rules across sections. Plain Python:
     runs before any data or compilation."""
 
+  def upgrade_saved(self, saved: dict) -> dict:
+    """This method's section as an older jaxclr saved it (config.json of a
+    workdir), in today's fields and computing what that run computed: a
+    field added since, whose default changes the method, gets the value the
+    run had (config/legacy.py). Plain dicts; a section saved by today's
+    jaxclr is returned as it is."""
+    return saved
+
   def loss_name(self, opts) -> str:
     """What the logged `loss` is, for plots and reports."""
     del opts

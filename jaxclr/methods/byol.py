@@ -9,10 +9,15 @@ and so in every checkpoint: exact resume holds. It is an exponential moving
 average of the online weights with a rate rising from tau_base to 1 on a
 cosine schedule over the run.
 
-The target runs in training mode, so its BatchNorm normalises by the
-statistics of the global batch, as the online network's does; its running
-statistics (never used in training) are averaged from the online ones like
-the weights.
+Both networks run in training mode, once per view (per_view_bn, the
+default, as the reference runs them): BatchNorm normalises each view by the
+statistics of that view's global batch; with per_view_bn=False both views
+share one BatchNorm batch (what jaxclr did before; docs/losses.md, "BYOL",
+measures the two). The target's running statistics (never used in
+training) are averaged from the online ones like the weights.
+
+The momentum-encoder pieces here (target_tau, ema_update, target_part,
+moved_target) serve every method with one (MoCo v2, MoCo v3).
 """
 
 from __future__ import annotations
@@ -37,13 +42,19 @@ class ByolTrainState(TrainState):
   target: Any
 
 
-def target_tau(step, total_steps: int, tau_base: float):
-  """BYOL's tau at `step`: 1 - (1 - tau_base) (cos(pi step / K) + 1) / 2.
+def target_tau(step, total_steps: int, tau_base: float,
+               tau_final: float = 1.0):
+  """A momentum encoder's EMA rate at `step`:
+  tau_final - (tau_final - tau_base) (cos(pi step / K) + 1) / 2.
 
-  tau_base at step 0, rising to 1 at step K = total_steps.
+  tau_base at step 0, rising to tau_final at step K = total_steps. BYOL
+  (and MoCo v3's --moco-m-cos) rise to 1; MoCo v2's m is constant
+  (tau_base = tau_final); solo-learn's MoCo v2+ rises from 0.99 to 0.999
+  (solo/utils/momentum.py, MomentumUpdater).
   """
   progress = jnp.asarray(step, jnp.float32) / max(int(total_steps), 1)
-  return 1.0 - (1.0 - tau_base) * (jnp.cos(jnp.pi * progress) + 1.0) / 2.0
+  return tau_final - (tau_final - tau_base) * (
+      jnp.cos(jnp.pi * progress) + 1.0) / 2.0
 
 
 def ema_update(target, online, tau):
@@ -55,6 +66,15 @@ def target_part(variables: dict) -> dict:
   """{params, batch_stats} of the parts the target mirrors."""
   return {kind: {k: variables[kind][k] for k in TARGET_PARTS}
           for kind in ("params", "batch_stats")}
+
+
+def moved_target(state, new_state, tau):
+  """new_state's target moved toward its online weights by the EMA at rate
+  tau; a refused (non-finite) update leaves the target where it was too."""
+  moved = ema_update(state.target, target_part(
+      {"params": new_state.params, "batch_stats": new_state.batch_stats}), tau)
+  return new_state.replace(target=state_lib.where_applied(
+      new_state.opt_state, moved, state.target))
 
 
 def regression_loss(p, z_target):
@@ -76,29 +96,25 @@ def regression_loss(p, z_target):
 
 
 def byol_step(state: ByolTrainState, batch, *, setup: base.Setup,
-              target_model: nn.Module, tau_base: float):
+              target_model: nn.Module, tau_base: float,
+              per_view_bn: bool = True):
   """One BYOL update on the global batch. Pure in (state, batch).
 
   setup.model: the online network (with predictor, optional probe);
   target_model: encoder + projection head only, applied with state.target.
   """
   def objective(views, inputs):
-    target_out, _ = target_model.apply(state.target, inputs, train=True,
-                                       mutable=["batch_stats"])
-    z_target = jax.lax.stop_gradient(
-        target_out["z"].reshape(views["p"].shape[:2] + (-1,)))
+    target_out, _ = update.apply_network(target_model, state.target, inputs,
+                                         per_view_bn=per_view_bn)
+    z_target = jax.lax.stop_gradient(target_out["z"])  # [B, 2, D]
     return (*regression_loss(views["p"], z_target), ())
 
   new_state, metrics, _ = update.model_update(
       state, batch, model=setup.model, optimizer=setup.optimizer,
       weight_decay=setup.weight_decay, objective=objective,
-      augment_fn=setup.augment_fn)
+      augment_fn=setup.augment_fn, per_view_bn=per_view_bn)
   tau = target_tau(state.step, setup.plan.total_steps, tau_base)
-  moved = ema_update(state.target, target_part(
-      {"params": new_state.params, "batch_stats": new_state.batch_stats}), tau)
-  # A refused (non-finite) update leaves the target where it was too.
-  target = state_lib.where_applied(new_state.opt_state, moved, state.target)
-  return new_state.replace(target=target), {**metrics, "byol_tau": tau}
+  return moved_target(state, new_state, tau), {**metrics, "byol_tau": tau}
 
 
 class BYOL(base.Method):
@@ -111,8 +127,11 @@ class BYOL(base.Method):
   def defaults(self):
     # tau_base: target EMA rate, cosine from tau_base at step 0 to 1 at the
     # end (BYOL: 0.99 at B=256, 0.996 at B=4096). predictor_hidden_dim: the
-    # predictor's hidden width (2-layer MLP to z's width).
-    return {"tau_base": 0.99, "predictor_hidden_dim": 4096}
+    # predictor's hidden width (2-layer MLP to z's width). per_view_bn:
+    # BatchNorm statistics per view, as the reference (False: both views
+    # in one BatchNorm batch, as jaxclr before; config/legacy.py).
+    return {"tau_base": 0.99, "predictor_hidden_dim": 4096,
+            "per_view_bn": True}
 
   def check(self, opts, config) -> None:
     del config
@@ -123,6 +142,10 @@ class BYOL(base.Method):
     if not opts.predictor_hidden_dim > 0:
       raise errors.ConfigError(f"byol.predictor_hidden_dim="
                                f"{opts.predictor_hidden_dim!r} must be > 0")
+
+  def upgrade_saved(self, saved: dict) -> dict:
+    # Both views shared one BatchNorm batch before per_view_bn existed.
+    return {"per_view_bn": False, **saved}
 
   def predictor_hidden_dim(self, opts) -> int:
     return opts.predictor_hidden_dim
@@ -138,4 +161,4 @@ class BYOL(base.Method):
   def train_step(self, opts, setup, state, batch):
     return byol_step(state, batch, setup=setup,
                      target_model=setup.build_network(),
-                     tau_base=opts.tau_base)
+                     tau_base=opts.tau_base, per_view_bn=opts.per_view_bn)

@@ -4,7 +4,8 @@ global batch (docs/simclr.md 1, docs/losses.md).
 `simclr` trains with any registered loss (`simclr.loss`, NT-Xent by
 default) on instance positives (an image's two views), or on class
 positives for the losses that read labels. `supcon` is the same step with
-the supervised contrastive loss and class positives. With
+the supervised contrastive loss (L_out, or with `supcon.form='in'` the
+positives' sum inside the log) and class positives. With
 `simclr.queue_size > 0` (loss 'infonce') the state holds a FIFO of past
 view-2 projections of the online network, used as extra negatives: a queue
 without a momentum encoder, not MoCo (docs/losses.md, "InfoNCE").
@@ -22,6 +23,8 @@ from jaxclr.training import state as state_lib, update
 from jaxclr.training.state import TrainState
 
 POSITIVES = ("instance", "class")
+# The supcon method's `form`: the registered loss it trains with.
+SUPCON_FORMS = {"out": "supcon", "in": "supcon_in"}
 
 
 class QueueTrainState(TrainState):
@@ -84,6 +87,17 @@ class SimCLR(base.Method):
   def loss_name(self, opts) -> str:
     return opts.loss
 
+  def upgrade_saved(self, saved: dict) -> dict:
+    if "embedding_l2" in saved:
+      return saved
+    # Before embedding_l2, N-pair had no L2 term and normalised the
+    # embeddings with hidden_norm (True by default): that loss is InfoNCE at
+    # temperature 1 now that N-pair follows its reference (docs/losses.md).
+    upgraded = {**saved, "embedding_l2": 0.0}
+    if saved.get("loss") == "npair" and saved.get("hidden_norm", True):
+      upgraded.update(loss="infonce", temperature=1.0)
+    return upgraded
+
   def reads_class_labels(self, opts) -> bool:
     return opts.positives == "class"
 
@@ -110,6 +124,9 @@ class SimCLR(base.Method):
       if option in opts:
         _check(opts[option] >= 0,
                f"{section}.{option}={opts[option]!r} must be >= 0")
+    if "embedding_l2" in opts:
+      _check(opts.embedding_l2 >= 0, f"{section}.embedding_l2="
+             f"{opts.embedding_l2!r} must be >= 0 (0 = no L2 term)")
     queue = opts.get("queue_size", 0)
     _check(isinstance(queue, int) and queue >= 0,
            f"{section}.queue_size={queue!r} must be an int >= 0 (0 = no "
@@ -144,8 +161,18 @@ class SupCon(SimCLR):
 
   def defaults(self):
     supcon = losses.get("supcon")
-    return {"positives": "class", **supcon.options}
+    # form: 'out' (L_out, the paper's, loss 'supcon') or 'in' (the
+    # positives' sum inside the log, as solo-learn trains: loss 'supcon_in').
+    return {"positives": "class", "form": "out", **supcon.options}
+
+  def check(self, opts, config) -> None:
+    _check(opts.form in SUPCON_FORMS,
+           f"{self.name}.form={opts.form!r}; valid: "
+           f"{', '.join(repr(f) for f in SUPCON_FORMS)}")
+    super().check(opts, config)
+
+  def upgrade_saved(self, saved: dict) -> dict:
+    return saved  # form's default, 'out', is what SupCon always computed.
 
   def loss_name(self, opts) -> str:
-    del opts
-    return "supcon"
+    return SUPCON_FORMS[opts.form]

@@ -144,9 +144,60 @@ def _guarded(factory, schedule, static_args=(), **hyperparams) -> Optimizer:
   return Optimizer(optax.apply_if_finite(inner, _NEVER_GIVE_UP), schedule)
 
 
+def scale_by_clipped_trust_ratio(learning_rate, weight_decay,
+                                 trust_coefficient,
+                                 eps: float = 1e-8
+                                 ) -> optax.GradientTransformation:
+  """solo-learn's LARS scaling with clip_lr (vturrisi/solo-learn
+  solo/utils/lars.py, `LARS.step`): g -> c (g + wd w) with
+
+    c = min(r / lr, 1),   r = eta |w| / (|g| + wd |w| + eps),
+
+  so that after the learning rate the layer moves at rate min(r, lr): the
+  schedule only caps the trust ratio. Where |w| or |g| is 0, g passes
+  unchanged (as there). Written here because optax has no trust ratio
+  clipped against the learning rate, and optax.scale_by_trust_ratio divides
+  by |g + wd w| (SimCLR's) where solo-learn divides by |g| + wd |w|.
+  """
+  def scale(g, w):
+    w_norm, g_norm = jnp.linalg.norm(w), jnp.linalg.norm(g)
+    ratio = trust_coefficient * w_norm / (g_norm + weight_decay * w_norm + eps)
+    # At lr 0 (the warmup's first step) the ratio is 1: nothing moves anyway.
+    clipped = jnp.where(ratio < learning_rate, ratio / learning_rate, 1.0)
+    return jnp.where((w_norm > 0) & (g_norm > 0),
+                     clipped * (g + weight_decay * w), g)
+
+  def update_fn(updates, state, params):
+    if params is None:
+      raise ValueError("lars_clip_lr scales by the parameters' norms; pass "
+                       "params to update()")
+    return jax.tree.map(scale, updates, params), state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
+def _lars_clip_lr(learning_rate, weight_decay, trust_coefficient, momentum):
+  """optax.lars's chain with solo-learn's clipped scaling in place of its
+  weight decay and trust ratio, on the same mask (lars_mask: elsewhere the
+  gradient passes unscaled and undecayed, as with exclude_bias_n_norm)."""
+  return optax.chain(
+      optax.masked(scale_by_clipped_trust_ratio(
+          learning_rate, weight_decay, trust_coefficient), lars_mask),
+      optax.scale_by_learning_rate(learning_rate),
+      optax.trace(decay=momentum, nesterov=False))
+
+
 def lars(schedule, *, weight_decay: float, momentum: float,
-         trust_coefficient: float) -> Optimizer:
-  """optax.lars with both masks: algebraically SimCLR's classic-momentum LARS."""
+         trust_coefficient: float, clip_lr: bool = False) -> Optimizer:
+  """optax.lars with both masks: algebraically SimCLR's classic-momentum LARS.
+
+  clip_lr: solo-learn's LARS instead (scale_by_clipped_trust_ratio), with
+  the same classic momentum (the rate inside the momentum trace; solo-learn
+  keeps PyTorch's, outside it: the same steps while the rate is constant).
+  """
+  if clip_lr:
+    return _guarded(_lars_clip_lr, schedule, weight_decay=weight_decay,
+                    trust_coefficient=trust_coefficient, momentum=momentum)
   return _guarded(
       optax.lars, schedule,
       static_args=("weight_decay_mask", "trust_ratio_mask", "nesterov"),
@@ -198,4 +249,6 @@ def create_optimizer(config, plan: TrainingPlan) -> Optimizer:
                         weight_decay=config.weight_decay)
   return lars(schedule, weight_decay=config.weight_decay,
               momentum=config.momentum,
-              trust_coefficient=config.trust_coefficient)
+              trust_coefficient=config.trust_coefficient,
+              # .get: configs saved before the field.
+              clip_lr=bool(config.get("lars_clip_lr", False)))

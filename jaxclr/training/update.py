@@ -3,8 +3,10 @@ views -> the network with global BatchNorm -> the method's objective (+ the
 online probe) -> gradients -> the optimizer, over global arrays on the
 1-D 'data' mesh.
 
-BatchNorm statistics span the whole global batch (both views) because the
-arrays are global; a method's loss that compares examples runs in shard_map
+BatchNorm statistics span the whole global batch because the arrays are
+global: both views together (SimCLR's), or each view's global batch apart
+(per_view_bn, as BYOL's and MoCo's reference code run the network once per
+view). A method's loss that compares examples runs in shard_map
 (jaxclr/losses) and is differentiated from outside, which gives the exact
 global gradient with no extra averaging.
 """
@@ -42,6 +44,40 @@ def flatten_views(images):
   return images.reshape((-1,) + images.shape[2:])
 
 
+def apply_network(model: nn.Module, variables, inputs, *,
+                  per_view_bn: bool = False):
+  """A network in training mode on the flattened views of a global batch.
+
+  inputs: [2B, H, W, 3], rows (image, view) as flatten_views orders them.
+  per_view_bn=False: one call on the 2B rows, so BatchNorm normalises both
+  views together (SimCLR: the TF code concatenates the two views). True: one
+  call per view, each normalised by its own view's global batch, and the
+  running statistics take the two updates in turn: BYOL's and MoCo's
+  reference code run the network once per view (deepmind-research
+  byol/byol_experiment.py `apply_once_fn`, facebookresearch/moco-v3
+  moco/builder.py `forward`).
+
+  Returns (outputs with every array as [B, 2, ...], new batch_stats).
+  """
+  def apply(x, batch_stats):
+    out, new_vars = model.apply({**variables, "batch_stats": batch_stats}, x,
+                                train=True, mutable=["batch_stats"])
+    return out, new_vars["batch_stats"]
+
+  batch_stats = variables["batch_stats"]
+  if not per_view_bn:
+    out, batch_stats = apply(inputs, batch_stats)
+    return jax.tree.map(lambda a: a.reshape((-1, 2) + a.shape[1:]),
+                        out), batch_stats
+  pairs = inputs.reshape((-1, 2) + inputs.shape[1:])  # [B, 2, H, W, 3]
+  outs = []
+  for view in range(2):
+    out, batch_stats = apply(pairs[:, view], batch_stats)
+    outs.append(out)
+  return jax.tree.map(lambda a, b: jnp.stack([a, b], axis=1),
+                      *outs), batch_stats
+
+
 def probe_loss_and_accuracy(logits, labels):
   """Cross-entropy and accuracy of the online probe over both views.
 
@@ -65,36 +101,36 @@ def images_as_float(images):
 
 def model_update(state: TrainState, batch, *, model: nn.Module,
                  optimizer: optim.Optimizer, weight_decay: float,
-                 objective: Callable, augment_fn: Callable | None = None):
+                 objective: Callable, augment_fn: Callable | None = None,
+                 per_view_bn: bool = False):
   """The update every pretraining method's step is: views -> model ->
   objective (+ the online probe) -> gradients -> optimizer. Pure.
 
   objective(views, inputs) -> (loss, metrics, aux): views holds the model's
   per-view outputs as [B, 2, D] (z; p with a predictor), inputs the
-  flattened images [2B, H, W, 3] (for a second network, e.g. BYOL's target);
-  aux is returned as is (gradients stopped), e.g. a method's new state.
+  flattened images [2B, H, W, 3] (for a second network, e.g. BYOL's target:
+  apply_network); aux is returned as is (gradients stopped), e.g. a
+  method's new state. per_view_bn: BatchNorm per view (apply_network).
   Returns (new state, metrics, aux).
   """
   images = images_as_float(batch["images"])
   if augment_fn is not None:
     images = augment_fn(images, batch["color_params"])
-  num_images = images.shape[0]
   inputs = flatten_views(images)  # [2B, H, W, 3]
 
   def loss_fn(params):
-    out, new_vars = model.apply(
-        {"params": params, "batch_stats": state.batch_stats}, inputs,
-        train=True, mutable=["batch_stats"])
-    views = {k: out[k].reshape((num_images, 2, -1)) for k in ("z", "p")
-             if k in out}
+    out, batch_stats = apply_network(
+        model, {"params": params, "batch_stats": state.batch_stats}, inputs,
+        per_view_bn=per_view_bn)
+    views = {k: out[k] for k in ("z", "p") if k in out}  # [B, 2, D]
     loss_value, metrics, aux = objective(views, inputs)
     total = loss_value
     if "logits" in out:
-      logits = out["logits"].reshape((num_images, 2, -1))
-      probe_loss, probe_acc = probe_loss_and_accuracy(logits, batch["labels"])
+      probe_loss, probe_acc = probe_loss_and_accuracy(out["logits"],
+                                                      batch["labels"])
       total = total + probe_loss + optim.probe_l2_penalty(params, weight_decay)
       metrics = {**metrics, "probe_loss": probe_loss, "probe_acc": probe_acc}
-    return total, (loss_value, metrics, new_vars["batch_stats"],
+    return total, (loss_value, metrics, batch_stats,
                    jax.lax.stop_gradient(aux))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
