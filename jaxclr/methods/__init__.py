@@ -10,10 +10,11 @@ the docs table all read `names()` / `get()`.
 
 from __future__ import annotations
 
-from jaxclr.methods import byol, nnclr, simclr
+from jaxclr.methods import byol, dino, nnclr, simclr, swav
 from jaxclr.methods.base import Method, Setup  # pylint: disable=unused-import
 
-_BUILTIN = (simclr.SimCLR(), simclr.SupCon(), byol.BYOL(), nnclr.NNCLR())
+_BUILTIN = (simclr.SimCLR(), simclr.SupCon(), byol.BYOL(), nnclr.NNCLR(),
+            dino.DINO(), swav.SwAV())
 _REGISTRY: dict[str, Method] = {m.name: m for m in _BUILTIN}
 
 
