@@ -24,13 +24,15 @@ Arguments (configs/default.py:steps=50,batch=128 for a quicker look):
                by label; the digits have labels), BYOL (no negatives:
                predictor 512 wide, target EMA tau 0.99 -> 1) or NNCLR
                (nearest-neighbour positives from a support set of the last
-               4 global batches, predictor 512 wide)
+               4 global batches, predictor 512 wide), DINO or SwAV
+               (both with 4 local crops of 8 px beside the 16 px views
+               and 256 prototypes; DINO's teacher EMA from 0.99)
   loss=NAME    method=simclr's loss, a registered one (default nt_xent;
                nt_xent|supcon|triplet_batch_hard|triplet_semi_hard|npair|
                infonce; docs/losses.md)
 """
 
-from jaxclr import config as config_lib
+from jaxclr import config as config_lib, methods
 
 
 def get_config(arg=None):
@@ -64,6 +66,15 @@ def get_config(arg=None):
     section.temperature = 0.5
   c.byol.predictor_hidden_dim = c.nnclr.predictor_hidden_dim = 512
   c.nnclr.queue_size = 4 * arg.batch
+  c.dino.num_prototypes = c.swav.num_prototypes = 256
+  c.dino.tau_base = 0.99  # As BYOL's here: 300 steps is a short run.
+  if arg.method in methods.names() and methods.get(
+      arg.method).reads_local_crops(c[arg.method]):
+    # Multi-crop at DINO's default area ranges (main_dino.py: global
+    # crops 0.4-1, local 0.05-0.4), local crops half the views' size.
+    c.augment.update(num_local_crops=4, local_crop_size=8,
+                     crop_area_range=(0.4, 1.0),
+                     local_crop_area_range=(0.05, 0.4))
   c.log_every_steps = 25
   c.checkpoint_every_steps = 100
   c.eval_every_steps = -1

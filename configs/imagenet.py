@@ -22,7 +22,7 @@ Arguments:
   batch=B      global batch size (default 4096)
   epochs=E     training epochs (default 100; 800 with v2)
   sk=R         selective-kernel ratio (default 0; 0.0625 = SimCLRv2's SK1)
-  method=simclr
+  method=simclr|dino|swav
                the method (default simclr); another method's ImageNet
                recipe is `imagenet_recipe(c)` of its own configs/NAME.py,
                applied over SimCLR's (the paper's values, cited there)
@@ -85,6 +85,8 @@ def get_config(arg=None):
     c.model.update(depth=18, width_multiplier=0.125, cifar_stem=False,
                    proj_out_dim=16)
     c.num_train_steps, c.warmup_epochs = 2, 0.0
+    # Multi-crop recipes: local crops keep their ratio to the views.
+    c.augment.local_crop_size = c.augment.local_crop_size * 32 // 224
     c.log_every_steps, c.checkpoint_every_steps = 1, 2
   return c
 

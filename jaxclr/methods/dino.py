@@ -176,7 +176,7 @@ class DINO(base.Method):
   name = "dino"
   summary = ("DINO: the student matches an EMA teacher's centred, sharpened "
              "softmax over prototypes across multi-crop views; no negatives")
-  doc = "docs/methods.md"
+  doc = "docs/losses.md"
 
   def defaults(self):
     # The DINO paper's values (section 3.1 and appendix): main_dino.py's own

@@ -94,7 +94,9 @@ def sinkhorn(scores, queue_scores=None, queue_weight=0.0, *, epsilon: float,
   qq = jnp.exp((queue - shift) / epsilon) * queue_weight  # [L, K]
   total = over_samples(jnp.sum(q), jnp.sum(qq))
   q, qq = q / total, qq / total
-  for _ in range(num_iters):
+
+  def iteration(_, qs):
+    q, qq = qs
     # Each prototype's total weight must be 1/K ...
     per_prototype = over_samples(jnp.sum(q, axis=0), jnp.sum(qq, axis=0))
     q = q / per_prototype / num_prototypes
@@ -103,6 +105,9 @@ def sinkhorn(scores, queue_scores=None, queue_weight=0.0, *, epsilon: float,
     q = q / jnp.sum(q, axis=1, keepdims=True) / num_samples
     queue_sum = jnp.sum(qq, axis=1, keepdims=True)
     qq = qq / jnp.where(queue_sum > 0, queue_sum, 1.0) / num_samples
+    return q, qq
+
+  q, _ = lax.fori_loop(0, num_iters, iteration, (q, qq))
   return q * num_samples  # Rows sum to 1: an assignment.
 
 
@@ -229,7 +234,7 @@ class SwAV(base.Method):
   summary = ("SwAV: each crop predicts the Sinkhorn-Knopp codes of the "
              "global crops over prototypes, equipartitioned over the "
              "global batch; no negatives")
-  doc = "docs/methods.md"
+  doc = "docs/losses.md"
 
   def defaults(self):
     # main_swav.py's values (its ImageNet scripts for K and the freeze).
