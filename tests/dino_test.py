@@ -6,6 +6,7 @@ with a planted per-device centre failing that test, and exact resume after
 SIGKILL."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -291,3 +292,35 @@ def test_the_prototype_layer_is_cosine_scores_with_weight_norm():
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     np.testing.assert_allclose(layer.apply(variables, x), unit @ w,
                                rtol=1e-5, atol=1e-6)
+
+
+def _config_file(name, arg=None):
+  return config_lib.load_config_file(
+      os.path.join(os.path.dirname(train_test.TINY_CONFIG), f"{name}.py"), arg)
+
+
+def test_recipes_are_the_published_ones():
+  """configs/dino.py: solo-learn's CIFAR-10 DINO; configs/imagenet.py:
+  method=dino: the README's ResNet-50 command (docs/losses.md, DINO)."""
+  c = _config_file("dino")
+  assert (c.method, c.optimizer, c.learning_rate, c.weight_decay,
+          c.trust_coefficient, c.batch_size, c.num_epochs,
+          c.model.depth) == ("dino", "lars", 0.3, 1e-6, 0.02, 256, 1000, 18)
+  assert (c.model.num_proj_layers, c.model.proj_hidden_dim,
+          c.model.proj_out_dim) == (3, 2048, 256)
+  assert c.dino.to_dict() == {
+      "num_prototypes": 4096, "student_temperature": 0.1,
+      "teacher_temperature": 0.07, "warmup_teacher_temperature": 0.04,
+      "warmup_teacher_temperature_epochs": 0, "center_momentum": 0.9,
+      "tau_base": 0.9995, "freeze_last_layer_epochs": 1.0}
+  assert c.augment.num_local_crops == 0
+  assert _config_file("dino", "local_crops=6").augment.num_local_crops == 6
+  c = _config_file("imagenet", "method=dino")
+  assert (c.optimizer, c.learning_rate, c.learning_rate_scaling,
+          c.weight_decay, c.warmup_epochs, c.num_epochs) == (
+              "sgd", 0.03, "linear", 1e-4, 10.0, 100)
+  a = c.augment
+  assert (a.crop_area_range, a.num_local_crops, a.local_crop_size,
+          a.local_crop_area_range) == ((0.14, 1.0), 8, 96, (0.05, 0.14))
+  assert (c.dino.num_prototypes, c.dino.tau_base,
+          c.dino.warmup_teacher_temperature_epochs) == (65536, 0.996, 30)

@@ -324,3 +324,28 @@ def test_resume_after_sigkill_is_bitwise_with_queue_and_prototypes(tmp_path):
   state = methods_util.assert_sigkill_resume_is_bitwise(
       tiny_swav_config(steps=6, every=2), tmp_path)
   assert np.any(state["queue"] != 0)
+
+
+def test_recipes_are_the_published_ones():
+  """configs/swav.py: solo-learn's CIFAR-10 SwAV; configs/imagenet.py:
+  method=swav: swav_100ep_pretrain.sh (docs/losses.md, SwAV)."""
+  c = dino_test._config_file("swav")  # pylint: disable=protected-access
+  assert (c.method, c.optimizer, c.learning_rate, c.weight_decay,
+          c.trust_coefficient, c.batch_size, c.num_epochs,
+          c.model.depth) == ("swav", "lars", 0.6, 1e-6, 0.02, 256, 1000, 18)
+  assert (c.model.num_proj_layers, c.model.proj_hidden_dim,
+          c.model.proj_out_dim) == (2, 2048, 128)
+  assert c.swav.to_dict() == {
+      "num_prototypes": 3000, "temperature": 0.1, "epsilon": 0.05,
+      "sinkhorn_iterations": 3, "queue_size": 3840, "queue_start_epoch": 50,
+      "freeze_prototypes_epochs": 2.0}
+  assert (c.augment.color_jitter_strength, c.augment.use_blur) == (1.0, True)
+  c = dino_test._config_file("imagenet", "method=swav")  # pylint: disable=protected-access
+  assert (c.optimizer, c.learning_rate, c.batch_size, c.weight_decay,
+          c.trust_coefficient, c.warmup_epochs) == (
+              "lars", 0.3, 4096, 1e-6, 1e-3, 10.0)
+  a = c.augment
+  assert (a.crop_area_range, a.num_local_crops, a.local_crop_size,
+          a.local_crop_area_range) == ((0.14, 1.0), 6, 96, (0.05, 0.14))
+  assert (c.swav.num_prototypes, c.swav.queue_size,
+          c.swav.freeze_prototypes_epochs) == (3000, 0, 1.0)
