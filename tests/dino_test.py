@@ -12,13 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from jaxclr import config as config_lib
 from jaxclr.data import input_pipeline
 from jaxclr.methods import byol, dino, prototypes
 from jaxclr.parallel import sharding
-from jaxclr.training import update
 
 import methods_util
 import train_test
