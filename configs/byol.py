@@ -34,22 +34,3 @@ def get_config(arg=None):
   c.byol.predictor_hidden_dim = 4096
   c.byol.tau_base = 0.99
   return c
-
-
-def imagenet_recipe(c):
-  """BYOL's ImageNet values (Grill et al. 2020; deepmind-research
-  byol/configs/byol.py at 1000 epochs): R-50, B=4096, 1000 epochs, LARS lr
-  0.2 x B/256, trust coefficient 1e-3, wd 1.5e-6, 10 warmup epochs; target
-  tau 0.996 -> 1; projector 4096 -> 256, predictor 4096; BatchNorm per
-  view; colour 0.4 / 0.4 / 0.2 / 0.1. Published: 74.3% linear top-1 (the
-  paper's Table 1). Differences: both views get the same augmentation
-  (strength 0.5: saturation 0.4; blur with probability 0.5), not BYOL's
-  asymmetric blur (1.0 / 0.1) and solarisation (0 / 0.2); the projector
-  ends in BatchNorm."""
-  c.batch_size, c.num_epochs, c.warmup_epochs = 4096, 1000, 10.0
-  c.learning_rate, c.learning_rate_scaling = 0.2, "linear"
-  c.weight_decay, c.trust_coefficient = 1.5e-6, 1e-3
-  c.model.num_proj_layers = 2
-  c.model.proj_hidden_dim, c.model.proj_out_dim = 4096, 256
-  c.byol.update(tau_base=0.996, predictor_hidden_dim=4096, per_view_bn=True)
-  c.augment.color_jitter_strength = 0.5

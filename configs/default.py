@@ -27,14 +27,16 @@ Arguments (configs/default.py:steps=50,batch=128 for a quicker look):
                Dense, no BN), SimSiam (predictor 512 wide, the projector
                ends in BN without scale), MoCo v2 (a queue of
                the last 4 global batches' keys, key encoder m 0.99: 0.999
-               is for runs of 10^5 steps) or MoCo v3 (predictor 512 wide,
-               m 0.99 -> 1)
+               is for runs of 10^5 steps), MoCo v3 (predictor 512 wide,
+               m 0.99 -> 1), DINO or SwAV (both with 4 local crops of
+               8 px beside the 16 px views and 256 prototypes; DINO's
+               teacher EMA from 0.99)
   loss=NAME    method=simclr's loss, a registered one (default nt_xent;
                nt_xent|supcon|triplet_batch_hard|triplet_semi_hard|npair|
                infonce|barlow_twins|vicreg; docs/losses.md)
 """
 
-from jaxclr import config as config_lib
+from jaxclr import config as config_lib, methods
 
 # What ends the projector, per method, as its reference has it (default:
 # SimCLR's BN): the last Dense where the loss reads z's scale, BN without
@@ -77,6 +79,15 @@ def get_config(arg=None):
   c.mocov3.predictor_hidden_dim = 512
   c.nnclr.queue_size = c.mocov2.queue_size = 4 * arg.batch
   c.mocov2.tau_base = c.mocov2.tau_final = 0.99
+  c.dino.num_prototypes = c.swav.num_prototypes = 256
+  c.dino.tau_base = 0.99  # As BYOL's here: 300 steps is a short run.
+  if arg.method in methods.names() and methods.get(
+      arg.method).reads_local_crops(c[arg.method]):
+    # Multi-crop at DINO's default area ranges (main_dino.py: global
+    # crops 0.4-1, local 0.05-0.4), local crops half the views' size.
+    c.augment.update(num_local_crops=4, local_crop_size=8,
+                     crop_area_range=(0.4, 1.0),
+                     local_crop_area_range=(0.05, 0.4))
   c.log_every_steps = 25
   c.checkpoint_every_steps = 100
   c.eval_every_steps = -1

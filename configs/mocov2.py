@@ -42,23 +42,3 @@ def get_config(arg=None):
                   queue_size=max(1, 32768 // arg.batch) * arg.batch)
   c.augment.use_blur, c.augment.blur_prob = True, 0.5
   return c
-
-
-def imagenet_recipe(c):
-  """MoCo v2's ImageNet values (facebookresearch/moco main_moco.py with the
-  README's MoCo v2 flags --mlp --moco-t 0.2 --aug-plus --cos): R-50, B=256,
-  800 epochs, SGD lr 0.03 x B/256, momentum 0.9, wd 1e-4, no warmup, cosine;
-  queue 65,536, m 0.999, tau 0.2, one direction; MLP head 2048 -> 128;
-  crops of 20-100% of the area, colour 0.4 / 0.4 / 0.4 / 0.1 (strength
-  0.5), blur with probability 0.5. Published: 71.1% linear top-1 (the
-  README's 800-epoch row). Differences: the head has BatchNorm; weight decay
-  skips BatchNorm and biases; the cosine is per step (the reference's per
-  epoch); global per-view BatchNorm instead of shuffling BN."""
-  c.batch_size, c.num_epochs, c.warmup_epochs = 256, 800, 0.0
-  c.optimizer, c.learning_rate, c.momentum = "sgd", 0.03, 0.9
-  c.learning_rate_scaling, c.weight_decay = "linear", 1e-4
-  c.model.num_proj_layers, c.model.proj_out_dim = 2, 128
-  c.mocov2.update(temperature=0.2, queue_size=65536, tau_base=0.999,
-                  tau_final=0.999, symmetric=False)
-  c.augment.crop_area_range = (0.2, 1.0)
-  c.augment.color_jitter_strength = 0.5

@@ -35,25 +35,3 @@ def get_config(arg=None):
   c.mocov3.update(temperature=0.2, tau_base=0.99, tau_final=1.0,
                   predictor_hidden_dim=4096)
   return c
-
-
-def imagenet_recipe(c):
-  """MoCo v3's ResNet-50 values (facebookresearch/moco-v3 CONFIG.md, the
-  1000-epoch command, and main_moco.py's defaults): B=4096, 1000 epochs,
-  LARS lr 0.3 x B/256, trust coefficient 1e-3, wd 1.5e-6, 10 warmup epochs;
-  m 0.996 -> 1 (cosine), tau 1.0; projector 4096 -> 256, predictor 4096;
-  crops of 20-100% of the area, colour 0.4 / 0.4 / 0.2 / 0.1. Published:
-  74.6% linear top-1 (CONFIG.md). Differences: both views get the same
-  augmentation (strength 0.5, blur with probability 0.5), not BYOL's
-  asymmetric blur (1.0 / 0.1) and solarisation (0 / 0.2); the predictor
-  ends without BatchNorm (the reference's ends in BatchNorm without
-  affine); classic momentum."""
-  c.batch_size, c.num_epochs, c.warmup_epochs = 4096, 1000, 10.0
-  c.learning_rate, c.learning_rate_scaling = 0.3, "linear"
-  c.weight_decay, c.trust_coefficient = 1.5e-6, 1e-3
-  c.model.num_proj_layers = 2
-  c.model.proj_hidden_dim, c.model.proj_out_dim = 4096, 256
-  c.mocov3.update(temperature=1.0, tau_base=0.996, tau_final=1.0,
-                  predictor_hidden_dim=4096)
-  c.augment.crop_area_range = (0.2, 1.0)
-  c.augment.color_jitter_strength = 0.5

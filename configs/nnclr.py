@@ -36,20 +36,3 @@ def get_config(arg=None):
   c.nnclr.predictor_hidden_dim = 4096
   c.nnclr.queue_size = max(1, 65536 // arg.batch) * arg.batch
   return c
-
-
-def imagenet_recipe(c):
-  """NNCLR's ImageNet values (Dwibedi et al. 2021, section 4, as read from
-  the paper): R-50, B=4096, 1000 epochs, LARS lr 0.3 x B/256, wd 1e-6, 10
-  warmup epochs, temperature 0.1, support set 98,304; projector 3 layers
-  2048 wide -> 256, predictor 4096. Published: 75.6% linear top-1 (the
-  paper's abstract). Differences: both views get the same augmentation
-  (strength 0.5, blur with probability 0.5), not BYOL's asymmetric one;
-  both views share one BatchNorm batch."""
-  c.batch_size, c.num_epochs, c.warmup_epochs = 4096, 1000, 10.0
-  c.learning_rate, c.learning_rate_scaling = 0.3, "linear"
-  c.weight_decay = 1e-6
-  c.model.num_proj_layers = 3
-  c.model.proj_hidden_dim, c.model.proj_out_dim = 2048, 256
-  c.nnclr.update(temperature=0.1, queue_size=98304, predictor_hidden_dim=4096)
-  c.augment.color_jitter_strength = 0.5

@@ -38,28 +38,3 @@ def get_config(arg=None):
   c.simsiam.predictor_hidden_dim = 512
   c.augment.use_blur, c.augment.blur_prob = True, 0.5
   return c
-
-
-def imagenet_recipe(c):
-  """configs/imagenet.py:method=simsiam: the paper's ImageNet recipe, as the
-  authors' code defaults it (facebookresearch/simsiam `main_simsiam.py`,
-  `simsiam/builder.py`; 68.1% linear top-1 after 100 epochs at B=512, the
-  README's table and the paper's Table 4).
-
-  R-50, B=512, 100 epochs, SGD with momentum 0.9, lr 0.05 x B/256, wd
-  1e-4, cosine decay with no warmup; projector 2048-2048-2048 ending in BN
-  without scale or offset, predictor 2048 -> 512 -> 2048; MoCo v2's
-  augmentation (crops from 20% of the image, colour jitter 0.4, 0.4, 0.4,
-  0.1 = strength 0.5, blur 0.5). Not expressed: the predictor's fixed
-  learning rate (--fix-pred-lr), weight decay on biases and BN, the bias of
-  the predictor's last Dense.
-  """
-  c.batch_size, c.num_epochs, c.warmup_epochs = 512, 100, 0.0
-  c.optimizer, c.learning_rate, c.learning_rate_scaling = "sgd", 0.05, "linear"
-  c.momentum, c.weight_decay = 0.9, 1e-4
-  c.model.num_proj_layers = 3
-  c.model.proj_hidden_dim = c.model.proj_out_dim = 2048
-  c.model.proj_output_norm = "bn_no_affine"
-  c.simsiam.predictor_hidden_dim = 512
-  c.augment.crop_area_range = (0.2, 1.0)
-  c.augment.color_jitter_strength = 0.5

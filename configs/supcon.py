@@ -36,22 +36,3 @@ def get_config(arg=None):
   c.augment.color_jitter_strength = 1.0
   c.augment.use_blur, c.augment.blur_prob = True, 0.5
   return c
-
-
-def imagenet_recipe(c):
-  """SupCon's ImageNet values (Khosla et al. 2020; google-research/
-  google-research supcon/scripts/supcon_imagenet_resnet50.sh with
-  configs.sh and hparams_flags.py): R-50, B=6144, 350 epochs, LARS lr 0.4 x
-  B/256, wd 1e-3, 12 warmup epochs, temperature 0.1, L_out; a one-layer
-  projection to 128. Published: 78.7% top-1 (the paper's ResNet-50 row,
-  with AutoAugment). Differences: SimCLR's augmentation (strength 1.0,
-  blur) instead of AutoAugment; the projection ends in BatchNorm; the loss
-  is not scaled by the temperature (scale_by_temperature, a constant
-  factor); weight decay skips BatchNorm and biases; the reference's
-  classifier is trained in a second stage, jaxclr's evaluation is the
-  linear probe."""
-  c.batch_size, c.num_epochs, c.warmup_epochs = 6144, 350, 12.0
-  c.optimizer, c.learning_rate = "lars", 0.4
-  c.learning_rate_scaling, c.weight_decay = "linear", 1e-3
-  c.model.num_proj_layers, c.model.proj_out_dim = 1, 128
-  c.supcon.update(temperature=0.1, form="out")

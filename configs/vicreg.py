@@ -39,28 +39,3 @@ def get_config(arg=None):
   c.vicreg.variance_weight = 50.0  # solo-learn's 25 on a sum of two views.
   c.vicreg.covariance_weight = 1.0
   return c
-
-
-def imagenet_recipe(c):
-  """configs/imagenet.py:method=vicreg: the paper's ImageNet recipe, as the
-  authors' README runs it (facebookresearch/vicreg: `main_vicreg.py --arch
-  resnet50 --epochs 1000 --batch-size 2048 --base-lr 0.2`, 73.2% linear
-  top-1, also the paper's Table 1).
-
-  R-50, B=2048, 1000 epochs, 10 warmup epochs, LARS lr 0.2 x B/256 (trust
-  coefficient 0.001), wd 1e-6, projector 8192-8192-8192 with no BN on z,
-  invariance 25, variance 25, covariance 1. Colour strength 0.5 is the
-  paper's jitter (BYOL's: 0.4, 0.4, 0.2 -> 0.4, 0.1), symmetric: no
-  solarisation, blur 0.5 on both views; the cosine decays to 0 (the
-  authors': to 1/1000).
-  """
-  c.batch_size, c.num_epochs, c.warmup_epochs = 2048, 1000, 10.0
-  c.learning_rate, c.learning_rate_scaling = 0.2, "linear"
-  c.weight_decay, c.trust_coefficient = 1e-6, 1e-3
-  c.model.num_proj_layers = 3
-  c.model.proj_hidden_dim = c.model.proj_out_dim = 8192
-  c.model.proj_output_norm = "none"
-  c.vicreg.invariance_weight = 25.0
-  c.vicreg.variance_weight = 25.0
-  c.vicreg.covariance_weight = 1.0
-  c.augment.color_jitter_strength = 0.5

@@ -298,7 +298,7 @@ def test_method_recipes(name, method, optimizer, lr, wd, clip_lr, temperature,
 
 
 # configs/imagenet.py:method=NAME: the paper's ImageNet values (batch,
-# epochs, optimiser, lr, weight decay) of each method's imagenet_recipe.
+# epochs, optimiser, lr, weight decay) of each method's recipe there.
 @pytest.mark.parametrize("method,batch,epochs,optimizer,lr,wd", [
     ("byol", 4096, 1000, "lars", 0.2, 1.5e-6),
     ("nnclr", 4096, 1000, "lars", 0.3, 1e-6),

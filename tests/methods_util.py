@@ -73,3 +73,62 @@ def assert_resume_is_bitwise(config, tmp_path):
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b)
   return got, workdir
+
+
+def config_flags(config, base) -> list[str]:
+  """--config.KEY=VALUE flags that turn `base` into `config` (scalar
+  fields), for a `python -m jaxclr.main` child."""
+  from jaxclr.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  want = workdir_lib.flatten(workdir_lib.config_to_dict(config))
+  have = workdir_lib.flatten(workdir_lib.config_to_dict(base))
+  flags = []
+  for key, value in sorted(want.items()):
+    if have.get(key) != value:
+      assert not isinstance(value, (list, tuple, dict)), key
+      flags.append(f"--config.{key}={value}")
+  return flags
+
+
+def assert_sigkill_resume_is_bitwise(config, tmp_path, kill_after=4):
+  """Trains `config` (configs/synthetic_tiny.py plus fields) straight, in
+  process; then runs it as `python -m jaxclr.main`, SIGKILLs the child once
+  a checkpoint is committed and step `kill_after` is logged, and resumes
+  in process: the last checkpoints of both runs are equal bit for bit
+  (tests/reliability_test.py's SIGKILL test, for a method's extra state).
+  Returns that checkpoint's state (a dict of arrays)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  import reliability_test  # pylint: disable=g-import-not-at-top
+  from jaxclr.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+
+  steps, every = config.num_train_steps, config.checkpoint_every_steps
+  straight = str(tmp_path / "straight")
+  pretrain.run(config, straight)
+  arg = f"steps={steps},every={every}"
+  base = config_lib.load_config_file(train_test.TINY_CONFIG, arg)
+  workdir = str(tmp_path / "killed")
+  cmd = [sys.executable, "-m", "jaxclr.main", "--config",
+         f"configs/synthetic_tiny.py:{arg}", "--workdir", workdir,
+         *config_flags(config, base)]
+  with open(tmp_path / "killed.log", "w") as log:
+    proc = subprocess.Popen(cmd, cwd=reliability_test.REPO,
+                            env=reliability_test.child_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
+    reliability_test.wait_for_step(proc, workdir, kill_after)
+    deadline = time.time() + 300
+    while not workdir_lib.checkpoint_steps(workdir):
+      assert proc.poll() is None and time.time() < deadline, (
+          (tmp_path / "killed.log").read_text()[-3000:])
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+  resumed_from = max(workdir_lib.checkpoint_steps(workdir))
+  assert 0 < resumed_from < steps
+  pretrain.run(config, workdir)
+  want = reliability_test.load_checkpoint(straight, steps)
+  got = reliability_test.load_checkpoint(workdir, steps)
+  reliability_test.assert_states_equal(got, want)
+  return got

@@ -101,4 +101,8 @@ def data_spec(config):
           brightness_impl=str(a.brightness_impl),
           use_blur=bool(a.use_blur), blur_prob=float(a.blur_prob),
           blur_sigma_range=tuple(float(v) for v in a.blur_sigma_range),
-          on_device=bool(a.on_device), transfer_dtype=str(a.transfer_dtype)))
+          on_device=bool(a.on_device), transfer_dtype=str(a.transfer_dtype),
+          num_local_crops=int(a.num_local_crops),
+          local_crop_size=int(a.local_crop_size),
+          local_crop_area_range=tuple(
+              float(v) for v in a.local_crop_area_range)))

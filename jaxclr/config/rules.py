@@ -330,6 +330,33 @@ def _check_pretrain(config):
   _check(a.transfer_dtype in ("float32", "uint8"),
          f"augment.transfer_dtype={a.transfer_dtype!r}; valid: 'float32', "
          "'uint8'")
+  _check_local_crops(config)
+
+
+def _check_local_crops(config):
+  """Multi-crop: counts and sizes, and a method that reads the local crops
+  (another would compute them for nothing)."""
+  a = config.augment
+  k = a.num_local_crops
+  _check(isinstance(k, int) and k >= 0,
+         f"augment.num_local_crops={k!r} must be an int >= 0 (0 = the two "
+         "global views only)")
+  if k == 0:
+    return
+  method, opts = method_options(config)
+  if not method.reads_local_crops(opts):
+    from jaxclr import methods  # pylint: disable=g-import-not-at-top
+    readers = [m.name for m in methods.registered() if m.reads_local_crops(
+        ml_collections.FrozenConfigDict(config[m.name]))]
+    _check(False, f"augment.num_local_crops={k} but method={config.method!r} "
+           "trains on the two global views only; set it to 0, or use a "
+           f"method that reads local crops ({', '.join(readers) or 'none'})")
+  size = a.local_crop_size
+  _check(isinstance(size, int) and 1 <= size <= config.image_size,
+         f"augment.local_crop_size={size!r} must be an int in [1, "
+         f"image_size={config.image_size}] (local crops are the small ones; "
+         "SwAV and DINO: 96 px beside 224)")
+  _range("augment.local_crop_area_range", a.local_crop_area_range, 1e-3, 1.0)
 
 
 def _check_encoder_source(config, example: str, required_model: tuple):

@@ -194,6 +194,14 @@ def pretrain_config() -> ml_collections.ConfigDict:
       # batch, copy and transfer, which roughly doubles host throughput at
       # 224 px (benchmarks/RESULTS.md).
       transfer_dtype="float32",
+      # Multi-crop (SwAV, DINO; methods that read local crops only): this
+      # many local crops per image besides the two global views, each
+      # local_crop_size px from an area fraction in local_crop_area_range
+      # (SwAV's and DINO's ResNet-50 values: 6-8 x 96 px, 0.05-0.14);
+      # crop_area_range is then the global crops' range. 0 = off.
+      num_local_crops=0,
+      local_crop_size=96,
+      local_crop_area_range=(0.05, 0.14),
   ))
 
   # ---- Model (section 5) ----

@@ -10,6 +10,10 @@ Deviation from the reference, on purpose: SimCLR draws one blur sigma per
 result depend on the layout. Here sigma is drawn per example and view (as in
 BYOL's port); the per-image p=0.5 selector is unchanged.
 
+Multi-crop (augment.num_local_crops = k > 0, SwAV / DINO): an image's local
+crops are its views 2 .. k + 1, keyed like the two global views (view 0, 1),
+so adding them leaves the global views' streams unchanged.
+
 Colour and blur take their random parameters from `draw_color_params`, the
 one stream of both paths: applied here (augment.on_device=False) or shipped
 in the batch and applied by `device_augment.augment_views` (True).
@@ -43,23 +47,31 @@ def _uniform(s, op, minval=0.0, maxval=1.0):
   return tf.random.stateless_uniform([], _op_seed(s, op), minval, maxval)
 
 
-def crop_window(image_shape, s, aug: spec.AugmentParams):
-  """Inception-style crop box (begin [3], size [3]) with TF's exact sampler."""
+def crop_window(image_shape, s, aug: spec.AugmentParams, local: bool = False):
+  """Inception-style crop box (begin [3], size [3]) with TF's exact sampler.
+
+  local: a multi-crop local view, whose area fraction is drawn from
+  aug.local_crop_area_range alone (min_object_covered 0: the global views'
+  crop_min_object_covered of 0.1 would forbid crops under 10% of the image,
+  and SwAV's / DINO's local crops cover 5-14%).
+  """
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       image_shape,
       bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
       seed=_op_seed(s, _CROP),
-      min_object_covered=aug.crop_min_object_covered,
+      min_object_covered=0.0 if local else aug.crop_min_object_covered,
       aspect_ratio_range=aug.crop_aspect_ratio_range,
-      area_range=aug.crop_area_range,
+      area_range=aug.local_crop_area_range if local else aug.crop_area_range,
       max_attempts=100,
       use_image_if_no_bounding_boxes=True)
   return begin, size
 
 
-def crop_and_flip(image, s, aug: spec.AugmentParams, image_size: int):
-  """Random crop + bicubic resize + flip of a float [h, w, 3] image."""
-  begin, size = crop_window(tf.shape(image), s, aug)
+def crop_and_flip(image, s, aug: spec.AugmentParams, image_size: int,
+                  local: bool = False):
+  """Random crop + bicubic resize + flip of a float [h, w, 3] image (local:
+  a multi-crop local view's crop, see crop_window)."""
+  begin, size = crop_window(tf.shape(image), s, aug, local)
   crop = tf.slice(image, begin, size)
   x = tf.image.resize(crop, (image_size, image_size), method="bicubic")
   if aug.flip:
@@ -165,15 +177,17 @@ def random_blur(x, p, image_size: int):
   return tf.clip_by_value(x, 0.0, 1.0)
 
 
-def pretrain_view(image, s, aug: spec.AugmentParams, image_size: int):
+def pretrain_view(image, s, aug: spec.AugmentParams, image_size: int,
+                  local: bool = False):
   """One SimCLR view of a float [h, w, 3] image in [0, 1], and its colour
   parameters: (float32 [size, size, 3], float32 [P]).
 
   With aug.on_device the view is crop + flip only and the device applies
   the parameters (`device_augment.augment_views`); otherwise they are
-  applied here.
+  applied here. local: a multi-crop local view (image_size is then
+  aug.local_crop_size; its blur kernel is sized for it).
   """
-  x = crop_and_flip(image, s, aug, image_size)
+  x = crop_and_flip(image, s, aug, image_size, local)
   p = draw_color_params(s, aug)
   if not aug.on_device:
     x = color_distort(x, p, aug)

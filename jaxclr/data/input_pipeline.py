@@ -10,6 +10,11 @@
   color_params: float32 [b, 2, P], only with augment.on_device: each view's
                colour/blur parameters (layout in spec.py), applied on device
                by `device_augment.augment_views`
+  local_images: [b, k, h, h, 3], only with augment.num_local_crops = k > 0
+               (multi-crop): k local crops of h = augment.local_crop_size
+               px per image, views 2 .. k + 1 of its random stream, in the
+               dtype of images
+  local_color_params: float32 [b, k, P], with local crops and on_device
 
 with b = batch_size // process_count. The global batch of step t is the
 concatenation of the processes' batches in process order, and it depends only
@@ -136,17 +141,28 @@ def pretrain_batches(data: spec_lib.DataSpec, src: sources.Source, *,
   aug, size, seed = data.augment, data.image_size, data.seed
   decode = decode_fn(src.kind)
 
+  def stacked(views, params, prefix):
+    views = tf.stack(views)
+    if aug.transfer_dtype == "uint8":  # Views are clipped to [0, 1].
+      views = tf.cast(tf.round(views * 255.0), tf.uint8)
+    out = {f"{prefix}images": views}
+    if aug.on_device:
+      out[f"{prefix}color_params"] = tf.stack(params)  # [views, P]
+    return out
+
   def make_views(raw, label, example_id, step):
     image = decode(raw)
     views, params = zip(*[augment.pretrain_view(
         image, augment.view_seed(seed, step, example_id, v), aug, size)
                           for v in range(2)])
-    views = tf.stack(views)
-    if aug.transfer_dtype == "uint8":  # Views are clipped to [0, 1].
-      views = tf.cast(tf.round(views * 255.0), tf.uint8)
-    out = {"images": views, "labels": label, "example_ids": example_id}
-    if aug.on_device:
-      out["color_params"] = tf.stack(params)  # [2, P]
+    out = {**stacked(views, params, ""), "labels": label,
+           "example_ids": example_id}
+    if aug.num_local_crops:  # Multi-crop: views 2 .. k + 1.
+      local, local_params = zip(*[augment.pretrain_view(
+          image, augment.view_seed(seed, step, example_id, v), aug,
+          aug.local_crop_size, local=True)
+                                  for v in range(2, 2 + aug.num_local_crops)])
+      out.update(stacked(local, local_params, "local_"))
     return out
 
   if src.kind == "stream":

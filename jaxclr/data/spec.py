@@ -51,6 +51,13 @@ class AugmentParams:
   blur_sigma_range: tuple[float, float]
   on_device: bool  # Colour/grayscale/blur applied by the device step.
   transfer_dtype: str  # 'float32' or 'uint8' views host -> device.
+  # Multi-crop (SwAV, DINO): this many local crops per image besides the two
+  # global views, each local_crop_size px, its area fraction drawn from
+  # local_crop_area_range (the global views keep crop_area_range). 0: the
+  # two views only, drawn exactly as without these fields.
+  num_local_crops: int = 0
+  local_crop_size: int = 96
+  local_crop_area_range: tuple[float, float] = (0.05, 0.14)
 
   @property
   def jitter_on(self) -> bool:

@@ -24,13 +24,18 @@ from jaxclr.training import loop, optim, update, workdir as workdir_lib
 NonFiniteError, Preempted = errors.NonFiniteError, errors.Preempted
 
 
+def local_crops_note(num_local_crops: int) -> str:
+  return f" + {num_local_crops} local crops" if num_local_crops else ""
+
+
 def describe_run(config, plan: optim.TrainingPlan, mesh) -> str:
   n_proc = jax.process_count()
   n_dev = mesh.devices.size
   return (
       f"{sharding.describe_layout(mesh)}; global batch "
       f"{config.batch_size} images = {config.batch_size // n_proc} per process "
-      f"= {config.batch_size // n_dev} per device (x2 views); "
+      f"= {config.batch_size // n_dev} per device (x2 views"
+      f"{local_crops_note(config.augment.num_local_crops)}); "
       f"{plan.num_examples} examples, {plan.steps_per_epoch} steps/epoch, "
       f"{plan.total_steps} steps, warmup {plan.warmup_steps}; peak lr "
       f"{plan.peak_learning_rate:.4g} ({config.learning_rate} "
@@ -53,11 +58,13 @@ def create_trainer(config, mesh, plan: optim.TrainingPlan,
   method, opts = config_lib.method_options(config)
   conv = cpu.job_convolution(config.model)
 
-  def network(num_classes=0, predictor_hidden_dim=0):
-    return build_model(config, num_classes, predictor_hidden_dim, conv=conv)
+  def network(num_classes=0, predictor_hidden_dim=0, prototypes=None):
+    return build_model(config, num_classes, predictor_hidden_dim, conv=conv,
+                       prototypes=prototypes)
 
   model = network(num_classes=num_classes,
-                  predictor_hidden_dim=method.predictor_hidden_dim(opts))
+                  predictor_hidden_dim=method.predictor_hidden_dim(opts),
+                  prototypes=method.prototypes(opts))
   optimizer = optim.create_optimizer(config, plan)
   augment_fn = None
   if config.augment.on_device:

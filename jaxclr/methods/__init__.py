@@ -10,13 +10,13 @@ the docs table all read `names()` / `get()`.
 
 from __future__ import annotations
 
-from jaxclr.methods import (barlow_twins, byol, mocov2, mocov3, nnclr,
-                            simclr, simsiam, vicreg)
+from jaxclr.methods import (barlow_twins, byol, dino, mocov2, mocov3, nnclr,
+                            simclr, simsiam, swav, vicreg)
 from jaxclr.methods.base import Method, Setup  # pylint: disable=unused-import
 
 _BUILTIN = (simclr.SimCLR(), simclr.SupCon(), byol.BYOL(), nnclr.NNCLR(),
             barlow_twins.BarlowTwins(), vicreg.VICReg(), simsiam.SimSiam(),
-            mocov2.MoCoV2(), mocov3.MoCoV3())
+            mocov2.MoCoV2(), mocov3.MoCoV3(), dino.DINO(), swav.SwAV())
 _REGISTRY: dict[str, Method] = {m.name: m for m in _BUILTIN}
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 
+from jaxclr.models import heads
 from jaxclr.training import optim, update
 from jaxclr.training.state import TrainState
 
@@ -39,8 +40,9 @@ class Setup:
   # (images [B, 2, H, W, 3], color_params) -> images: colour and blur on the
   # accelerator (augment.on_device), or None when the host did them.
   augment_fn: Callable | None
-  # (predictor_hidden_dim=0, num_classes=0) -> a network of the run's
-  # architecture, e.g. a method's target network without predictor or probe.
+  # (predictor_hidden_dim=0, num_classes=0, prototypes=None) -> a network of
+  # the run's architecture, e.g. a method's target network without
+  # predictor or probe.
   build_network: Callable[..., nn.Module]
 
 
@@ -88,6 +90,19 @@ class Method:
     del opts
     return 0
 
+  def prototypes(self, opts) -> heads.PrototypeSpec | None:
+    """A prototype layer on z (SwAV, DINO): the network's
+    out['prototype_scores'], cosines with this many prototypes."""
+    del opts
+    return None
+
+  def reads_local_crops(self, opts) -> bool:
+    """Whether the step reads multi-crop local views (augment.
+    num_local_crops > 0): model_update then gives it views['local_*']
+    [B, k, ...]. Validation refuses local crops for any other method."""
+    del opts
+    return False
+
   def init_state(self, opts, setup: Setup, rng) -> TrainState:
     """A fresh state (pure: the job jits it with out_shardings). Methods
     with extra state return a TrainState subclass holding it."""
@@ -102,7 +117,8 @@ class Method:
 
     batch: images [B, 2, H, W, 3] (float in [0, 1], or uint8), labels [B]
     (-1 = unlabelled), example_ids [B], and color_params with device
-    augmentation. Build it on update.model_update; a refused (non-finite)
+    augmentation; local_images [B, k, h, h, 3] (and local_color_params)
+    with multi-crop. Build it on update.model_update; a refused (non-finite)
     update must leave the extra state as it was (state.where_applied).
     """
     raise NotImplementedError(f"method {self.name!r} has no train_step")

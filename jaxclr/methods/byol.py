@@ -62,9 +62,10 @@ def ema_update(target, online, tau):
   return jax.tree.map(lambda t, o: tau * t + (1.0 - tau) * o, target, online)
 
 
-def target_part(variables: dict) -> dict:
-  """{params, batch_stats} of the parts the target mirrors."""
-  return {kind: {k: variables[kind][k] for k in TARGET_PARTS}
+def target_part(variables: dict, parts=TARGET_PARTS) -> dict:
+  """{params, batch_stats} of the parts the target mirrors (BYOL's; DINO's
+  teacher adds its prototypes, which have no batch_stats)."""
+  return {kind: {k: variables[kind][k] for k in parts if k in variables[kind]}
           for kind in ("params", "batch_stats")}
 
 

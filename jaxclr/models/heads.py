@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxclr.models import precision
@@ -81,3 +83,47 @@ class LinearHead(nn.Module):
                     param_dtype=precision.PARAM_DTYPE,
                     dtype=precision.FEATURE_DTYPE)(
                         x.astype(precision.FEATURE_DTYPE))
+
+
+@dataclasses.dataclass(frozen=True)
+class PrototypeSpec:
+  """What a method asks of the network's prototype layer (Method.prototypes):
+  `count` prototypes; weight_norm as `Prototypes.weight_norm`."""
+  count: int
+  weight_norm: bool
+
+
+# PyTorch's nn.Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)): how SwAV's
+# prototypes and DINO's last layer start.
+torch_linear_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
+                                                     "uniform")
+
+
+class Prototypes(nn.Module):
+  """Cosine scores of the projections against K prototypes: unit(x) @ W.
+
+  W [D, K] holds a prototype per column. weight_norm=True divides each
+  column by its norm inside the layer, so gradients flow through the
+  normalisation: DINO's weight-normalised last layer with its gain fixed
+  at 1 (facebookresearch/dino vision_transformer.py DINOHead,
+  norm_last_layer=True). False uses W as given: SwAV normalises the
+  prototypes in place before each step instead (facebookresearch/swav
+  main_swav.py), so they enter as unit vectors and the gradient is the
+  plain linear layer's. Float32 at full precision, whatever the network's
+  compute dtype: these scores are the losses' logits.
+  """
+  num_prototypes: int
+  weight_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    # F.normalize's x / max(|x|, 1e-12).
+    x = x * jax.lax.rsqrt(
+        jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+    kernel = self.param("kernel", torch_linear_init,
+                        (x.shape[-1], self.num_prototypes), jnp.float32)
+    if self.weight_norm:
+      kernel = kernel * jax.lax.rsqrt(jnp.sum(kernel * kernel, axis=0))
+    return jnp.einsum("...d,dk->...k", x, kernel,
+                      precision=jax.lax.Precision.HIGHEST)

@@ -8,21 +8,26 @@ import flax.linen as nn
 import jax
 
 from jaxclr.models import conv as conv_lib, precision
-from jaxclr.models.heads import LinearHead, ProjectionHead
+from jaxclr.models.heads import (LinearHead, ProjectionHead, Prototypes,
+                                 PrototypeSpec)
 from jaxclr.models.resnet import ResNet
 
 
 class SimCLRModel(nn.Module):
-  """images [B, H, W, 3] -> dict(h, proj (list per head layer), z, logits, p).
+  """images [B, H, W, 3] -> dict(h, proj (list per head layer), z, logits, p,
+  prototype_scores).
 
   `logits` (the online linear probe, TF2's lineareval_while_pretraining) sees
   stop_gradient(h), so it never shapes the representation. `p` is the
   predictor's output q(z) of the methods that have one (BYOL, NNCLR).
+  `prototype_scores` [B, K]: cosines of z with the prototypes of the
+  methods that have them (SwAV, DINO).
   """
   encoder: ResNet
   projection_head: ProjectionHead
   num_classes: int = 0  # 0: no probe.
   predictor: ProjectionHead | None = None
+  prototypes: Prototypes | None = None
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -38,6 +43,8 @@ class SimCLRModel(nn.Module):
     if self.predictor is not None:
       out["p"] = self.predictor(proj[-1], train=train)[-1].astype(
           precision.FEATURE_DTYPE)
+    if self.prototypes is not None:
+      out["prototype_scores"] = self.prototypes(out["z"])
     return out
 
 
@@ -66,10 +73,12 @@ def build_encoder(model_config, image_size: int,
 
 
 def build_model(config, num_classes: int, predictor_hidden_dim: int = 0,
-                conv: conv_lib.ConvFn | None = None) -> SimCLRModel:
+                conv: conv_lib.ConvFn | None = None,
+                prototypes: PrototypeSpec | None = None) -> SimCLRModel:
   """The pretraining network for `config`; num_classes > 0 adds the probe,
   predictor_hidden_dim > 0 the predictor (a 2-layer MLP to proj_out_dim
-  with no BN on its output, as BYOL's); conv as build_encoder's."""
+  with no BN on its output, as BYOL's); conv as build_encoder's;
+  prototypes: a prototype layer on z (SwAV, DINO)."""
   m = config.model
   dtype: Any = precision.compute_dtype(m.compute_dtype)
   # .get: configs written before the field keep the input's width.
@@ -84,6 +93,11 @@ def build_model(config, num_classes: int, predictor_hidden_dim: int = 0,
         num_layers=2, out_dim=m.proj_out_dim, hidden_dim=predictor_hidden_dim,
         output_norm="none", bn_momentum=m.bn_momentum, bn_epsilon=m.bn_epsilon,
         dtype=dtype, name="predictor")
+  proto = None
+  if prototypes is not None:
+    proto = Prototypes(num_prototypes=prototypes.count,
+                       weight_norm=prototypes.weight_norm, name="prototypes")
   return SimCLRModel(encoder=build_encoder(m, config.image_size, conv),
                      projection_head=head,
-                     num_classes=num_classes, predictor=predictor)
+                     num_classes=num_classes, predictor=predictor,
+                     prototypes=proto)

@@ -9,6 +9,12 @@ global: both views together (SimCLR's), or each view's global batch apart
 view). A method's loss that compares examples runs in shard_map
 (jaxclr/losses) and is differentiated from outside, which gives the exact
 global gradient with no extra averaging.
+
+Multi-crop (batch['local_images'], augment.num_local_crops > 0): the local
+crops are another resolution, so the network runs once more on them, as
+the references' multi-crop wrappers run one pass per resolution. Each pass
+normalises by its own group's statistics over the global batch, and the
+running statistics move once per pass (docs/methods.md, "Multi-crop").
 """
 
 from __future__ import annotations
@@ -99,6 +105,32 @@ def images_as_float(images):
   return images.astype(jnp.float32)
 
 
+# The network's outputs that a method's objective reads per view.
+VIEW_OUTPUTS = ("z", "p", "prototype_scores")
+
+
+def _views_input(batch, prefix: str, augment_fn):
+  """Float images [B, V, H, W, 3] of the batch's `prefix`images, coloured
+  on device when augment_fn is set."""
+  images = images_as_float(batch[f"{prefix}images"])
+  if augment_fn is not None:
+    images = augment_fn(images, batch[f"{prefix}color_params"])
+  return images
+
+
+def _per_view(out, num_images: int, num_views: int, prefix: str = ""):
+  return {prefix + k: out[k].reshape((num_images, num_views, -1))
+          for k in VIEW_OUTPUTS if k in out}
+
+
+def all_crops(views, key: str):
+  """[B, 2 + k, ...]: the global views' views[key], then the local crops'
+  (multi-crop), e.g. every crop's prototype scores."""
+  if f"local_{key}" not in views:
+    return views[key]
+  return jnp.concatenate([views[key], views[f"local_{key}"]], axis=1)
+
+
 def model_update(state: TrainState, batch, *, model: nn.Module,
                  optimizer: optim.Optimizer, weight_decay: float,
                  objective: Callable, augment_fn: Callable | None = None,
@@ -107,22 +139,34 @@ def model_update(state: TrainState, batch, *, model: nn.Module,
   objective (+ the online probe) -> gradients -> optimizer. Pure.
 
   objective(views, inputs) -> (loss, metrics, aux): views holds the model's
-  per-view outputs as [B, 2, D] (z; p with a predictor), inputs the
-  flattened images [2B, H, W, 3] (for a second network, e.g. BYOL's target:
-  apply_network); aux is returned as is (gradients stopped), e.g. a
-  method's new state. per_view_bn: BatchNorm per view (apply_network).
+  per-view outputs as [B, 2, D] (z; p with a predictor; prototype_scores
+  with prototypes), and with multi-crop the local crops' as local_z,
+  local_prototype_scores, ... [B, k, D]; inputs the flattened global views
+  [2B, H, W, 3] (for a second network, e.g. BYOL's target: apply_network).
+  aux is returned as is (gradients stopped), e.g. a method's new state.
+  per_view_bn: BatchNorm per global view (apply_network).
   Returns (new state, metrics, aux).
   """
-  images = images_as_float(batch["images"])
-  if augment_fn is not None:
-    images = augment_fn(images, batch["color_params"])
+  images = _views_input(batch, "", augment_fn)
+  num_images = images.shape[0]
   inputs = flatten_views(images)  # [2B, H, W, 3]
+  local_inputs = None
+  if "local_images" in batch:
+    local_images = _views_input(batch, "local_", augment_fn)
+    num_local = local_images.shape[1]
+    local_inputs = flatten_views(local_images)  # [kB, h, h, 3]
 
   def loss_fn(params):
     out, batch_stats = apply_network(
         model, {"params": params, "batch_stats": state.batch_stats}, inputs,
         per_view_bn=per_view_bn)
-    views = {k: out[k] for k in ("z", "p") if k in out}  # [B, 2, D]
+    views = {k: out[k] for k in VIEW_OUTPUTS if k in out}  # [B, 2, D]
+    if local_inputs is not None:  # A second pass: the module docstring.
+      local_out, new_vars = model.apply(
+          {"params": params, "batch_stats": batch_stats},
+          local_inputs, train=True, mutable=["batch_stats"])
+      batch_stats = new_vars["batch_stats"]
+      views.update(_per_view(local_out, num_images, num_local, "local_"))
     loss_value, metrics, aux = objective(views, inputs)
     total = loss_value
     if "logits" in out:
