@@ -107,6 +107,8 @@ class _QuietLibraries(logging_lib.Filter):
   line, errors.SaveError): their warnings and errors stay, as one line."""
 
   def filter(self, record):
+    if _is_orphaned_failed_write(record):
+      return False
     if not any(f"/{lib}/" in record.pathname for lib in _CHATTY):
       return True
     if record.levelno < logging_lib.WARNING:
@@ -116,6 +118,17 @@ class _QuietLibraries(logging_lib.Filter):
 
 
 _CHATTY = ("orbax", "tensorstore", "clu")
+
+
+def _is_orphaned_failed_write(record) -> bool:
+  """asyncio's report of a TensorStore write that failed after Orbax had
+  given up on that save ('... exception was never retrieved', with a
+  traceback): the failure is already reported, in one line (SaveError)."""
+  if record.name != "asyncio" or not record.exc_info:
+    return False
+  error = record.exc_info[1]
+  return ("exception was never retrieved" in record.getMessage() and
+          isinstance(error, ValueError) and "Error writing" in str(error))
 
 
 class _QuietClosedLoopCallbacks:

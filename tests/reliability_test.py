@@ -579,6 +579,27 @@ def test_only_the_closed_loop_callbacks_of_a_failed_save_are_silenced():
       "RuntimeError", "ZeroDivisionError"]
 
 
+def test_only_asyncios_report_of_an_orphaned_failed_write_is_silenced():
+  """The console filter drops asyncio's 'exception was never retrieved'
+  report of a TensorStore write error (the save's failure is already one
+  line) and keeps asyncio's other reports and everyone else's."""
+  import logging  # pylint: disable=g-import-not-at-top
+  quiet = cli._QuietLibraries()  # pylint: disable=protected-access
+
+  def record(name, msg, error):
+    exc_info = (type(error), error, None) if error else None
+    return logging.LogRecord(name, logging.ERROR, "/x/asyncio/base_events.py",
+                             1, msg, (), exc_info)
+
+  write_error = ValueError('OUT_OF_RANGE: Error writing "params.w/0" in '
+                           "OCDBT database")
+  orphan = "_GatheringFuture exception was never retrieved\nfuture: <...>"
+  assert not quiet.filter(record("asyncio", orphan, write_error))
+  assert quiet.filter(record("asyncio", orphan, ValueError("other")))
+  assert quiet.filter(record("asyncio", "Task was destroyed", write_error))
+  assert quiet.filter(record("jaxclr", orphan, write_error))
+
+
 def test_truncate_jsonl_drops_later_records_and_a_cut_short_line(tmp_path):
   """A resumed run drops the records past its checkpoint, and a last line
   that a kill (or a full disk) cut short; whole records stay as written."""

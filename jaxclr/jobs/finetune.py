@@ -250,6 +250,7 @@ def run(config, workdir: str, mesh=None) -> dict:
   before anything is compiled or written.
   """
   config_lib.validate(config, job="finetune")
+  workdir_lib.check_path(workdir)
   t_start = time.time()
   mesh = sharding.make_mesh(config.mesh_axis_type) if mesh is None else mesh
   config_lib.check_batch_sizes(config, ("batch_size", "eval_batch_size"),

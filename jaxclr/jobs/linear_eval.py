@@ -135,6 +135,7 @@ def few_label_probes(config, train, test, num_classes) -> tuple[dict, dict]:
 def run(config, workdir: str, mesh=None) -> dict:
   """Evaluates; writes and returns the results dict."""
   config_lib.validate(config, job="linear_eval")
+  workdir_lib.check_path(workdir)
   t_start = time.time()
   mesh = sharding.make_mesh(config.mesh_axis_type) if mesh is None else mesh
   config_lib.check_batch_sizes(

@@ -110,9 +110,9 @@ def run(config, workdir: str) -> dict[str, float]:
   """Pretrains (or resumes) in `workdir`; returns the last logged metrics.
 
   Everything the user can get wrong is checked before anything is compiled,
-  and before the workdir is written: the config and device layout, then the
-  data (opened, read only: data/validate.py), then the workdir (its lock and
-  config, training/workdir.py). A bad dataset leaves no trace in the workdir.
+  and before the workdir is written: the config and device layout, the
+  workdir's path, then the data (opened, read only: data/validate.py), then
+  the workdir (its lock and config, training/workdir.py). A bad dataset leaves no trace in the workdir.
 
   Raises:
     Preempted: after saving at the current step on SIGTERM / preemption.
@@ -123,6 +123,7 @@ def run(config, workdir: str) -> dict[str, float]:
   config_lib.check_batch_sizes(config, ("batch_size",),
                                num_devices=mesh.devices.size,
                                num_processes=jax.process_count())
+  workdir_lib.check_path(workdir)
   spec = config_lib.data_spec(config)
   train_source = input_pipeline.open_source(spec, "train")
   info = input_pipeline.dataset_info(train_source)

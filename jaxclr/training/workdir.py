@@ -168,6 +168,26 @@ def _lock(workdir: str, is_primary: bool) -> None:
     raise errors.WorkdirBusy(refusal)
 
 
+def check_path(workdir: str) -> None:
+  """Refuses a workdir that cannot be one, without creating anything: a URL,
+  or a path below (or at) an existing file. Jobs call it before opening
+  their data, so the refusal comes first and costs nothing."""
+  if "://" in workdir:  # os.makedirs would make a local 'gs:' directory.
+    raise WorkdirError(
+        f"workdir={workdir!r} is a URL; jaxclr writes config.json and "
+        "metrics.jsonl with local file I/O, so mount the bucket (e.g. "
+        "gcsfuse) and pass the mounted path")
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):
+    parent = os.path.dirname(path)
+    if parent == path:
+      return
+    path = parent
+  if not os.path.isdir(path):
+    raise WorkdirError(f"Cannot create workdir {workdir!r}: {path!r} is a "
+                       "file, not a directory")
+
+
 def prepare(workdir: str, config: ml_collections.ConfigDict, *,
             is_primary: bool) -> None:
   """Creates the workdir, or checks that its existing config matches.
@@ -182,11 +202,7 @@ def prepare(workdir: str, config: ml_collections.ConfigDict, *,
   the new config is written beside it as config.<n>.json. A workdir without
   checkpoints (a run that failed before its first save) takes the new config.
   """
-  if "://" in workdir:  # os.makedirs would make a local 'gs:' directory.
-    raise WorkdirError(
-        f"workdir={workdir!r} is a URL; jaxclr writes config.json and "
-        "metrics.jsonl with local file I/O, so mount the bucket (e.g. "
-        "gcsfuse) and pass the mounted path")
+  check_path(workdir)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
