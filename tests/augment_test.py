@@ -99,6 +99,7 @@ def _distort_many(aug, n):
   return img.numpy(), out
 
 
+@pytest.mark.slow
 def test_jitter_and_grayscale_frequencies():
   n = 600
   img, out = _distort_many(_aug(grayscale_prob=0.0), n)
@@ -158,6 +159,7 @@ def test_blur_kernel_sizes_match_reference():
 
 
 # --------------------------------------------------------------- device ops
+@pytest.mark.slow
 def test_device_colour_ops_match_tf_kernels():
   x = _colour_image()
   xj = jnp.asarray(x.numpy())
@@ -203,6 +205,7 @@ def _host_and_device_views(**aug):
 PARITY_ATOL = 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["simclrv2", "simclrv1"])
 def test_device_colour_equals_host_colour_on_the_same_stream(impl):
   host, shipped, params = _host_and_device_views(brightness_impl=impl)

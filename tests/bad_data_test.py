@@ -318,6 +318,7 @@ def test_good_data_beside_each_check_passes(tmp_path):
   assert input_pipeline.open_source(spec, "train").num_classes == 0
 
 
+@pytest.mark.slow
 def test_the_command_exits_2_with_one_line(tmp_path):
   """`python -m jaxclr.main` itself, on one kind: no traceback, status 2."""
   made = _npz(tmp_path, images=_images().astype(np.float32))

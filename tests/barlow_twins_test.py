@@ -76,6 +76,7 @@ def _numpy_options():
   return {"lambd": OPTIONS["barlow_lambda"], "scale": OPTIONS["barlow_scale"]}
 
 
+@pytest.mark.slow
 def test_gradients_equal_the_float64_formula_globally_and_on_8_devices():
   z1, z2 = random_views(1)
   z1_64, z2_64 = z1.astype(np.float64), z2.astype(np.float64)

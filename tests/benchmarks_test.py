@@ -88,6 +88,7 @@ def analytic_forward_flops(config, params) -> float:
   return 2.0 * 2 * macs  # 2 FLOPs per MAC, 2 views per image.
 
 
+@pytest.mark.slow
 def test_forward_flops_match_an_independent_count(config, result):
   from jaxclr.models.simclr import build_model
   model = build_model(step_bench.benchmark_config(config),
@@ -104,6 +105,7 @@ def test_forward_flops_match_an_independent_count(config, result):
   assert 2.5 <= result["flops_per_image"] / measured <= 4.0
 
 
+@pytest.mark.slow
 def test_json_has_every_field_and_they_agree(config, result):
   r = json.loads(json.dumps(result))  # Serialisable.
   for key in ("date", "machine", "config", "devices", "per_device_batch",
@@ -142,6 +144,7 @@ def _utc_dates_now() -> set[str]:
   return dates
 
 
+@pytest.mark.slow
 def test_json_and_markdown_record_the_actual_date_and_machine(result):
   """The date is taken when the benchmark runs (not a literal), and the
   machine is described: CPU model, cores, jax/jaxlib, device kind and count."""
@@ -175,6 +178,7 @@ def test_benchmarks_hold_no_literal_date():
     assert "run_record()" in source, name
 
 
+@pytest.mark.slow
 def test_state_is_donated(result):
   # Every state buffer the step reads; the two scalars it only overwrites
   # are not step inputs.
@@ -184,6 +188,7 @@ def test_state_is_donated(result):
   assert result["donation"]["unusable_donation_warnings"] == []
 
 
+@pytest.mark.slow
 def test_steady_state_loop_has_no_host_sync(result):
   # The harness times its loop under transfer_guard("disallow")...
   assert result["host_sync_free"]
@@ -205,6 +210,7 @@ def test_markdown_appends_to_its_own_table_only(tmp_path):
   assert text.endswith("| row1 |\n| row2 |\n")
 
 
+@pytest.mark.slow
 def test_prefetch_overlaps_input_with_compute():
   """loop.prefetch produces the next batches while the step runs: with a
   producer and a consumer that each take d per item (sleeps release the GIL,
@@ -277,6 +283,7 @@ def test_pretrain_loop_reads_the_device_only_at_log_steps(config, result,
   assert reads_after and set(reads_after) <= {0, 4, 8}, reads_after
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv_layers_counts_the_flops_of_the_layer_it_times(stride):
   """benchmarks/conv_layers.py: GFLOP/s divide the convolution's own

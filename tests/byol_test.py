@@ -59,6 +59,7 @@ def numpy_byol_loss(p, z):
   return np.mean(l12 + l21)
 
 
+@pytest.mark.slow
 def test_regression_loss_equals_numpy_globally_and_sharded():
   rng = np.random.default_rng(1)
   p = rng.normal(size=(16, 2, 8)).astype(np.float32)
@@ -88,6 +89,7 @@ def one_device_run():
   return train_test.run_steps(tiny_byol_config(), mesh)
 
 
+@pytest.mark.slow
 def test_byol_state_starts_with_the_target_equal_to_the_online_network():
   trainer, _ = methods_util.make_trainer(tiny_byol_config(),
                             sharding.make_mesh("explicit", jax.devices()[:1]))
@@ -103,6 +105,7 @@ def test_byol_state_starts_with_the_target_equal_to_the_online_network():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_one_step_moves_the_target_by_the_scheduled_ema():
   config = tiny_byol_config()
   mesh = sharding.make_mesh("explicit", jax.devices()[:1])
@@ -142,6 +145,7 @@ def without_predictor_mean(batch_stats):
   return {**batch_stats, "predictor": predictor}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
 def test_byol_step_is_layout_invariant(axis_type):
   """8 devices equal 1 after several steps, target included, within the
@@ -174,11 +178,13 @@ def byol_run(tmp_path_factory):
   return workdir, config, state
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_with_the_target(byol_run):
   _, _, state = byol_run  # The fixture compared every leaf, target included.
   assert isinstance(state, byol.ByolTrainState)
 
 
+@pytest.mark.slow
 def test_evaluation_reads_the_online_encoder(byol_run):
   workdir, _, state = byol_run
   frozen = encoder_lib.restore_encoder(workdir, sharding.make_mesh("explicit"))

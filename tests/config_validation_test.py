@@ -388,6 +388,7 @@ def test_eval_workdir_checks(tmp_path):
     workdir_lib.require_pretraining_workdir(None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,expected", [
     ("--config.model.depth=19", "jaxclr: error: model.depth=19 is unknown"),
     ("--config.model.deptth=18",

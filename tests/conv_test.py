@@ -79,6 +79,7 @@ def test_kernel_grad_equals_the_formula_and_xla(k, stride, size, cin, cout):
   np.testing.assert_array_equal(gx_p, gx_x)
 
 
+@pytest.mark.slow
 def test_kernel_grad_keeps_the_kernel_dtype_and_sums_in_float32():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.standard_normal((4, 6, 6, 3)), jnp.bfloat16)
@@ -164,6 +165,7 @@ def assert_grads_close(got, want, rel):
                                err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,sk_ratio", [(18, 0.0), (50, 0.0625)])
 def test_resnet_gradients_agree_between_the_two_forms(depth, sk_ratio):
   """Same variables, same forward, gradients equal to float32 round-off,

@@ -108,6 +108,7 @@ def write_tf_checkpoint(values: dict, directory: str, step: int) -> str:
   return ckpt.write(os.path.join(directory, "ckpt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,width,image_size", [
     ("r18_cifar.json", 0.125, 16),
     ("r50_1x_sk1.json", 0.0625, 32),
@@ -185,6 +186,7 @@ def test_resnet_d_pooling_matches_tensorflow(strides, size):
                              want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strides", [1, 2])
 def test_selective_kernel_conv_matches_a_tensorflow_reference(strides):
   """The official SK_Conv2D's computation, in TF ops, on the same weights

@@ -286,6 +286,7 @@ def _child(mode, out):
   return applied == "True", conv_in_ynn == "True", np.load(out)
 
 
+@pytest.mark.slow
 def test_the_flag_takes_convolutions_out_of_ynnpack(tmp_path):
   """In the jaxlib installed: with the flag the compiled convolution is not
   a YNNPACK fusion, without it (where jaxlib measured slower) it is; both

@@ -78,6 +78,7 @@ def _paths(dtype):
           for p in PATHS]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("library,kernel_grad", _paths("float32"))
 def test_float32_step_on_each_path_equals_xlas(one_device_mesh, library,
                                                kernel_grad):
@@ -94,6 +95,7 @@ def test_float32_step_on_each_path_equals_xlas(one_device_mesh, library,
                                rtol=train_test.METRIC_RTOL, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("library,kernel_grad", _paths("bfloat16"))
 def test_bfloat16_step_on_each_path(one_device_mesh, library, kernel_grad):
   """Two steps, finite (the per-tap kernel gradient's bfloat16 matmul is
@@ -104,6 +106,7 @@ def test_bfloat16_step_on_each_path(one_device_mesh, library, kernel_grad):
   _assert_finite(state, metrics)
 
 
+@pytest.mark.slow
 def test_imagenet_tiny_on_one_device(one_device_mesh):
   """configs/imagenet.py:tiny (bfloat16, device colour and blur, uint8
   views, ImageNet stem), the README's CPU-sized config: its 'auto'

@@ -97,6 +97,7 @@ def test_loss_and_centre_equal_numpy_globally_and_on_8_devices(views):
     assert 0 < float(metrics["dino_teacher_entropy"]) < np.log(24)
 
 
+@pytest.mark.slow
 def test_gradient_on_8_devices_is_the_global_one():
   student, teacher, center = _scores(1)
   mesh = sharding.make_mesh("explicit")
@@ -131,6 +132,7 @@ def test_tolerance_catches_a_per_device_centre(monkeypatch):
   assert rel > 1000 * 1e-6, rel
 
 
+@pytest.mark.slow
 def test_teacher_temperature_is_main_dinos_schedule():
   warmup, final, w, epochs, per_epoch = 0.04, 0.07, 30, 100, 7
   want = np.concatenate((np.linspace(warmup, final, w),

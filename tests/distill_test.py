@@ -35,6 +35,7 @@ def reference_distillation_loss(student, teacher, tau):
   return total / len(student)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tau", [1.0, 0.5, 2.0])
 def test_loss_equals_the_formula_and_its_gradient(tau):
   rng = np.random.default_rng(0)
@@ -54,6 +55,7 @@ def test_loss_equals_the_formula_and_its_gradient(tau):
   np.testing.assert_allclose(grad, expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_labelled_loss_averages_the_known_rows_only():
   rng = np.random.default_rng(1)
   logits = rng.normal(size=(5, 3)).astype(np.float32)
@@ -85,6 +87,7 @@ def distilled(finetuned, tmp_path_factory):
     return out, json.load(f)
 
 
+@pytest.mark.slow
 def test_results_and_the_restored_teacher(finetuned, pretrained, distilled):
   ft_dir, ft_results = finetuned
   out, r = distilled
@@ -113,6 +116,7 @@ def test_results_and_the_restored_teacher(finetuned, pretrained, distilled):
   assert all(0.0 <= x["teacher_agreement"] <= 1.0 for x in records)
 
 
+@pytest.mark.slow
 def test_resume_is_exact(finetuned, distilled, tmp_path):
   out, results = distilled
   resumed = ft.interrupted_copy(out, str(tmp_path / "resumed"), after_step=2)
@@ -125,6 +129,7 @@ def test_resume_is_exact(finetuned, distilled, tmp_path):
     distill.run(distill_config(finetuned[0], temperature=2.0), resumed)
 
 
+@pytest.mark.slow
 def test_pretraining_teacher_is_its_supervised_head(pretrained):
   """A pretraining-format workdir (what jaxclr.convert writes) teaches with
   its supervised head: logits = h W + b, with h from the encoder restored by
@@ -144,6 +149,7 @@ def test_pretraining_teacher_is_its_supervised_head(pretrained):
                              expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_student_sees_no_label(finetuned):
   mesh = sharding.make_mesh("auto")
   teacher = distill.load_teacher(finetuned[0], mesh)
@@ -158,6 +164,7 @@ def test_the_student_sees_no_label(finetuned):
   assert np.bincount(src.labels[src.labels >= 0]).tolist() == [2, 2, 2, 2]
 
 
+@pytest.mark.slow
 def test_user_errors_come_first(pretrained, finetuned, tmp_path):
   out = str(tmp_path / "out")
   with pytest.raises(config_lib.ConfigError, match="teacher_workdir is "
@@ -184,6 +191,7 @@ def test_user_errors_come_first(pretrained, finetuned, tmp_path):
   assert not os.path.exists(out)
 
 
+@pytest.mark.slow
 def test_big_to_small_student_starts_from_its_own_run(finetuned, tmp_path):
   """SimCLRv2's big-to-small setting: the teacher fine-tuned from one
   pretraining run, the student a narrower network that starts from another

@@ -77,6 +77,7 @@ def finetuned(pretrained, tmp_path_factory):
     return out, json.load(f)
 
 
+@pytest.mark.slow
 def test_results_schema(finetuned):
   _, r = finetuned
   assert r["protocol"] == "finetune" and r["checkpoint_step"] == 2
@@ -97,6 +98,7 @@ def test_results_schema(finetuned):
   assert set(r["wall_times"]) == {"setup_s", "train_s", "eval_s", "total_s"}
 
 
+@pytest.mark.slow
 def test_classifier_starts_at_zero(finetuned):
   """Zero logits at step 1: the loss is ln(C) exactly; then it moves."""
   out, _ = finetuned
@@ -106,6 +108,7 @@ def test_classifier_starts_at_zero(finetuned):
   assert losses[STEPS] != losses[1]
 
 
+@pytest.mark.slow
 def test_every_kept_layer_is_trained(pretrained, finetuned):
   out, _ = finetuned
   before = saved_state(pretrained, 2)
@@ -132,6 +135,7 @@ def test_every_kept_layer_is_trained(pretrained, finetuned):
   assert np.abs(after["params"]["linear_head"]["Dense_0"]["kernel"]).max() > 0
 
 
+@pytest.mark.slow
 def test_resume_is_exact(pretrained, finetuned, tmp_path):
   """Stopped after step 2 (later checkpoints gone), re-run to the end: the
   same final state as the uninterrupted run."""
@@ -153,6 +157,7 @@ def relative_difference(a, b):
   return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
 
 
+@pytest.mark.slow
 def test_one_device_matches_eight(pretrained, finetuned, tmp_path):
   """Global BN and gradient reductions: 1 device = 8 devices to round-off.
 

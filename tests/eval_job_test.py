@@ -53,6 +53,7 @@ def results_8dev(pretrained, tmp_path_factory):
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_restore_reads_exactly_the_checkpoint(pretrained):
   """Encoder + head params and BN stats equal the raw Orbax arrays."""
   mesh = sharding.make_mesh("auto")
@@ -73,6 +74,7 @@ def test_restore_reads_exactly_the_checkpoint(pretrained):
   assert any(not np.array_equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_results_schema(results_8dev):
   r = results_8dev
   for key in ("top1", "top5", "knn_top1"):
@@ -90,6 +92,7 @@ def test_results_schema(results_8dev):
   assert r["feature_dim"] == 64  # ResNet-18 x 1/8: 512 / 8.
 
 
+@pytest.mark.slow
 def test_layout_invariance(pretrained, results_8dev, tmp_path):
   """1 device gives the same accuracies as 8 (features, probes, kNN)."""
   mesh1 = sharding.make_mesh("auto", jax.devices()[:1])
@@ -100,6 +103,7 @@ def test_layout_invariance(pretrained, results_8dev, tmp_path):
     assert r1[key] == results_8dev[key], key
 
 
+@pytest.mark.slow
 def test_knn_protocol_runs_the_knn_alone(pretrained, results_8dev, tmp_path):
   """protocol='knn': the same kNN accuracy as the full job, no linear or
   few-label probe (null / empty in results.json), even with knn=False."""
@@ -120,6 +124,7 @@ def paper_state(out):
   return ocp.StandardCheckpointer().restore(path)
 
 
+@pytest.mark.slow
 def test_paper_protocol_schedule_resume_and_no_unused_features(
     pretrained, monkeypatch, tmp_path):
   """SGD-Nesterov head: the logged learning rates follow 0.1 x B/256 with a
@@ -164,6 +169,7 @@ def test_paper_protocol_schedule_resume_and_no_unused_features(
                paper_state(out))
 
 
+@pytest.mark.slow
 def test_architecture_mismatch_is_named(pretrained, tmp_path):
   c = eval_config(pretrained)
   c.model.depth, c.model.width_multiplier = 34, 0.125  # 0.125 matches.
@@ -173,6 +179,7 @@ def test_architecture_mismatch_is_named(pretrained, tmp_path):
   assert "width_multiplier" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_one_device_kernel_grad_of_the_run_is_not_inherited(pretrained,
                                                             tmp_path):
   """conv_kernel_grad says how the pretraining job ran on its one device:
@@ -277,6 +284,7 @@ def test_class_balanced_subsets_are_balanced_and_deterministic():
                                 [1, 2, 1, 3, 2, 1, 5])
 
 
+@pytest.mark.slow
 def test_lbfgs_probe_reaches_the_regularised_optimum():
   """Same optimum as scikit-learn's L-BFGS (C = 1 / (n * l2)), on 8 devices."""
   from sklearn.linear_model import LogisticRegression
@@ -294,6 +302,7 @@ def test_lbfgs_probe_reaches_the_regularised_optimum():
   np.testing.assert_allclose(w, sk.coef_.T, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_export_round_trip(pretrained, tmp_path):
   path = str(tmp_path / "enc.npz")
   manifest = export.export_encoder(pretrained, path)
@@ -313,6 +322,7 @@ def test_export_round_trip(pretrained, tmp_path):
   assert got.shape == (6, 64) and np.std(got) > 0
 
 
+@pytest.mark.slow
 def test_load_encoder_has_no_custom_call_unless_asked(pretrained, tmp_path):
   """An exported encoder runs on XLA's convolutions: no custom call in the
   compiled program of the returned function called on images (this CPU

@@ -57,6 +57,7 @@ def test_knn_scores_match_numpy(num_devices, k):
     np.testing.assert_allclose(got[0] / np.exp(1 / tau), expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_knn_accuracy_layout_invariant_and_chunked():
   rng = np.random.default_rng(0)
   queries, bank, labels = make_problem(rng, m=300, q=130)

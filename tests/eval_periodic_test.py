@@ -6,6 +6,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from jaxclr import config as config_lib
 from jaxclr.data import input_pipeline
@@ -24,6 +25,7 @@ def tiny_config():
   return mod.get_config("steps=2,every=1")
 
 
+@pytest.mark.slow
 def test_periodic_knn_matches_standalone(tmp_path):
   config = tiny_config()
   config.eval_every_steps = 2

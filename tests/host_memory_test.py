@@ -62,6 +62,7 @@ def _faults_per_call(mode):
   return applied == "True", float(median), float(least)
 
 
+@pytest.mark.slow
 def test_tuned_allocator_stops_refaulting_each_output():
   """64 MiB of output is 16,384 pages: with glibc's defaults every call
   faults them in again; with the settings, once the heap has grown to its
@@ -155,6 +156,7 @@ print("pid", os.getpid(), settings["huge_pages"], settings["tuned_malloc"],
 """
 
 
+@pytest.mark.slow
 def test_the_job_restarts_itself_with_huge_pages():
   """An entry point's prepare(restart=True) re-executes the same command in
   the same process with the tunable; there each 64 MiB output faults in

@@ -4,6 +4,7 @@ batches' view-2 projections, the same on any layout, exact on resume."""
 
 import jax
 import numpy as np
+import pytest
 
 from jaxclr.methods import simclr
 from jaxclr.parallel import sharding
@@ -29,6 +30,7 @@ def layout_config():
   return c
 
 
+@pytest.mark.slow
 def test_queue_holds_the_last_global_batches_view_2_projections():
   config = tiny_queue_config()
   b = config.batch_size
@@ -48,6 +50,7 @@ def test_queue_holds_the_last_global_batches_view_2_projections():
                              rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_queue_step_is_layout_invariant(monkeypatch):
   monkeypatch.setattr(train_test, "NUM_STEPS", 3)
   ref_state, ref_metrics = train_test.run_steps(
@@ -62,6 +65,7 @@ def test_queue_step_is_layout_invariant(monkeypatch):
                                rtol=train_test.METRIC_RTOL, err_msg=key)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_with_the_queue(tmp_path):
   state, _ = methods_util.assert_resume_is_bitwise(
       tiny_queue_config(steps=4, every=2), tmp_path)

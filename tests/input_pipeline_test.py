@@ -90,6 +90,7 @@ def test_digits_split_is_stratified_disjoint_and_complete():
   np.testing.assert_array_equal(tr.images[..., 0], tr.images[..., 2])
 
 
+@pytest.mark.slow
 def test_digits_pretrain_batch_format():
   c = _config()
   info = _info(c)
@@ -135,6 +136,7 @@ def test_eval_batches_padding_and_process_slices():
 
 
 # ------------------------------------------------------------------ layout
+@pytest.mark.slow
 def test_same_global_batch_on_one_or_two_processes_and_after_resume():
   c = _config()
   one = _take(c, 0, 3)
@@ -159,6 +161,7 @@ def test_epoch_covers_each_example_once_and_drops_remainder():
   assert not np.array_equal(nxt, ip.global_example_ids(0, 0, b, n))
 
 
+@pytest.mark.slow
 def test_process_slices_are_disjoint_and_cover_each_epoch():
   """2 processes over one digits epoch (B=256: 5 steps, 67 dropped): every
   example at most once, the two slices disjoint, together the whole epoch."""
@@ -187,6 +190,7 @@ def test_bad_layout_and_values_raise_data_error():
 
 
 # ------------------------------------------------------------------ npz
+@pytest.mark.slow
 def test_npz_source(tmp_path):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (40, 20, 24, 3), dtype=np.uint8)
@@ -232,6 +236,7 @@ def _write_folder(root, rng):
   return paths
 
 
+@pytest.mark.slow
 def test_folder_source_labels_skips_and_survives_bad_files(tmp_path):
   _write_folder(tmp_path, np.random.default_rng(1))
   src = sources.folder_source(str(tmp_path))
@@ -365,6 +370,7 @@ def test_holdout_fraction_of_a_folder(tmp_path):
 
 
 # ------------------------------------------------------------------ tfds
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("imagenet2012", 48), ("cifar10", 32)])
 def test_tfds_mock_pipeline(name, size):
   n = 20
@@ -423,6 +429,7 @@ def test_stl10_pretrains_on_unlabelled_split():
   assert sources.labelled_train_split(_spec(_config())) == "train"  # digits
 
 
+@pytest.mark.slow
 def test_uint8_transfer_is_the_rounded_float_views():
   exact = _take(_config(), 3, 1)[0]
   packed = _take(_config(transfer_dtype="uint8"), 3, 1)[0]
@@ -463,6 +470,7 @@ def tiny_tfds(tmp_path_factory):
   return dirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, access, kind", [
     ("array_record", "auto", "encoded"), ("tfrecord", "auto", "array"),
     ("tfrecord", "memory", "array"), ("tfrecord", "stream", "stream")])
@@ -505,6 +513,7 @@ def test_tfds_builds_and_access_paths(tiny_tfds, fmt, access, kind):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.slow
 def test_any_tfds_dataset_through_the_tfds_prefix(tiny_tfds):
   """'tfds:NAME' reads TFDS datasets beyond the known list; its default eval
   split is 'test', and a missing split or name is a DataError naming it."""
@@ -524,6 +533,7 @@ def test_any_tfds_dataset_through_the_tfds_prefix(tiny_tfds):
     _source(c)
 
 
+@pytest.mark.slow
 def test_labelled_batches_are_crop_flip_views_of_the_subset():
   """Single labelled views for the paper probe and fine-tuning: view 0's
   crop + flip of the pretraining stream (colour never applied: crop_only),
@@ -549,6 +559,7 @@ def test_labelled_batches_are_crop_flip_views_of_the_subset():
                              indices=indices))
 
 
+@pytest.mark.slow
 def test_eval_view_is_the_clean_image_of_the_same_example():
   """with_eval_view (distillation's teacher_view='clean'): each row's
   'eval_images' is its example as evaluation preprocesses it, and asking for

@@ -74,6 +74,7 @@ def test_metrics_match_reference():
   np.testing.assert_allclose(m["contrast_entropy"], entropy, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_loss_is_twice_the_paper_scale_on_orthogonal_embeddings():
   # With z1 == z2 one-hot and orthogonal across images, every anchor's
   # positive has similarity 1/tau and its 2N-2 negatives 0.

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,6 +31,7 @@ def _saved(config, images_per_device):
   return memory.saved_for_backward_bytes(trainer.model, state, shard)
 
 
+@pytest.mark.slow
 def test_saved_activations_are_linear_in_the_batch_and_halve_in_bf16():
   c = config_lib.load_config_file(train_test.TINY_CONFIG)
   s1, s2, s4 = (_saved(c, n)["total"] for n in (1, 2, 4))
@@ -42,6 +44,7 @@ def test_saved_activations_are_linear_in_the_batch_and_halve_in_bf16():
   assert per_image / 2 <= b2["total"] - b1["total"] < per_image
 
 
+@pytest.mark.slow
 def test_compiled_arguments_hold_the_replicated_state():
   c = config_lib.load_config_file(train_test.TINY_CONFIG)
   r = memory.step_memory(c, devices=2, per_device_batch=4,

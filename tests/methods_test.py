@@ -113,6 +113,7 @@ def test_a_registered_method_gets_a_config_section_and_validation(toy_method):
     methods.unregister("batch_size")
 
 
+@pytest.mark.slow
 def test_a_registered_method_steps_by_its_own_formula(toy_method):
   """The step the job builds from the registry: the logged loss is the
   method's formula on the projections of the network it started from, and

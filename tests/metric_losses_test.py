@@ -213,6 +213,7 @@ def test_loss_matches_reference_globally_and_sharded(name, with_labels):
     assert 0.0 < metrics_g["contrast_acc"] < 1.0
 
 
+@pytest.mark.slow
 def test_supcon_with_one_label_per_image_is_half_nt_xent():
   """One label per image: P(i) = {i's other view}, so SupCon's mean over the
   2N anchors is half of nt_xent (mean over view-1 + mean over view-2)."""

@@ -131,6 +131,7 @@ def test_mocov2_loss_equals_the_reference_on_1_and_8_devices():
   assert np.abs(g1).max() > 0 and not np.any(gk)
 
 
+@pytest.mark.slow
 def test_mocov3_loss_equals_the_reference_on_1_and_8_devices():
   q, k = random_views(2)
   want = numpy_moco_v3(q, k, TAU, world_size=8)
@@ -195,6 +196,7 @@ def online(state):
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
+@pytest.mark.slow
 def test_mocov2_steps_follow_the_reference_and_the_queue_is_a_ring():
   """Each step's loss is the reference's on the queries of the online
   network and the keys of the key encoder it starts from, against the
@@ -246,6 +248,7 @@ def test_mocov2_symmetric_keeps_a_queue_per_direction():
                                rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_mocov3_steps_follow_the_reference():
   """Each step's loss is the reference's on the predictions of the online
   network and the keys of the momentum encoder it starts from; the

@@ -45,6 +45,7 @@ def init(config, num_classes=0):
   return model, model.init(jax.random.key(0), x, train=True), x
 
 
+@pytest.mark.slow
 def test_last_bn_of_each_block_starts_at_zero_and_convs_have_no_bias():
   _, variables, _ = init(tiny_config())
   flat = flax.traverse_util.flatten_dict(variables["params"])
@@ -67,6 +68,7 @@ def test_every_group_starts_with_a_projection_shortcut():
     assert "proj_conv" not in enc[f"group{g}_block2"]
 
 
+@pytest.mark.slow
 def test_conv_init_is_fan_in_truncated_normal_scale_one():
   model = resnet.ResNet(depth=50, width_multiplier=1.0)
   v = model.init(jax.random.key(1), jnp.ones((1, 32, 32, 3)), train=False)
@@ -76,6 +78,7 @@ def test_conv_init_is_fan_in_truncated_normal_scale_one():
   assert np.abs(k).max() <= 2 * np.sqrt(1.0 / fan_in) / 0.8796 + 1e-6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layers", [2, 3])
 def test_projection_head_structure(layers):
   config = tiny_config(num_proj_layers=layers, proj_out_dim=12)
@@ -93,6 +96,7 @@ def test_projection_head_structure(layers):
   assert out["z"].shape == (4, 12) and out["logits"].shape == (4, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_norm", ["bn", "bn_no_affine", "none"])
 def test_projection_head_output_norm(output_norm):
   """'bn': the last BN learns a scale (SimCLR); 'bn_no_affine': it learns
@@ -119,6 +123,7 @@ def test_projection_head_output_norm(output_norm):
   np.testing.assert_allclose(out["z"], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_probe_does_not_backpropagate_into_the_encoder():
   model, variables, x = init(tiny_config(), num_classes=3)
 
@@ -133,6 +138,7 @@ def test_probe_does_not_backpropagate_into_the_encoder():
   assert float(enc_norm) == 0.0 and float(head_norm) > 0.0
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params():
   config = tiny_config(compute_dtype="bfloat16")
   model, variables, x = init(config)
@@ -144,6 +150,7 @@ def test_bfloat16_compute_keeps_float32_params():
   np.testing.assert_allclose(out["h"], out32["h"], rtol=0.05, atol=0.05)
 
 
+@pytest.mark.slow
 def test_imagenet_stem_and_groups_downsample_by_32():
   model = resnet.ResNet(depth=18, width_multiplier=0.125)
   x = jnp.ones((1, 64, 64, 3))
@@ -200,6 +207,7 @@ def test_sk_ratio_zero_keeps_todays_variables():
   assert jax.tree.structure(base) == jax.tree.structure(zero)
 
 
+@pytest.mark.slow
 def test_selective_kernels_and_squeeze_excitation_structure():
   c = tiny_config(depth=50, width_multiplier=0.125, sk_ratio=0.0625,
                   se_ratio=0.25)
@@ -237,6 +245,7 @@ def test_resnet_d_shortcut_pooling():
   np.testing.assert_allclose(y[0, 4, 0, 0], jnp.mean(x[0, 4, :2, 0]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth", [18, 50])
 def test_remat_changes_memory_not_values(depth):
   """model.remat: the same variables, outputs, batch statistics and

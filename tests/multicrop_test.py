@@ -71,6 +71,7 @@ def _simulate_tf_crop(rng, height, width, n, area_range, min_covered):
   return np.array(areas)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("area_range", [(0.05, 0.14), (0.05, 0.4)])
 def test_local_crop_areas_follow_their_own_range(area_range):
   """Local crops draw their area from local_crop_area_range alone (the
@@ -106,6 +107,7 @@ def test_local_crop_areas_follow_their_own_range(area_range):
   assert (g[:, 0] * g[:, 1] / size**2).min() >= 0.1 - 1e-9
 
 
+@pytest.mark.slow
 def test_batch_gains_local_crops_and_keeps_the_global_views():
   plain = _take(_config(), 2, 1)[0]
   multi = _take(_config(num_local_crops=3), 2, 1)[0]
@@ -118,6 +120,7 @@ def test_batch_gains_local_crops_and_keeps_the_global_views():
     np.testing.assert_array_equal(multi[key], plain[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_each_local_crop_is_its_own_keyed_view():
   """Local crop j of example e at step t is pretrain_view with the key
   (seed, t, e, 2 + j), computed here one by one outside tf.data; so crops
@@ -142,6 +145,7 @@ def test_each_local_crop_is_its_own_keyed_view():
             > 1e-3).all(), (a, b)
 
 
+@pytest.mark.slow
 def test_local_crops_are_independent_of_layout_and_resume():
   config = _config(num_local_crops=2, on_device=True)
   one = _take(config, 0, 3)
@@ -157,6 +161,7 @@ def test_local_crops_are_independent_of_layout_and_resume():
   assert one[0]["local_color_params"].shape == (16, 2, spec.NUM_COLOR_PARAMS)
 
 
+@pytest.mark.slow
 def test_uint8_local_crops_are_the_rounded_float_ones():
   exact = _take(_config(num_local_crops=2), 1, 1)[0]
   packed = _take(_config(num_local_crops=2, transfer_dtype="uint8"), 1, 1)[0]
@@ -166,6 +171,7 @@ def test_uint8_local_crops_are_the_rounded_float_ones():
       np.round(exact["local_images"] * 255).astype(np.uint8))
 
 
+@pytest.mark.slow
 def test_device_colour_of_local_crops_equals_host_colour():
   """Colour, grayscale and blur (its kernel sized for the 24 px local
   crop: 3 taps) on device from the shipped parameters, against the host's

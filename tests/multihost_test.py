@@ -287,10 +287,12 @@ def test_methods_with_state_on_two_processes_match_one(method):
     runs.close()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(layout_runs):
   assert_layouts_agree(layout_runs[1])
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_digits(digits_layout_runs,
                                                    layout_runs):
   """The embedded default: each process reads its own slice of the real
@@ -361,6 +363,7 @@ def load_results(out: str) -> dict:
     return json.load(f)
 
 
+@pytest.mark.slow
 def test_linear_eval_on_two_processes_matches_one(eval_layout_runs):
   """Features, paper-protocol head, few-label probes and kNN: 2x4 == 1x8."""
   dirs = eval_layout_runs["linear_eval"]
@@ -383,6 +386,7 @@ def test_linear_eval_on_two_processes_matches_one(eval_layout_runs):
   assert names[0] == names[1] and names[0].count("events") == 1, names
 
 
+@pytest.mark.slow
 def test_finetune_on_two_processes_matches_one(eval_layout_runs):
   """All layers fine-tuned with BN over the global batch: the same state and
   accuracy from 2 processes x 4 devices as from 1 x 8."""
@@ -397,6 +401,7 @@ def test_finetune_on_two_processes_matches_one(eval_layout_runs):
                                err_msg=k)
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes(layout_runs):
   root, dirs = layout_runs
   log = read_log(os.path.join(root, "2x4.log"), tail=10**7)
@@ -416,6 +421,7 @@ def test_only_process_zero_writes(layout_runs):
   assert len(load_metrics(dirs["2x4"])) == 3  # Not one record per process.
 
 
+@pytest.mark.slow
 def test_batch_not_dividing_is_rejected_before_compiling(tmp_path):
   """batch 12 over 2 processes x 4 devices: both exit 2, naming the numbers."""
   port = free_port()
@@ -442,6 +448,7 @@ def test_batch_not_dividing_is_rejected_before_compiling(tmp_path):
   print(f"rejected in {time.monotonic() - t0:.0f} s (no compilation)")
 
 
+@pytest.mark.slow
 def test_dead_peer_stops_the_other_within_bound(tmp_path, layout_runs):
   """SIGKILL process 1 once the job is starting (compiling); process 0 must
   exit within DEAD_PEER_BOUND_S with status 6 and one line naming process 1
@@ -486,6 +493,7 @@ def test_dead_peer_stops_the_other_within_bound(tmp_path, layout_runs):
          f"pid {procs[1].pid}): " in text, text[-3000:]
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_fails_within_timeout(tmp_path):
   """Process 1 of 2 alone: it must give up (non-zero) instead of waiting."""
   env = {**child_env(1), "JAXCLR_INIT_TIMEOUT_S": "5"}

@@ -84,6 +84,7 @@ def test_loss_and_support_update_equal_numpy_globally_and_sharded():
     np.testing.assert_array_equal(new_labels, want[3])
 
 
+@pytest.mark.slow
 def test_gradients_through_p_are_the_global_ones_on_8_devices():
   z1, z2, p1, p2, labels, support, support_labels = random_inputs(1)
   mesh = sharding.make_mesh("explicit")
@@ -119,6 +120,7 @@ def test_nearest_neighbour_of_a_support_row_is_itself():
   np.testing.assert_allclose(metrics["nn_label_agreement"], 1.0)
 
 
+@pytest.mark.slow
 def test_support_set_after_k_steps_is_the_last_global_batches_in_order():
   """Each step writes the L2-normalised view-1 projections of its global
   batch, computed by the network the step starts from; after 4 steps of a
@@ -148,6 +150,7 @@ def one_device_run():
       tiny_nnclr_config(), sharding.make_mesh("explicit", jax.devices()[:1]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
 def test_nnclr_step_is_layout_invariant(axis_type):
   ref_state, ref_metrics = one_device_run()
@@ -168,6 +171,7 @@ def test_nnclr_step_is_layout_invariant(axis_type):
                                rtol=train_test.METRIC_RTOL, err_msg=key)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_with_the_support_set(tmp_path):
   config = tiny_nnclr_config(steps=4, every=2)
   state, _ = methods_util.assert_resume_is_bitwise(config, tmp_path)

@@ -194,6 +194,7 @@ def test_config_refuses_an_unknown_library_and_resumes_with_it_flipped():
   assert workdir.config_differences(old, workdir.config_to_dict(new)) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("depth,sk_ratio", [(18, 0.0), (50, 0.0625)])
 def test_resnet_values_and_gradients_agree_with_xla(depth, sk_ratio):
   """Same variables: outputs and gradients equal XLA's convolutions' to

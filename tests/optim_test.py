@@ -41,6 +41,7 @@ def make_config(**overrides):
   return c
 
 
+@pytest.mark.slow
 def test_lars_matches_simclr_classic_momentum_with_changing_lr():
   rng = np.random.default_rng(0)
   params = {
@@ -84,6 +85,7 @@ def test_lars_matches_simclr_classic_momentum_with_changing_lr():
                                err_msg=k)
 
 
+@pytest.mark.slow
 def test_skipped_update_keeps_state_and_the_schedule_follows_the_step():
   """A non-finite gradient leaves params and momentum as they were, and the
   next update uses the schedule at ITS step (optax's own update count, which
@@ -118,6 +120,7 @@ def test_skipped_update_keeps_state_and_the_schedule_follows_the_step():
   np.testing.assert_allclose(p["w"], expected["w"], rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sgd_nesterov_follows_the_step_and_decays_kernels_only():
   rng = np.random.default_rng(2)
   params = {"k": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
@@ -141,6 +144,7 @@ def test_sgd_nesterov_follows_the_step_and_decays_kernels_only():
     np.testing.assert_allclose(p[k], w[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow
 def test_pretraining_sgd_is_pytorch_momentum_with_decay_on_lars_mask():
   """optimizer='sgd' (SupCon's recipe): buf = mu buf + g + wd w on the
   kernels LARS decays; w -= lr(step) buf. Nothing else is decayed."""
@@ -279,6 +283,7 @@ def solo_learn_lars_reference(params, grads_per_step, lr, *, wd, eta,
   return w, capped
 
 
+@pytest.mark.slow
 def test_lars_clip_lr_is_solo_learns_lars():
   """lars_clip_lr: each layer moves at min(eta|w| / (|g| + wd|w|), lr); at
   a constant rate PyTorch's momentum and the classic one take the same

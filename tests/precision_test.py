@@ -27,6 +27,7 @@ def as_bf16(x):
       jnp.float32))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k,stride,size,cin,cout", [
     (3, 1, 8, 5, 7), (3, 2, 9, 4, 6), (1, 1, 6, 8, 3), (1, 2, 7, 3, 5),
     (7, 2, 11, 3, 4), (3, 2, 8, 3, 2)])
@@ -62,6 +63,7 @@ def conv_grads(x, w, dy, stride, pad, dtype, kernel_grad_f32: bool):
   return y, dx, dw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k,stride", [(3, 1), (3, 2), (1, 2), (7, 2)])
 def test_bfloat16_conv_has_a_float32_kernel_gradient(k, stride):
   """bfloat16 operands, bfloat16 output and input gradient (bitwise what
@@ -163,6 +165,7 @@ def tiny_model(dtype: str):
   return build_model(config, num_classes=4)
 
 
+@pytest.mark.slow
 def test_bfloat16_model_outputs_and_variables():
   """bfloat16 compute: the same float32 variables as float32 compute; h, z
   and the probe's logits leave in float32; every gradient is float32."""

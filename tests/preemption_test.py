@@ -17,6 +17,7 @@ import tempfile
 import time
 
 import numpy as np
+import pytest
 
 from multihost_test import (RUN_TIMEOUT_S, child_env, free_port, jaxclr_cmd,
                             kill_group, load_final_state, load_metrics,
@@ -41,6 +42,7 @@ def wait_ok(procs, workdir):
   assert codes == [0, 0], (codes, read_log(f"{workdir}.0.log"))
 
 
+@pytest.mark.slow
 def test_preemption_notice_to_one_process_stops_both_at_one_step():
   root = tempfile.mkdtemp(prefix="jaxclr_preempt_")
   preempted, straight = (os.path.join(root, k) for k in ("preempted",

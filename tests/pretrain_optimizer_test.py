@@ -5,6 +5,7 @@ the hand formula of optim_test on the trainer's own parameters."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxclr.parallel import sharding
 from jaxclr.training import optim
@@ -12,6 +13,7 @@ from jaxclr.training import optim
 import methods_util
 
 
+@pytest.mark.slow
 def test_supcon_with_sgd_resumes_bitwise(tmp_path):
   config = methods_util.tiny_config(steps=4, every=2, method="supcon",
                                     optimizer="sgd", weight_decay=1e-3)
@@ -20,6 +22,7 @@ def test_supcon_with_sgd_resumes_bitwise(tmp_path):
   assert int(optim.nonfinite_count(state.opt_state)) == 0
 
 
+@pytest.mark.slow
 def test_trainer_builds_the_sgd_it_was_asked_for():
   """The trainer's optimiser on its own parameters: one update from a zero
   buffer is -lr (g + wd w) on the kernels LARS decays, -lr g elsewhere."""

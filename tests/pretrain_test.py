@@ -54,6 +54,7 @@ def straight_run(tmp_path_factory):
   return workdir, last
 
 
+@pytest.mark.slow
 def test_workdir_contract(straight_run):
   workdir, last = straight_run
   with open(os.path.join(workdir, "config.json")) as f:
@@ -91,6 +92,7 @@ def _event_images(workdir, tag):
   return found
 
 
+@pytest.mark.slow
 def test_tensorboard_preview_is_the_first_batch_s_views(straight_run):
   """The augmented-views image summary at step 0 shows the pixels the first
   step trained on: an independently built first batch, both views side by
@@ -114,6 +116,7 @@ def test_tensorboard_preview_is_the_first_batch_s_views(straight_run):
   np.testing.assert_array_equal(images[0][:, :, size:], to_8_bits(views[:, 1]))
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_the_final_state(straight_run):
   workdir, _ = straight_run
   state, meta, step = restore_state(tiny_config(), workdir)
@@ -121,6 +124,7 @@ def test_checkpoint_holds_the_final_state(straight_run):
   assert int(optim.nonfinite_count(state.opt_state)) == 0
 
 
+@pytest.mark.slow
 def test_resume_from_an_earlier_checkpoint_equals_uninterrupted(
     straight_run, tmp_path):
   workdir, _ = straight_run
@@ -138,6 +142,7 @@ def test_resume_from_an_earlier_checkpoint_equals_uninterrupted(
   assert steps == [1, 2, 3, 4]  # Superseded records 3, 4 were replaced.
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_workdir_trains_nothing(straight_run):
   workdir, _ = straight_run
   before = restore_state(tiny_config(), workdir)[0]
@@ -147,6 +152,7 @@ def test_rerun_of_a_finished_workdir_trains_nothing(straight_run):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_relative_workdir(straight_run, tmp_path, monkeypatch):
   # The README's quick start passes a relative --workdir; Orbax itself
   # only accepts absolute paths.
@@ -160,6 +166,7 @@ def test_relative_workdir(straight_run, tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_config_mismatch_is_refused_and_lists_fields(straight_run):
   workdir, _ = straight_run
   with pytest.raises(workdir_lib.WorkdirError,

@@ -3,6 +3,7 @@ of the tiny config's real step in which every convolution kind shows up."""
 
 import os
 import sys
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,6 +72,7 @@ def test_classification_rules_on_written_hlo():
       "dense_dot": "other model"}
 
 
+@pytest.mark.slow
 def test_profile_of_the_tiny_step_sees_every_kind_of_convolution():
   c = config_lib.load_config_file(train_test.TINY_CONFIG)
   r = profile_step.profile(c, steps=1)

@@ -112,6 +112,7 @@ def reference(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_sigterm_saves_current_step_exits_4_and_rerun_resumes(reference,
                                                               tmp_path):
   workdir = str(tmp_path / "run")
@@ -145,6 +146,7 @@ def test_sigterm_saves_current_step_exits_4_and_rerun_resumes(reference,
                       load_checkpoint(reference, STEPS))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_step_then_resume_equals_uninterrupted(reference,
                                                                  tmp_path,
                                                                  caplog):
@@ -182,6 +184,7 @@ def _largest_data_file(step_dir):
   return max(files, key=os.path.getsize)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["flip_one_byte", "truncate"])
 def test_damaged_latest_checkpoint_is_set_aside_and_previous_resumed(
     reference, tmp_path, damage, caplog):
@@ -211,6 +214,7 @@ def test_damaged_latest_checkpoint_is_set_aside_and_previous_resumed(
                       load_checkpoint(reference, STEPS))
 
 
+@pytest.mark.slow
 def test_no_checkpoint_is_moved_when_none_restores(reference, tmp_path):
   """A changed model fails on every checkpoint: that is not corruption."""
   workdir = str(tmp_path / "copy")
@@ -223,6 +227,7 @@ def test_no_checkpoint_is_moved_when_none_restores(reference, tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
+@pytest.mark.slow
 def test_config_mismatch_is_refused_listing_fields(reference, monkeypatch):
   monkeypatch.setattr(pretrain, "create_trainer", None)  # Fails if reached.
   config = tiny_config(batch_size=32, dataset="digits")
@@ -239,6 +244,7 @@ def test_config_mismatch_is_refused_listing_fields(reference, monkeypatch):
                       is_primary=True)
 
 
+@pytest.mark.slow
 def test_fields_added_after_a_run_started_do_not_block_its_resume(reference,
                                                                  tmp_path):
   """A config.json written before a field existed lacks it; resuming with the
@@ -260,6 +266,7 @@ def test_fields_added_after_a_run_started_do_not_block_its_resume(reference,
     workdir_lib.prepare(workdir, config, is_primary=True)
 
 
+@pytest.mark.slow
 def test_require_pretraining_workdir(reference, tmp_path):
   assert workdir_lib.require_pretraining_workdir(reference)["dataset"] == \
       "synthetic"
@@ -288,6 +295,7 @@ def inject_nan_batch(monkeypatch, bad_step: int):
   monkeypatch.setattr(input_pipeline, "pretrain_batches", batches)
 
 
+@pytest.mark.slow
 def test_injected_nan_stops_without_saving(tmp_path, monkeypatch):
   workdir = str(tmp_path / "nan")
   inject_nan_batch(monkeypatch, NAN_STEP)
@@ -312,6 +320,7 @@ def _leaves(tree, keep=lambda path: True):
           if keep(jax.tree_util.keystr(p))}
 
 
+@pytest.mark.slow
 def test_skip_policy_skips_only_the_bad_update(tmp_path, monkeypatch):
   workdir = str(tmp_path / "skip")
   config = tiny_config(nonfinite_policy="skip", num_train_steps=NAN_STEP + 1,
@@ -352,6 +361,7 @@ def test_skip_policy_skips_only_the_bad_update(tmp_path, monkeypatch):
 FILE_SIZE_LIMIT = 256 * 1024
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(resource, "prlimit"),
                     reason="needs Linux prlimit")
 def test_failed_save_stops_the_run_and_the_rerun_resumes(reference, tmp_path):
@@ -469,6 +479,7 @@ def lock_path(workdir):
   return os.path.join(workdir, workdir_lock.LOCK_FILE)
 
 
+@pytest.mark.slow
 def test_second_job_on_a_workdir_in_use_is_refused(tmp_path):
   """The command, on a workdir whose lock a live process holds: one line
   naming that process's host and pid, status 2, before any compilation and

@@ -59,6 +59,7 @@ def built(pretrained, tmp_path_factory):
   return r, out, seen, computed[0]
 
 
+@pytest.mark.slow
 def test_figures_are_pngs_of_the_stated_size_and_all_linked(built):
   r, out, _, _ = built
   want = {"curves_step.png", "curves_time.png", "tsne.png", "neighbours.png",
@@ -80,6 +81,7 @@ def test_figures_are_pngs_of_the_stated_size_and_all_linked(built):
   assert 0.0 <= r["knn_top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_tsne_input_is_the_encoders_h(pretrained, built):
   """What t-SNE embeds is model.apply(...)['h'] of the images shown, from
   the checkpoint's variables; the bank is capped at max_bank."""
@@ -154,6 +156,7 @@ def test_bad_workdir_and_out_are_refused(pretrained, tmp_path):
                         eval_workdir=str(empty))
 
 
+@pytest.mark.slow
 def test_a_previous_report_is_replaced(built):
   """prepare_out empties a report directory (its listed files only)."""
   _, out, _, _ = built
@@ -166,6 +169,7 @@ def test_a_previous_report_is_replaced(built):
   assert os.listdir(copy) == ["kept.txt"]
 
 
+@pytest.mark.slow
 def test_augmentation_preview_is_what_pretraining_read(pretrained, built):
   """Both views are the pipeline's own for that step and example, and the
   source image is the dataset's."""

@@ -206,6 +206,9 @@ def test_queue_schedule_and_fifo():
                                             batch_size=16) for s in range(8)])
   assert [bool(w) for w in write] == [False] * 4 + [True] * 4
   assert [bool(u) for u in in_use] == [False] * 6 + [True] * 2
+  # No queue: never written, never in use (the logged flag stays 0).
+  assert not any(bool(f) for s in range(8) for f in swav.queue_schedule(
+      s, start_step=4, queue_size=0, batch_size=16))
   queue = np.arange(12, dtype=np.float32).reshape(6, 2)
   rows = -np.ones((2, 2), np.float32)
   got = np.asarray(swav.push(queue, rows, True))

@@ -78,6 +78,7 @@ def assert_same_state(state, ref_state):
       assert relative_difference(g, w) < LEAF_RTOL, (name, jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_devices,axis_type", [
     (2, "explicit"), (8, "explicit"), (8, "auto")])
 def test_train_step_is_layout_invariant(num_devices, axis_type):
@@ -92,6 +93,7 @@ def test_train_step_is_layout_invariant(num_devices, axis_type):
   assert ref_metrics["learning_rate"] > 0
 
 
+@pytest.mark.slow
 def test_device_colour_step_equals_host_colour_step():
   """augment.on_device=True (host crop + flip, colour in the jitted step from
   the batch's color_params) trains like on_device=False: one random stream,
@@ -115,6 +117,7 @@ def local_negatives_nt_xent(z1, z2, labels, *, axis_name, **options):
   return jax.lax.pmean(loss, axis_name), jax.lax.pmean(metrics, axis_name)
 
 
+@pytest.mark.slow
 def test_tolerance_catches_local_negatives(monkeypatch):
   ref_state, _ = one_device_result()
   buggy = dataclasses.replace(losses.get("nt_xent"),
@@ -128,6 +131,7 @@ def test_tolerance_catches_local_negatives(monkeypatch):
     assert_same_state(state, ref_state)
 
 
+@pytest.mark.slow
 def test_step_changes_parameters_and_batch_stats():
   ref_state, _ = one_device_result()
   config = tiny_config()
@@ -158,6 +162,7 @@ def loss_temp_bytes(num_devices, global_batch=1024, dim=128):
   return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_loss_memory_per_device_falls_with_device_count():
   temps = {n: loss_temp_bytes(n) for n in (1, 2, 4, 8)}
   assert temps[1] > temps[2] > temps[4] > temps[8], temps

@@ -87,6 +87,7 @@ def test_loss_equals_the_authors_formula_globally_and_on_8_devices():
   assert 0 < want[2]  # Some dimensions are inside the variance hinge.
 
 
+@pytest.mark.slow
 def test_gradients_equal_the_float64_formula_globally_and_on_8_devices():
   z1, z2 = random_views(1)
   z1_64, z2_64 = z1.astype(np.float64), z2.astype(np.float64)

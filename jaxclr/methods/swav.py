@@ -170,8 +170,11 @@ def sharded_swav_loss(scores, queue, kernel, queue_weight, *, mesh,
 def queue_schedule(step, *, start_step: int, queue_size: int,
                    batch_size: int):
   """(write, in use) at `step`: batches are written from start_step on, and
-  the queue joins Sinkhorn once full, after queue_size / B writes."""
+  the queue joins Sinkhorn once full, after queue_size / B writes. Without
+  a queue (queue_size 0), never: the logged swav_queue_in_use stays 0."""
   step = jnp.asarray(step, jnp.int32)
+  if queue_size == 0:
+    return jnp.zeros((), bool), jnp.zeros((), bool)
   return step >= start_step, step >= start_step + queue_size // batch_size
 
 
